@@ -1,0 +1,373 @@
+"""The trainer config: the contract between the operator (which renders it into a ConfigMap) and the trainer.
+
+Torch-free on purpose: the operator imports this module to render and validate configs.
+
+Every section rejects unknown keys with a message that names the key and suggests the closest valid one
+(``unknown key 'lerningRate' in hyperparameters; did you mean 'learningRate'?``). Keys are camelCase in
+files; Python code may use the snake_case field names (``populate_by_name``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from finetune_trainer.data.config import DataConfig
+
+#: The config schema version this trainer reads. Bump on incompatible changes; the operator renders it.
+CONFIG_VERSION = "v1"
+SUPPORTED_VERSIONS = frozenset({CONFIG_VERSION})
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    keys: list[str] = []
+    for name, info in model.model_fields.items():
+        keys.append(info.alias or name)
+        if info.alias and info.alias != name:
+            keys.append(name)
+    return keys
+
+
+def suggest_key(key: str, candidates: Iterable[str]) -> str | None:
+    """The closest valid key to ``key`` (case-insensitive difflib match), or None."""
+    lowered = {c.lower(): c for c in candidates}
+    match = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[match[0]] if match else None
+
+
+def unknown_key_message(key: str, section: str, candidates: Iterable[str]) -> str:
+    candidates = list(candidates)
+    where = f" in {section}" if section else ""
+    suggestion = suggest_key(key, candidates)
+    if suggestion:
+        return f"unknown key {key!r}{where}; did you mean {suggestion!r}?"
+    preferred = sorted({c for c in candidates if "_" not in c})
+    return f"unknown key {key!r}{where}; valid keys: {', '.join(preferred)}"
+
+
+class ConfigSection(BaseModel):
+    """Base of every section: camelCase aliases, snake_case accepted, unknown keys refused with a hint."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_enum_values=False,
+    )
+
+    #: Name of the section in messages ("hyperparameters", "lora"...). Empty for the root.
+    section_name: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            valid = _valid_keys(cls)
+            for key in data:
+                if isinstance(key, str) and key not in valid:
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        unknown_key_message(key, cls.section_name, valid),
+                    )
+        return data
+
+
+class Task(enum.StrEnum):
+    CAUSAL_LM = "causal-lm"
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+    IMAGE_CLASSIFICATION = "image-classification"
+    OBJECT_DETECTION = "object-detection"
+    RECOMMENDATION = "recommendation"
+
+
+IMPLEMENTED_TASKS = frozenset({Task.CAUSAL_LM})
+
+
+class ModelSource(ConfigSection):
+    section_name = "model"
+
+    #: Local or mounted path (``/models/llama``, ``file:///models/llama``, a PVC mount) or ``hf://org/name``
+    #: (needs network at run time).
+    path: str = Field(min_length=1)
+    #: Git revision for ``hf://`` models (``hf://org/name@rev`` also works).
+    revision: str | None = None
+    #: SPDX licence of the base model, checked against the data section's allowlist when set.
+    license: str | None = None
+    trust_remote_code: bool = False
+
+
+class Method(enum.StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class LoraConfig(ConfigSection):
+    section_name = "lora"
+
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    #: Module names to adapt, or ``["all-linear"]``.
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class LrScheduler(enum.StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+class Hyperparameters(ConfigSection):
+    section_name = "hyperparameters"
+
+    epochs: int = Field(default=1, ge=1)
+    #: When set, train exactly this many optimizer steps (cycling over epochs), ignoring ``epochs``.
+    max_steps: int | None = Field(default=None, ge=1)
+    micro_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: LrScheduler = LrScheduler.COSINE
+    warmup_steps: int | None = Field(default=None, ge=0)
+    #: Used when ``warmupSteps`` is unset: a fraction of the total steps.
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    #: Gradient clipping by global norm; 0 disables it.
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    #: Overrides every dropout probability in the model config when set.
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+
+
+class Evaluation(ConfigSection):
+    section_name = "evaluation"
+
+    #: Evaluate on the validation split every N optimizer steps; 0 evaluates only before and after training.
+    every_steps: int = Field(default=100, ge=0)
+    #: Evaluate the base model before training (the "before" numbers in metrics.json).
+    before_training: bool = True
+    batch_size: int = Field(default=8, ge=1)
+    #: Cap on evaluation batches per rank (None: the whole split).
+    max_batches: int | None = Field(default=None, ge=1)
+
+
+class EarlyStoppingMetric(enum.StrEnum):
+    EVAL_LOSS = "evalLoss"
+    PERPLEXITY = "perplexity"
+    TOKEN_ACCURACY = "tokenAccuracy"
+
+
+class EarlyStopping(ConfigSection):
+    section_name = "earlyStopping"
+
+    enabled: bool = False
+    metric: EarlyStoppingMetric = EarlyStoppingMetric.EVAL_LOSS
+    mode: Literal["min", "max"] = "min"
+    #: Evaluations without an improvement larger than ``minDelta`` before training stops.
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+
+
+class Checkpointing(ConfigSection):
+    section_name = "checkpointing"
+
+    #: Must be shared by all pods of a multi-node job (a ReadWriteMany volume).
+    dir: str = "/checkpoints"
+    every_steps: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    save_on_epoch_end: bool = False
+
+
+class Precision(enum.StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class Offload(enum.StrEnum):
+    NONE = "none"
+    #: Optimizer state (and the optimizer step) on the CPU. ZeRO stage >= 1.
+    OPTIMIZER = "optimizer"
+    #: Optimizer state and parameters on the CPU. ZeRO stage 3.
+    ALL = "all"
+
+
+class Distributed(ConfigSection):
+    section_name = "distributed"
+
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    offload: Offload = Offload.NONE
+    precision: Precision = Precision.BF16
+    #: Seconds torchrun waits for workers to save after SIGTERM before killing them.
+    shutdown_timeout_seconds: int = Field(default=120, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> Self:
+        if self.offload is Offload.OPTIMIZER and self.zero_stage < 1:
+            raise ValueError("distributed.offload 'optimizer' needs zeroStage >= 1")
+        if self.offload is Offload.ALL and self.zero_stage != 3:
+            raise ValueError("distributed.offload 'all' (parameters too) needs zeroStage 3")
+        return self
+
+
+class Output(ConfigSection):
+    section_name = "output"
+
+    dir: str = "/output"
+    #: For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.
+    merge_adapter: bool = True
+
+
+class Reporting(ConfigSection):
+    section_name = "reporting"
+
+    #: The FineTuneJob whose status rank 0 patches; status patching is off when unset or not in a cluster.
+    job_name: str | None = None
+    namespace: str | None = None
+    #: Prometheus metrics port on rank 0; 0 turns the endpoint off.
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    #: Minimum seconds between two status patches.
+    status_throttle_seconds: float = Field(default=10.0, ge=0)
+    #: Log training metrics every N optimizer steps (JSON lines, Prometheus, status).
+    log_every_steps: int = Field(default=1, ge=1)
+    #: JSON-lines metrics log; relative paths are inside ``output.dir``.
+    metrics_log: str = "metrics.jsonl"
+
+
+class TrainerConfig(ConfigSection):
+    """The whole trainer config (``version: v1``)."""
+
+    version: str = CONFIG_VERSION
+    model: ModelSource
+    task: Task = Task.CAUSAL_LM
+    data: DataConfig
+    method: Method = Method.LORA
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing)
+    distributed: Distributed = Field(default_factory=Distributed)
+    output: Output = Field(default_factory=Output)
+    reporting: Reporting = Field(default_factory=Reporting)
+    seed: int = 42
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: str) -> str:
+        if value not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"config version {value!r} is not supported by this trainer "
+                f"(supported: {', '.join(sorted(SUPPORTED_VERSIONS))})"
+            )
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _implemented_task(cls, value: Task) -> Task:
+        if value not in IMPLEMENTED_TASKS:
+            raise ValueError(
+                f"task {value.value!r} is not implemented by this trainer yet "
+                f"(implemented: {', '.join(sorted(t.value for t in IMPLEMENTED_TASKS))})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.early_stopping.enabled and self.evaluation.every_steps == 0:
+            raise ValueError("earlyStopping.enabled needs evaluation.everySteps > 0")
+        if self.method is Method.QLORA and self.distributed.precision is Precision.FP32:
+            raise ValueError("method 'qlora' computes in bf16 or fp16; set distributed.precision accordingly")
+        return self
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """The config as written to a ConfigMap (camelCase, JSON-compatible)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; the trainer exits with ExitCode.CONFIG_ERROR."""
+
+
+def _section_model(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that holds the last element of ``loc`` (for suggestions on nested extras)."""
+    model: type[BaseModel] = root
+    for part in loc[:-1]:
+        if not isinstance(part, str):
+            continue
+        field = next(
+            (f for n, f in model.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def format_validation_error(error: ValidationError, root: type[BaseModel] = BaseModel) -> str:
+    """One line per problem, ``path: message``; unknown keys get a closest-key suggestion."""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = tuple(item["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            section = _section_model(root, loc) if root is not BaseModel else None
+            keys = _valid_keys(section) if section else []
+            parent = ".".join(str(p) for p in loc[:-1])
+            message = unknown_key_message(loc[-1], parent, keys) if keys else f"unknown key {loc[-1]!r}"
+        elif item["type"] == "unknown_key":
+            path = ".".join(str(p) for p in loc) or "<root>"
+        lines.append(f"{path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Mapping[str, Any]) -> TrainerConfig:
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("invalid trainer config:\n" + format_validation_error(exc, TrainerConfig)) from exc
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read a YAML or JSON config file (JSON is YAML, so one parser reads both)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read trainer config {path}: {exc}") from exc
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"trainer config {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"trainer config {path} must be a mapping, got {type(raw).__name__}")
+    return parse_config(raw)
