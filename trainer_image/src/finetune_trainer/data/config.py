@@ -1,0 +1,370 @@
+"""The data-preparation section of the trainer config (``TrainerConfig.data``).
+
+Torch-free on purpose: the operator imports the trainer config to render it and to generate the CRD schema,
+and it must never import torch (DESIGN.md). Every field has a description (it becomes the CRD's docs) and a
+camelCase alias; snake_case names are accepted too. Unknown keys are refused (``extra="forbid"``).
+
+Defaults are chosen so that the smallest useful config is ``{"source": "/data/train.jsonl"}``: prompt /
+completion fields, plain template, loss on the completion only, NFKC + whitespace cleaning, exact
+de-duplication, PII scrubbed, at most 1 % malformed rows, a 5 % / 5 % hash split.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "AugmentationConfig",
+    "BadRowsConfig",
+    "CleaningConfig",
+    "ComplianceConfig",
+    "DataConfig",
+    "DedupConfig",
+    "ExtraPiiPattern",
+    "FieldMapping",
+    "PiiConfig",
+    "PiiKind",
+    "SplitConfig",
+]
+
+
+class _DataModel(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        validate_default=True,
+    )
+
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk"]
+MappingKind = Literal["prompt-completion", "instruction", "chat", "text", "classification"]
+TemplateName = Literal["plain", "alpaca", "chatml", "tokenizer"]
+PiiKind = Literal["email", "phone", "credit_card", "ipv4", "ipv6"]
+PiiPolicy = Literal["scrub", "reject", "allow"]
+TruncationPolicy = Literal["truncate", "drop"]
+AugmentationStrategy = Literal["none", "template-variants"]
+
+ALL_PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "credit_card", "ipv4", "ipv6")
+
+
+class FieldMapping(_DataModel):
+    """Which columns of a row hold what. Only the fields of the chosen ``kind`` are read."""
+
+    kind: MappingKind = Field(
+        default="prompt-completion",
+        description=(
+            "Row layout: 'prompt-completion' (prompt + completion), 'instruction' (instruction + optional "
+            "input + output, Alpaca style), 'chat' (a list of {role, content} messages; the last assistant "
+            "turn is the completion), 'text' (plain text, loss on every token), 'classification' "
+            "(text + label)."
+        ),
+    )
+    prompt: str = Field(default="prompt", description="Column with the prompt (kind prompt-completion).")
+    completion: str = Field(
+        default="completion", description="Column with the completion (kind prompt-completion)."
+    )
+    instruction: str = Field(
+        default="instruction", description="Column with the instruction (kind instruction)."
+    )
+    input: str = Field(
+        default="input",
+        description="Column with the optional input/context (kind instruction); may be absent.",
+    )
+    output: str = Field(default="output", description="Column with the expected output (kind instruction).")
+    messages: str = Field(
+        default="messages",
+        description="Column with the chat messages, a list of {role, content} objects (kind chat).",
+    )
+    text: str = Field(default="text", description="Column with the text (kinds text and classification).")
+    label: str = Field(default="label", description="Column with the class label (kind classification).")
+    id: str | None = Field(
+        default=None,
+        description=(
+            "Optional column with a stable row id. When set, the split hashes this id; otherwise it hashes "
+            "the row's mapped content. Either way a row keeps its split when rows are appended."
+        ),
+    )
+
+
+class CleaningConfig(_DataModel):
+    """Text normalisation and length filters, applied to every text field of a row."""
+
+    normalize_unicode: bool = Field(default=True, description="Apply Unicode NFKC normalisation.")
+    collapse_whitespace: bool = Field(
+        default=True,
+        description=(
+            "Collapse runs of spaces/tabs into one space, trim each line and allow at most one blank line; "
+            "newlines are kept (they matter for code and lists)."
+        ),
+    )
+    strip_html: bool = Field(
+        default=False, description="Remove HTML tags, drop <script>/<style> content and unescape entities."
+    )
+    min_chars: int = Field(
+        default=1,
+        ge=0,
+        description="Drop rows whose completion (or text) is shorter than this, in characters.",
+    )
+    max_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="Drop rows whose total text (all fields) is longer than this, in characters; "
+        "null: no limit.",
+    )
+
+
+class DedupConfig(_DataModel):
+    """Duplicate removal, after cleaning and before the split (so a duplicate never leaks across splits)."""
+
+    exact: bool = Field(
+        default=True, description="Drop rows whose mapped content is identical to an earlier row."
+    )
+    near: bool = Field(
+        default=False,
+        description="Drop near-duplicates found with MinHash LSH (datasketch) over word shingles.",
+    )
+    near_threshold: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard similarity at or above which a row is a near-duplicate of an "
+        "earlier one.",
+    )
+    num_perm: int = Field(
+        default=128, ge=16, le=1024, description="MinHash permutations (accuracy vs speed)."
+    )
+    shingle_size: int = Field(
+        default=3, ge=1, le=16, description="Words per shingle for near-duplicate hashing."
+    )
+
+
+class ExtraPiiPattern(_DataModel):
+    """A user-defined PII pattern (Python regular expression)."""
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Kind name used in counts and in the replacement token ([NAME] upper-cased).",
+    )
+    pattern: str = Field(description="Python regular expression; every match is PII of this kind.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+class PiiConfig(_DataModel):
+    """Detection of personal data in every text field."""
+
+    policy: PiiPolicy = Field(
+        default="scrub",
+        description=(
+            "'scrub': replace each match with a token such as [EMAIL]; 'reject': drop rows that contain PII "
+            "(counted; the job fails when more than maxRejectRatio of the rows are dropped); "
+            "'allow': keep the text, only count."
+        ),
+    )
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: list(ALL_PII_KINDS),
+        description="Built-in detectors to run: email, phone, credit_card (Luhn-checked), ipv4, ipv6.",
+    )
+    extra_patterns: list[ExtraPiiPattern] = Field(
+        default_factory=list, description="Additional named regular expressions treated as PII."
+    )
+    max_reject_ratio: Ratio = Field(
+        default=1.0,
+        description=(
+            "With policy 'reject': the fraction of rows that may be rejected for PII before the job "
+            "stops with a data error. 1.0: never stop."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PiiConfig:
+        names = [p.name for p in self.extra_patterns]
+        clashes = sorted({n for n in names if names.count(n) > 1 or n in ALL_PII_KINDS})
+        if clashes:
+            raise ValueError(f"extraPatterns names must be unique and differ from built-in kinds: {clashes}")
+        return self
+
+
+class BadRowsConfig(_DataModel):
+    """Malformed rows: bad JSON, missing fields, wrong types."""
+
+    max_ratio: Ratio = Field(
+        default=0.01,
+        description=(
+            "Largest tolerated fraction of malformed rows (over all rows read). Above it the job stops "
+            "with the non-retryable data-error exit code, naming the first bad lines. 0: any bad row fails."
+        ),
+    )
+
+
+class SplitConfig(_DataModel):
+    """Train/validation/test split: hash-based and stable, or from explicit sources."""
+
+    validation: Ratio = Field(
+        default=0.05, description="Fraction of rows for validation (ignored when validationSource is set)."
+    )
+    test: Ratio = Field(
+        default=0.05, description="Fraction of rows for test (ignored when testSource is set)."
+    )
+    seed: int = Field(
+        default=42,
+        description=(
+            "Salt of the split hash. A row's split depends only on its key and this seed, so appending rows "
+            "never moves existing ones."
+        ),
+    )
+    validation_source: str | None = Field(
+        default=None,
+        description="A separate source for the validation split (same format rules as source); disables the "
+        "hash split for validation.",
+    )
+    test_source: str | None = Field(
+        default=None,
+        description="A separate source for the test split; disables the hash split for test.",
+    )
+
+    @model_validator(mode="after")
+    def _ratios_leave_training_data(self) -> SplitConfig:
+        used = (0.0 if self.validation_source else self.validation) + (0.0 if self.test_source else self.test)
+        if used >= 1.0:
+            raise ValueError(
+                f"validation + test ratios must be < 1 (got {used:g}); nothing would be left to train"
+            )
+        return self
+
+
+class ComplianceConfig(_DataModel):
+    """Licence checks. Only enforced when allowedLicenses is non-empty."""
+
+    allowed_licenses: list[str] = Field(
+        default_factory=list,
+        description=(
+            "SPDX identifiers (case-insensitive) that the dataset and the base model may carry. "
+            "Empty: no check. When set, a missing or unlisted licence stops the job with a data error."
+        ),
+    )
+    dataset_license: str | None = Field(default=None, description="SPDX identifier of the dataset's licence.")
+    model_license: str | None = Field(
+        default=None,
+        description="SPDX identifier of the base model's licence (overrides one read from the model card).",
+    )
+
+
+class AugmentationConfig(_DataModel):
+    """Deterministic augmentation of the training split only (validation and test are never augmented)."""
+
+    strategy: AugmentationStrategy = Field(
+        default="none",
+        description=(
+            "'none', or 'template-variants': add copies of training rows whose prompt is rewritten with the "
+            "templates in variants."
+        ),
+    )
+    variants: list[str] = Field(
+        default_factory=lambda: [
+            "{prompt}",
+            "Question: {prompt}",
+            "Please answer the following.\n{prompt}",
+        ],
+        description="Prompt rewrites, each containing '{prompt}'. Copy i of a row uses variant i mod len.",
+    )
+    copies: int = Field(default=1, ge=0, le=16, description="Extra copies per training row.")
+
+    @field_validator("variants")
+    @classmethod
+    def _has_placeholder(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if "{prompt}" not in v]
+        if bad or not value:
+            raise ValueError(f"every variant must contain '{{prompt}}' and the list must not be empty: {bad}")
+        return value
+
+
+class DataConfig(_DataModel):
+    """Where the training data comes from and how it becomes token ids."""
+
+    source: str = Field(
+        min_length=1,
+        description=(
+            "Path (local or mounted PVC), file://, s3:// (credentials from the environment), "
+            "http(s):// URL, or a Hugging Face datasets save_to_disk folder. Globs and directories "
+            "expand to every matching file."
+        ),
+    )
+    additional_sources: list[str] = Field(
+        default_factory=list, description="More sources read after source, concatenated (same format)."
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="jsonl, csv, parquet, hf-disk, or auto (from the file extension / folder contents).",
+    )
+    hf_split: str = Field(
+        default="train",
+        description="For a saved DatasetDict (hf-disk): which of its splits to read.",
+    )
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="Column mapping.")
+    template: TemplateName = Field(
+        default="plain",
+        description=(
+            "How a row becomes text: 'plain' (prompt, newline, completion), 'alpaca', 'chatml', or "
+            "'tokenizer' (the tokenizer's own chat template via apply_chat_template)."
+        ),
+    )
+    system_prompt: str | None = Field(
+        default=None, description="Optional system message (chatml and tokenizer templates, chat rows)."
+    )
+    completion_only_loss: bool = Field(
+        default=True,
+        description="Compute the loss only on completion tokens (prompt labels are -100). "
+        "Ignored for kind text.",
+    )
+    max_seq_length: int = Field(default=1024, ge=8, description="Maximum tokens per training example.")
+    truncation: TruncationPolicy = Field(
+        default="truncate",
+        description=(
+            "Rows longer than maxSeqLength: 'truncate' (the prompt is cut from the left first, then the "
+            "completion from the right; counted) or 'drop' (removed; counted)."
+        ),
+    )
+    add_eos: bool = Field(default=True, description="Append the tokenizer's EOS token to every completion.")
+    packing: bool = Field(
+        default=False,
+        description="Concatenate training examples into blocks of maxSeqLength tokens (train split only).",
+    )
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="Text cleaning and filters.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data detection.")
+    bad_rows: BadRowsConfig = Field(default_factory=BadRowsConfig, description="Malformed-row policy.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split.")
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig, description="Licence allowlist.")
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig, description="Training-split augmentation."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.template == "alpaca" and self.fields.kind == "chat":
+            raise ValueError("template 'alpaca' cannot render chat rows; use 'chatml' or 'tokenizer'")
+        if self.packing and self.fields.kind == "classification":
+            raise ValueError(
+                "packing is for language modelling; it cannot be used with kind 'classification'"
+            )
+        return self
+
+    @property
+    def all_sources(self) -> list[str]:
+        """The main source followed by the additional ones."""
+        return [self.source, *self.additional_sources]

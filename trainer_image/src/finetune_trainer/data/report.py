@@ -1,0 +1,150 @@
+"""What data preparation did: ``data_report.json``, ``provenance.json`` and the model-card section.
+
+Torch-free pydantic models (camelCase in JSON). Nothing is dropped silently: every stage records rows in, rows
+out, and the reason for every removed row; malformed rows keep their source file and 1-based line number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "BAD_LINES_KEPT",
+    "BadLine",
+    "BadRowsRecord",
+    "DataReport",
+    "Histogram",
+    "LicenceRecord",
+    "PiiRecord",
+    "Provenance",
+    "SourceRecord",
+    "SplitRecord",
+    "StageRecord",
+    "render_data_section",
+    "write_report",
+]
+
+#: How many malformed lines are listed in the report (all are counted).
+BAD_LINES_KEPT = 1000
+
+
+class _ReportModel(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, extra="forbid")
+
+
+class SourceRecord(_ReportModel):
+    uri: str = Field(description="The file as configured/expanded (URI or path).")
+    role: str = Field(description="'main', 'validation' or 'test': which split source it belongs to.")
+    sha256: str = Field(
+        description="SHA-256 of the file's bytes (of every file, for a saved dataset folder)."
+    )
+    bytes: int = Field(description="Size in bytes.")
+    rows: int = Field(description="Rows read from it (including malformed ones).")
+
+
+class StageRecord(_ReportModel):
+    name: str = Field(description="Stage name, in pipeline order.")
+    rows_in: int = Field(description="Rows entering the stage.")
+    rows_out: int = Field(description="Rows leaving the stage.")
+    removed: dict[str, int] = Field(default_factory=dict, description="Removed rows by reason.")
+
+
+class BadLine(_ReportModel):
+    source: str = Field(description="Source file.")
+    line: int = Field(
+        description="1-based line (jsonl, csv: the physical line where the record starts) or row."
+    )
+    reason: str = Field(description="What is wrong with it.")
+
+
+class BadRowsRecord(_ReportModel):
+    count: int = Field(default=0, description="Malformed rows.")
+    total: int = Field(default=0, description="Rows read.")
+    ratio: float = Field(default=0.0, description="count / total.")
+    max_ratio: float = Field(default=0.0, description="The configured limit.")
+    lines: list[BadLine] = Field(
+        default_factory=list, description=f"The first {BAD_LINES_KEPT} malformed rows."
+    )
+
+
+class PiiRecord(_ReportModel):
+    policy: str = Field(description="scrub, reject or allow.")
+    matches: dict[str, int] = Field(default_factory=dict, description="Matches found, by kind.")
+    rows_with_pii: int = Field(default=0, description="Rows with at least one match.")
+    rows_rejected: int = Field(default=0, description="Rows dropped (policy reject).")
+
+
+class Histogram(_ReportModel):
+    edges: list[int] = Field(default_factory=list, description="Bin edges in tokens (len = len(counts) + 1).")
+    counts: list[int] = Field(default_factory=list, description="Examples per bin [edges[i], edges[i+1]).")
+
+
+class SplitRecord(_ReportModel):
+    rows: int = Field(description="Examples (before packing).")
+    tokens: int = Field(description="Tokens in all examples.")
+    loss_tokens: int = Field(description="Tokens that carry a loss (label != -100).")
+    truncated: int = Field(default=0, description="Examples cut to maxSeqLength.")
+    packed_blocks: int | None = Field(default=None, description="Blocks after packing (train, packing on).")
+    length_histogram: Histogram = Field(default_factory=Histogram, description="Token-length histogram.")
+    min_tokens: int = Field(default=0, description="Shortest example.")
+    max_tokens: int = Field(default=0, description="Longest example.")
+    mean_tokens: float = Field(default=0.0, description="Mean example length.")
+
+
+class LicenceRecord(_ReportModel):
+    dataset: str | None = Field(default=None, description="Dataset licence (SPDX).")
+    model: str | None = Field(default=None, description="Base-model licence (SPDX).")
+    allowed: list[str] = Field(default_factory=list, description="The configured allowlist.")
+    checked: bool = Field(default=False, description="Whether the allowlist was enforced.")
+
+
+class Provenance(_ReportModel):
+    config_digest: str = Field(description="SHA-256 of the data config (canonical JSON).")
+    sources: list[SourceRecord] = Field(default_factory=list, description="Every input file with its hash.")
+    stages: list[StageRecord] = Field(default_factory=list, description="Row counts per stage.")
+    tokenizer: str = Field(default="", description="Tokenizer name or path.")
+    licences: LicenceRecord = Field(default_factory=LicenceRecord, description="Licences and the check.")
+
+
+class DataReport(_ReportModel):
+    provenance: Provenance = Field(description="Inputs, hashes, config digest, per-stage counts.")
+    mapping_kind: str = Field(description="Row layout (fields.kind).")
+    template: str = Field(description="Template used.")
+    bad_rows: BadRowsRecord = Field(default_factory=BadRowsRecord, description="Malformed rows.")
+    pii: PiiRecord = Field(description="PII counts.")
+    splits: dict[str, SplitRecord] = Field(default_factory=dict, description="train / validation / test.")
+    augmented_rows: int = Field(default=0, description="Rows added to train by augmentation.")
+    label_names: list[str] | None = Field(default=None, description="Class names (kind classification).")
+
+    @property
+    def stages(self) -> list[StageRecord]:
+        return self.provenance.stages
+
+    def removed_by_reason(self) -> dict[str, int]:
+        """All removed rows over all stages, by reason."""
+        totals: dict[str, int] = {}
+        for stage in self.provenance.stages:
+            for reason, n in stage.removed.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+
+def write_report(report: DataReport, directory: Path) -> tuple[Path, Path]:
+    """Write ``data_report.json`` and ``provenance.json`` into ``directory``; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report_path = directory / "data_report.json"
+    provenance_path = directory / "provenance.json"
+    report_path.write_text(json.dumps(report.model_dump(mode="json", by_alias=True), indent=2) + "\n")
+    provenance_path.write_text(
+        json.dumps(report.provenance.model_dump(mode="json", by_alias=True), indent=2) + "\n"
+    )
+    return report_path, provenance_path
+
+
+def render_data_section(report: DataReport) -> str:
+    """A Markdown ``## Data`` section for the model card."""
+    raise NotImplementedError
