@@ -1,0 +1,217 @@
+"""Pieces shared by both resources: model bases, cross-field rules, conditions, quantities.
+
+Every spec model forbids unknown keys, uses camelCase names on the wire and documents each field with
+an attribute docstring: those docstrings become the CRD's descriptions, so `kubectl explain` teaches.
+Cross-field rules are declared once, as `CelRule`s: the CRD generator emits them as
+`x-kubernetes-validations` and the model runs the same check in Python with the same message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """A cross-field rule, checked by the API server (CEL) and by the Python model (`holds`)."""
+
+    rule: str
+    """CEL expression over `self` (the object the rule is declared on)."""
+    message: str
+    """Error text, identical on the server and in Python."""
+    holds: Callable[[Any], bool]
+    """Python mirror of `rule`, called with the validated model instance."""
+    field_path: str | None = None
+    """JSONPath-like path (relative to the object, e.g. `.distributed.gpusPerNode`) the error points at."""
+
+    def as_schema(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        return out
+
+
+class ApiModel(BaseModel):
+    """Base of every model in a resource: camelCase on the wire, documented fields, cross-field rules."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        use_attribute_docstrings=True,
+        extra="forbid",
+    )
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_cel_rules(self) -> ApiModel:
+        for rule in type(self).cel_rules:
+            if not rule.holds(self):
+                raise PydanticCustomError("cel_rule", rule.message, {"field_path": rule.field_path or ""})
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(core_schema)
+        if cls.cel_rules:
+            target = handler.resolve_ref_schema(json_schema)
+            target["x-kubernetes-validations"] = [rule.as_schema() for rule in cls.cel_rules]
+        return json_schema
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, JSON types, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class StatusModel(ApiModel):
+    """Base of status models: tolerant of keys it doesn't know, so newer writers never break readers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- Kubernetes quantities ---------------------------------------------------------------------------
+
+# The API server's own quantity syntax (k8s.io/apimachinery resource.Quantity), as controller-gen emits it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+def _check_quantity(value: str | int) -> str | int:
+    if isinstance(value, str) and not _QUANTITY_RE.match(value):
+        raise PydanticCustomError(
+            "quantity",
+            "should be a Kubernetes quantity such as 500m, 4, 16Gi",
+        )
+    return value
+
+
+Quantity = Annotated[
+    str | int,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+"""A Kubernetes resource quantity (`500m`, `4`, `16Gi`)."""
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+DnsLabel = Annotated[str, Field(pattern=DNS_LABEL_PATTERN, max_length=63)]
+"""A Kubernetes object name usable as a DNS label."""
+
+LabelValue = Annotated[str, Field(max_length=63)]
+
+
+# --- conditions ----------------------------------------------------------------------------------------
+
+
+class Condition(StatusModel):
+    """One observation of the resource's state, as in Kubernetes API conventions (kstatus-compatible)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    """Condition type in CamelCase, e.g. `Admitted`, `Running`, `Succeeded`, `Ready`."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds: `True`, `False` or `Unknown`."""
+    reason: Annotated[str, Field(max_length=1024)] = ""
+    """One CamelCase word for programs, e.g. `InsufficientGPUs`, `BackoffLimitExceeded`."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """A sentence for humans explaining the reason, naming what to change if anything."""
+    last_transition_time: datetime | None = None
+    """When `status` last changed (not when the reason or message did)."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The `metadata.generation` this condition was computed from."""
+
+
+CONDITIONS_LIST_SCHEMA: dict[str, Any] = {
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+"""Conditions are a map keyed by type, so server-side apply merges them per type."""
+
+
+class SecretKeyRef(ApiModel):
+    """A key in a Secret in the resource's namespace."""
+
+    name: DnsLabel
+    """Name of the Secret."""
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+    """Key inside the Secret's data."""
+
+
+Toleration = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+"""A core/v1 Toleration, passed through to the pods unchanged (`key`, `operator`, `value`, `effect`, ...)."""
+
+
+# --- parsing whole objects -----------------------------------------------------------------------------
+
+
+class InvalidResourceError(ValueError):
+    """A resource body failed validation; `problems` lists (field path, message) pairs."""
+
+    def __init__(self, kind: str, problems: list[tuple[str, str]]) -> None:
+        self.kind = kind
+        self.problems = problems
+        super().__init__(f"invalid {kind}: " + "; ".join(f"{path}: {msg}" for path, msg in problems))
+
+
+def field_path(loc: tuple[int | str, ...], extra: str = "") -> str:
+    """`("spec", "distributed", "nodes")` -> `spec.distributed.nodes`; list indexes as `[i]`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out + extra
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_resource(model: type[M], kind: str, body: Mapping[str, Any]) -> M:
+    """Validate `body` as `model`, turning pydantic's errors into `InvalidResourceError` with field paths."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            ctx = error.get("ctx") or {}
+            path = field_path(tuple(error["loc"]), str(ctx.get("field_path", "")))
+            problems.append((path or "<root>", error["msg"]))
+        raise InvalidResourceError(kind, problems) from None
