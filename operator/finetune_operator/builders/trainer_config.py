@@ -1,0 +1,261 @@
+"""The trainer's config (the versioned `finetune_trainer.config.TrainerConfig` schema), its DeepSpeed JSON,
+and the ConfigMap that carries both into the pods."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from finetune_operator.api.finetunejob import FieldMapping, FineTuneJob
+from finetune_operator.builders.common import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DEEPSPEED_FILE,
+    OUTPUT_DIR,
+    child_metadata,
+    config_map_name,
+    job_name,
+    namespace,
+)
+from finetune_trainer.config import TrainerConfig, parse_config
+
+SOURCE_MOUNT_ROOT = "/mnt/sources"
+"""Claims named by `pvc://claim/path` sources are mounted read-only under here, one folder per claim."""
+
+
+def source_claims(job: FineTuneJob) -> list[str]:
+    """Claims that `pvc://` model and data sources name, in order of first use."""
+    spec = job.spec
+    uris = [
+        spec.model.source,
+        spec.dataset.source,
+        spec.dataset.split.validation_source,
+        spec.dataset.split.test_source,
+    ]
+    claims: list[str] = []
+    for uri in uris:
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def _local_path(uri: str) -> str:
+    """What the trainer opens for a source URI: pvc:// becomes the mounted path; others pass through."""
+    if uri.startswith("pvc://"):
+        claim, _, rest = uri.removeprefix("pvc://").partition("/")
+        return f"{SOURCE_MOUNT_ROOT}/{claim}/{rest}".rstrip("/")
+    return uri
+
+
+def _model_section(job: FineTuneJob) -> dict[str, Any]:
+    model = job.spec.model
+    path, revision = model.source, model.revision
+    if path.startswith("hf://") and "@" in path:
+        path, revision = path.split("@", 1)
+    section: dict[str, Any] = {"path": _local_path(path), "trustRemoteCode": model.trust_remote_code}
+    if revision:
+        section["revision"] = revision
+    if job.spec.compliance and job.spec.compliance.model_license:
+        section["license"] = job.spec.compliance.model_license
+    return section
+
+
+def _fields(mapping: FieldMapping | None) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    given = mapping.model_dump(exclude_none=True)
+    if "messages" in given:
+        kind = "chat"
+    elif "instruction" in given or "output" in given:
+        kind = "instruction"
+    elif "label" in given:
+        kind = "classification"
+    elif "text" in given and "prompt" not in given:
+        kind = "text"
+    else:
+        kind = "prompt-completion"
+    keys = ("prompt", "completion", "instruction", "input", "output", "messages", "text", "label")
+    return {"kind": kind, **{key: given[key] for key in keys if key in given}}
+
+
+def _data_section(job: FineTuneJob) -> dict[str, Any]:
+    dataset = job.spec.dataset
+    prep = dataset.preprocessing
+    validation, test = dataset.split.resolved_ratios()
+    split: dict[str, Any] = {"validation": validation, "test": test, "seed": dataset.split.seed}
+    if dataset.split.validation_source:
+        split["validationSource"] = _local_path(dataset.split.validation_source)
+    if dataset.split.test_source:
+        split["testSource"] = _local_path(dataset.split.test_source)
+    section: dict[str, Any] = {
+        "source": _local_path(dataset.source),
+        "format": dataset.format,
+        "template": dataset.template,
+        "maxSeqLength": job.spec.hyperparameters.max_seq_length,
+        "cleaning": {
+            "normalizeUnicode": prep.normalize_unicode,
+            "stripHtml": prep.strip_html,
+            "minChars": prep.min_length,
+            "maxChars": prep.max_length,
+        },
+        "dedup": {
+            "exact": prep.dedup.mode == "exact",
+            "near": prep.dedup.mode == "near",
+            "nearThreshold": prep.dedup.threshold,
+        },
+        "pii": {
+            "policy": prep.pii.policy,
+            "extraPatterns": [
+                {"name": f"custom_{index}", "pattern": pattern}
+                for index, pattern in enumerate(prep.pii.extra_patterns)
+            ],
+        },
+        "badRows": {"maxRatio": dataset.bad_rows.max_ratio},
+        "split": split,
+    }
+    fields = _fields(dataset.field_mapping)
+    if fields:
+        section["fields"] = fields
+    if dataset.augmentation and dataset.augmentation.copies:
+        section["augmentation"] = {"strategy": "template-variants", "copies": dataset.augmentation.copies}
+    if job.spec.compliance:
+        compliance = job.spec.compliance
+        section["compliance"] = {
+            "allowedLicenses": list(compliance.allowed_licenses),
+            "datasetLicense": compliance.dataset_license,
+            "modelLicense": compliance.model_license,
+        }
+    return section
+
+
+def _offload(job: FineTuneJob) -> str:
+    deepspeed = job.spec.distributed.deepspeed
+    if deepspeed is None or deepspeed.offload == "none":
+        return "none"
+    return "all" if deepspeed.zero_stage == 3 else "optimizer"
+
+
+def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) -> dict[str, Any]:
+    """The TrainerConfig for this job as a plain dict (camelCase keys), before validation."""
+    spec = job.spec
+    hp = spec.hyperparameters
+    lora = spec.resolved_lora()
+    evaluation = spec.evaluation
+    early = spec.early_stopping
+    config: dict[str, Any] = {
+        "version": "v1",
+        "task": spec.task,
+        "model": _model_section(job),
+        "data": _data_section(job),
+        "method": spec.method,
+        "hyperparameters": {
+            "epochs": hp.epochs,
+            "maxSteps": hp.max_steps,
+            "microBatchSize": hp.batch_size,
+            "gradientAccumulationSteps": hp.gradient_accumulation_steps,
+            "learningRate": hp.learning_rate,
+            "lrScheduler": hp.lr_scheduler
+            if hp.lr_scheduler in ("linear", "cosine", "constant")
+            else "cosine",
+            "warmupSteps": hp.warmup_steps,
+            "warmupRatio": hp.resolved_warmup_ratio(),
+            "weightDecay": hp.weight_decay,
+            "maxGradNorm": hp.max_grad_norm,
+            "dropout": hp.dropout,
+            "labelSmoothing": hp.label_smoothing,
+        },
+        "evaluation": {
+            "everySteps": (evaluation.every_steps or 100) if evaluation else 0,
+            "beforeTraining": evaluation is not None,
+            "maxBatches": evaluation.max_samples if evaluation else None,
+        },
+        "earlyStopping": {"enabled": False},
+        "checkpointing": {
+            "dir": CHECKPOINT_DIR,
+            "everySteps": spec.checkpointing.every_steps or 500,
+            "keepLast": spec.checkpointing.keep_last,
+            "saveOnEpochEnd": spec.checkpointing.save_on_epoch_end,
+        },
+        "distributed": {
+            "zeroStage": spec.distributed.deepspeed.zero_stage if spec.distributed.deepspeed else 0,
+            "offload": _offload(job),
+            "precision": spec.distributed.precision,
+            "shutdownTimeoutSeconds": shutdown_timeout_seconds,
+        },
+        "output": {"dir": f"{OUTPUT_DIR}/{spec.output.path}", "mergeAdapter": spec.output.merge_adapter},
+        "reporting": {"jobName": job_name(job), "namespace": namespace(job)},
+        "seed": hp.seed,
+    }
+    if lora is not None:
+        config["lora"] = {
+            "r": lora.r,
+            "alpha": float(lora.alpha),
+            "dropout": lora.dropout,
+            "targetModules": list(lora.target_modules) or ["all-linear"],
+        }
+    if early is not None:
+        metric = early.metric if early.metric in ("loss", "perplexity", "accuracy") else "loss"
+        config["earlyStopping"] = {
+            "enabled": True,
+            "metric": metric,
+            "mode": early.mode,
+            "patience": early.patience,
+            "minDelta": early.min_delta,
+        }
+    cleaned: dict[str, Any] = _drop_none(config)
+    return cleaned
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def build_deepspeed_config(job: FineTuneJob) -> dict[str, Any]:
+    """DeepSpeed JSON; batch sizes are `auto` so the trainer (HF integration) fills them consistently."""
+    distributed = job.spec.distributed
+    stage = distributed.deepspeed.zero_stage if distributed.deepspeed else 0
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    offload = _offload(job)
+    if offload in ("optimizer", "all"):
+        device = "nvme" if distributed.deepspeed and distributed.deepspeed.offload == "nvme" else "cpu"
+        zero["offload_optimizer"] = {"device": device, "pin_memory": True}
+        if offload == "all":
+            zero["offload_param"] = {"device": device, "pin_memory": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": distributed.precision == "bf16"},
+        "fp16": {"enabled": distributed.precision == "fp16"},
+        "zero_optimization": zero,
+    }
+
+
+def validated_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) -> TrainerConfig:
+    """The rendered config parsed by the trainer's own model; raises `finetune_trainer.config.ConfigError`."""
+    return parse_config(render_trainer_config(job, shutdown_timeout_seconds=shutdown_timeout_seconds))
+
+
+def build_trainer_configmap(job: FineTuneJob, *, shutdown_timeout_seconds: int) -> dict[str, Any]:
+    """ConfigMap with `trainer.yaml` (validated TrainerConfig, defaults filled) and `deepspeed.json`."""
+    config = validated_trainer_config(job, shutdown_timeout_seconds=shutdown_timeout_seconds)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": child_metadata(job, config_map_name(job), "trainer-config"),
+        "data": {
+            CONFIG_FILE: yaml.safe_dump(config.to_file_dict(), sort_keys=True),
+            DEEPSPEED_FILE: json.dumps(build_deepspeed_config(job), indent=2, sort_keys=True) + "\n",
+        },
+    }

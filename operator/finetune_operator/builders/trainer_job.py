@@ -1,0 +1,216 @@
+"""The Indexed Job of one attempt: one pod per node, torchrun wired by the completion index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator.api.finetunejob import FineTuneJob
+from finetune_operator.builders.common import (
+    ATTEMPT_LABEL,
+    CONFIG_DIR,
+    CONFIG_FILE,
+    DEEPSPEED_FILE,
+    JOB_LABEL,
+    KUEUE_QUEUE_LABEL,
+    TRAINER_CONTAINER,
+    WORKSPACE_DIR,
+    batch_job_name,
+    checkpoint_claim_name,
+    child_labels,
+    child_metadata,
+    config_map_name,
+    job_name,
+    service_name,
+    trainer_name,
+)
+from finetune_operator.builders.trainer_config import SOURCE_MOUNT_ROOT, source_claims
+from finetune_operator.config import OperatorConfig
+from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+TRAINER_COMMAND = ["python", "-m", "finetune_trainer.launch"]
+EXIT_CODE_FILE = "/tmp/finetune-exit-code"
+
+#: podFailurePolicy rule indexes; the controller maps a Job's `PodFailurePolicy` failure back through them.
+RULE_NON_RETRYABLE = 0
+RULE_DISRUPTION = 1
+
+
+def shutdown_timeout_seconds(config: OperatorConfig) -> int:
+    """torchrun's grace for workers after SIGTERM: 30 s below the pod's, so the save finishes first."""
+    return max(1, config.termination_grace_seconds - 30)
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Rule 0: a non-retryable trainer exit code fails the Job (and the FineTuneJob) at once.
+    Rule 1: eviction/preemption/node loss (`DisruptionTarget`) fails the Job at once, so the whole gang
+    stops together; the operator charges it as a failed attempt. Anything else hits `backoffLimit: 0`."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": sorted(int(code) for code in NON_RETRYABLE),
+                },
+            },
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def _tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+    tolerations = [dict(t) for t in job.spec.resources.tolerations]
+    resource = job.spec.resources.gpu_resource_name
+    if job.spec.distributed.gpus_per_node > 0 and not any(t.get("key") == resource for t in tolerations):
+        tolerations.append({"key": resource, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def node_selector(job: FineTuneJob) -> dict[str, str]:
+    """The pods' node selector: the user's labels plus the GPU product label."""
+    selector = dict(job.spec.resources.node_selector)
+    if job.spec.resources.gpu_product:
+        selector[GPU_PRODUCT_LABEL] = job.spec.resources.gpu_product
+    return selector
+
+
+def pod_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+    return _tolerations(job)
+
+
+def _resources(job: FineTuneJob) -> dict[str, Any]:
+    res = job.spec.resources
+    amounts: dict[str, Any] = {}
+    if res.cpu is not None:
+        amounts["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        amounts["memory"] = str(res.memory)
+    if job.spec.distributed.gpus_per_node > 0:
+        amounts[res.gpu_resource_name] = str(job.spec.distributed.gpus_per_node)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:
+    distributed = job.spec.distributed
+    master = f"{batch_job_name(job, attempt)}-0.{service_name(job)}"
+    return [
+        {"name": "PET_NNODES", "value": str(distributed.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(distributed.gpus_per_node, 1))},
+        {
+            "name": "PET_NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(config.master_port)},
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout_seconds(config))},
+        {"name": EXIT_CODE_FILE_ENV, "value": EXIT_CODE_FILE},
+        {"name": "FTO_JOB_NAME", "value": job_name(job)},
+        {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "FTO_ATTEMPT", "value": str(attempt)},
+        {"name": "FTO_DEEPSPEED_CONFIG", "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
+    ]
+
+
+def trainer_args() -> list[str]:
+    return ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+
+
+def build_trainer_job(job: FineTuneJob, attempt: int, config: OperatorConfig) -> dict[str, Any]:
+    """The gang of attempt `attempt`. Its pod template is immutable: a new attempt is a new Job."""
+    spec = job.spec
+    nodes = spec.distributed.nodes
+    name = batch_job_name(job, attempt)
+    pod_labels = {**child_labels(job, "trainer"), ATTEMPT_LABEL: str(attempt)}
+    job_labels = {ATTEMPT_LABEL: str(attempt)}
+    if spec.scheduling.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(job)}},
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job)}},
+        {
+            "name": "dshm",
+            "emptyDir": {
+                "medium": "Memory",
+                "sizeLimit": str(spec.resources.shared_memory or config.shm_size),
+            },
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "workspace", "mountPath": WORKSPACE_DIR},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for index, claim in enumerate(source_claims(job)):
+        volumes.append(
+            {"name": f"source-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append(
+            {"name": f"source-{index}", "mountPath": f"{SOURCE_MOUNT_ROOT}/{claim}", "readOnly": True}
+        )
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(job),
+        "serviceAccountName": trainer_name(job),
+        "terminationGracePeriodSeconds": config.termination_grace_seconds,
+        "containers": [
+            {
+                "name": TRAINER_CONTAINER,
+                "image": spec.image or config.trainer_image,
+                "imagePullPolicy": config.image_pull_policy,
+                "command": list(TRAINER_COMMAND),
+                "args": trainer_args(),
+                "env": _env(job, attempt, config),
+                "ports": [{"name": "rendezvous", "containerPort": config.master_port, "protocol": "TCP"}],
+                "resources": _resources(job),
+                "volumeMounts": mounts,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": volumes,
+    }
+    selector = node_selector(job)
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    tolerations = _tolerations(job)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if nodes > 1:
+        # One pod per node: two pieces of one gang never share a node.
+        pod_spec["affinity"] = {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "labelSelector": {
+                            "matchLabels": {JOB_LABEL: job_name(job), ATTEMPT_LABEL: str(attempt)}
+                        },
+                        "topologyKey": "kubernetes.io/hostname",
+                    }
+                ]
+            }
+        }
+
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if spec.scheduling.queue_name:
+        job_spec["suspend"] = True  # Kueue admits the gang by unsuspending it
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": child_metadata(job, name, "trainer", **job_labels),
+        "spec": job_spec,
+    }
