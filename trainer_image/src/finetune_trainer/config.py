@@ -174,16 +174,19 @@ class Evaluation(ConfigSection):
 
 
 class EarlyStoppingMetric(enum.StrEnum):
-    EVAL_LOSS = "evalLoss"
+    """Validation metrics the causal-LM trainer computes (names as in FineTuneJob's evaluation.metrics)."""
+
+    LOSS = "loss"
     PERPLEXITY = "perplexity"
-    TOKEN_ACCURACY = "tokenAccuracy"
+    #: Next-token accuracy on the completion tokens.
+    ACCURACY = "accuracy"
 
 
 class EarlyStopping(ConfigSection):
     section_name = "earlyStopping"
 
     enabled: bool = False
-    metric: EarlyStoppingMetric = EarlyStoppingMetric.EVAL_LOSS
+    metric: EarlyStoppingMetric = EarlyStoppingMetric.LOSS
     mode: Literal["min", "max"] = "min"
     #: Evaluations without an improvement larger than ``minDelta`` before training stops.
     patience: int = Field(default=3, ge=1)

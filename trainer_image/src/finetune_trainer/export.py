@@ -1,0 +1,152 @@
+"""The job's outputs, written by rank 0 after training.
+
+Layout of ``output.dir`` (the contract with the inference server and the operator)::
+
+    model/               Hugging Face model (safetensors) + tokenizer: the full fine-tune, or the base
+                         with the LoRA adapter merged (method lora/qlora with mergeAdapter)
+    adapter/             LoRA adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+    metrics.json         before/after metrics on validation and test, best step, steps, history
+    README.md            model card (data, hyperparameters, metrics, loss curve)
+    loss_curve.png
+    data_report.json     from data preparation
+    provenance.json      from data preparation, plus the trainer's own record (trainer_provenance.json)
+    trainer_config.json  the config this run used
+    metrics.jsonl        the metrics log
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune_trainer.config import Method, TrainerConfig
+
+if TYPE_CHECKING:
+    from finetune_trainer.distributed import Distributed
+    from finetune_trainer.engine import Engine
+    from finetune_trainer.train import TrainState
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def files_digest(directory: Path) -> tuple[str, int]:
+    """SHA-256 over the files of ``directory`` (sorted by relative path, path and bytes), and their size."""
+    digest = hashlib.sha256()
+    size = 0
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        size += path.stat().st_size
+    return digest.hexdigest(), size
+
+
+def _merge_adapter(cfg: TrainerConfig, adapter_dir: Path, model_dir: Path, dtype: torch.dtype) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.modeling import resolve_model_location
+
+    location, revision = resolve_model_location(cfg.model)
+    base = AutoModelForCausalLM.from_pretrained(
+        location, revision=revision, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(model_dir), safe_serialization=True)
+
+
+def export_outputs(
+    cfg: TrainerConfig,
+    engine: Engine,
+    dist: Distributed,
+    data: Any,
+    state: TrainState,
+    after: dict[str, dict[str, float]],
+) -> dict[str, Any] | None:
+    """Write the outputs (every rank must call it: ZeRO-3 gathers weights collectively)."""
+    state_dict = engine.full_state_dict()
+    artifact: dict[str, Any] | None = None
+    if dist.is_main:
+        assert state_dict is not None
+        artifact = _write(cfg, engine, data, state, after, state_dict)
+    dist.barrier()
+    return artifact
+
+
+def _write(
+    cfg: TrainerConfig,
+    engine: Engine,
+    data: Any,
+    state: TrainState,
+    after: dict[str, dict[str, float]],
+    state_dict: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    from finetune_trainer.model_card import write_model_card
+    from finetune_trainer.modeling import TORCH_DTYPES, load_tokenizer
+
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg)
+    module: Any = engine.module
+    model_dir, adapter_dir = out / "model", out / "adapter"
+    if cfg.method is Method.FULL:
+        module.save_pretrained(str(model_dir), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(model_dir))
+        artifact_dir, artifact_format = model_dir, "full"
+    else:
+        module.save_pretrained(str(adapter_dir), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+        artifact_dir, artifact_format = adapter_dir, "adapter"
+        if cfg.output.merge_adapter:
+            dtype = torch.float32 if cfg.method is Method.LORA else TORCH_DTYPES[cfg.distributed.precision]
+            _merge_adapter(cfg, adapter_dir, model_dir, dtype)
+            tokenizer.save_pretrained(str(model_dir))
+            artifact_dir, artifact_format = model_dir, "merged"
+    sha256, size = files_digest(artifact_dir)
+    artifact = {
+        "uri": str(artifact_dir),
+        "format": artifact_format,
+        "sizeBytes": size,
+        "sha256": sha256,
+        "modelCard": str(out / "README.md"),
+    }
+    metrics = {
+        "before": state.before,
+        "after": after,
+        "bestStep": state.best_step,
+        "bestMetric": state.best_metric,
+        "metric": cfg.early_stopping.metric.value if cfg.early_stopping.enabled else "loss",
+        "steps": state.step,
+        "totalSteps": state.total_steps,
+        "stoppedEarly": state.stopped_early,
+        "history": state.history,
+        "artifact": artifact,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    (out / "trainer_config.json").write_text(json.dumps(cfg.to_file_dict(), indent=1), encoding="utf-8")
+    provenance = {
+        "baseModel": cfg.model.path,
+        "revision": cfg.model.revision,
+        "method": cfg.method.value,
+        "configSha256": hashlib.sha256(json.dumps(cfg.to_file_dict(), sort_keys=True).encode()).hexdigest(),
+        "artifactSha256": sha256,
+        "versions": {
+            "python": platform.python_version(),
+            **{name: _version(name) for name in ("torch", "transformers", "peft", "deepspeed")},
+        },
+    }
+    (out / "trainer_provenance.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+    write_model_card(cfg, out, data.report, metrics)
+    return artifact

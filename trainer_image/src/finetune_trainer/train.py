@@ -1,0 +1,617 @@
+"""The training worker: one process per GPU (or CPU rank), started by torchrun from finetune_trainer.launch.
+
+``python -m finetune_trainer.train --config PATH`` (under torchrun). Exits with an :class:`ExitCode`; a
+non-zero code is also written to the exit-code file so the pod entrypoint can report it past torchrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune_trainer.checkpoint import Checkpoint, CheckpointManager
+from finetune_trainer.config import ConfigError, EarlyStoppingMetric, TrainerConfig, load_config
+from finetune_trainer.data.errors import DataError
+from finetune_trainer.distributed import Distributed, seed_everything, set_rng_state
+from finetune_trainer.engine import (
+    Batch,
+    DeepSpeedEngine,
+    Engine,
+    TorchEngine,
+    causal_lm_loss,
+    deepspeed_config,
+    evaluating,
+    uses_deepspeed,
+)
+from finetune_trainer.env import TorchrunEnv
+from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, ExitCode
+from finetune_trainer.modeling import ModelError, check_cuda_requirements, count_parameters, load_model
+from finetune_trainer.reporting import Reporter, now_iso
+
+log = logging.getLogger("finetune_trainer")
+
+Example = dict[str, list[int]]
+
+
+# --------------------------------------------------------------------------------------------- data order
+def collate(examples: list[Example], pad_id: int, device: torch.device) -> Batch:
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example["labels"])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """Which examples each rank sees at each optimizer step: a seeded permutation per epoch, cut into global
+    batches; micro-batch j of rank r takes slice (j * world + r). Resuming needs only (epoch, step)."""
+
+    num_examples: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator).tolist()  # type: ignore[no-any-return]
+
+    def micro_batches(self, perm: list[int], step_in_epoch: int, rank: int) -> list[list[int]]:
+        start = step_in_epoch * self.global_batch
+        chunk = perm[start : start + self.global_batch]
+        return [
+            chunk[
+                (j * self.world_size + rank) * self.micro_batch : (j * self.world_size + rank + 1)
+                * self.micro_batch
+            ]
+            for j in range(self.accumulation)
+        ]
+
+
+def fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(np.asarray(example["input_ids"], dtype=np.int32).tobytes())
+        digest.update(np.asarray(example["labels"], dtype=np.int32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(
+    engine: Engine,
+    examples: list[Example],
+    dist: Distributed,
+    *,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """loss, perplexity and next-token accuracy over the labelled tokens, summed over all ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively); a rank
+    whose share is empty runs a dummy batch with weight 0."""
+    if not examples:
+        return {}
+    per_round = batch_size * dist.world_size
+    rounds = math.ceil(len(examples) / per_round)
+    if max_batches is not None:
+        rounds = min(rounds, max_batches)
+    loss_sum = tokens = correct = 0.0
+    with evaluating(engine):
+        for r in range(rounds):
+            start = r * per_round + dist.rank * batch_size
+            chunk = examples[start : start + batch_size]
+            weight = 1.0 if chunk else 0.0
+            batch = collate(chunk or examples[:1], pad_id, dist.device)
+            logits = engine.eval_logits(batch)
+            loss, count = causal_lm_loss(logits, batch["labels"])
+            predictions = logits[:, :-1, :].argmax(-1)
+            targets = batch["labels"][:, 1:]
+            hits = ((predictions == targets) & (targets != -100)).sum()
+            loss_sum += weight * float(loss) * float(count)
+            tokens += weight * float(count)
+            correct += weight * float(hits)
+    loss_sum, tokens, correct = dist.sum([loss_sum, tokens, correct])
+    mean = loss_sum / max(tokens, 1.0)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "accuracy": correct / max(tokens, 1.0)}
+
+
+# ------------------------------------------------------------------------------------------- training state
+@dataclass
+class TrainState:
+    step: int = 0
+    total_steps: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    before: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    data_fingerprint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TrainState:
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def improved(cfg: TrainerConfig, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    delta = cfg.early_stopping.min_delta
+    if cfg.early_stopping.mode == "min":
+        return value < best - delta
+    return value > best + delta
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+class PreemptionFlag:
+    """SIGTERM sets a flag; the loop agrees on it across ranks at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, env: TorchrunEnv):
+        self.cfg = cfg
+        self.env = env
+        self.preemption = PreemptionFlag()
+        self.dist = Distributed(env, use_deepspeed=uses_deepspeed(cfg, env))
+        self.output_dir = Path(cfg.output.dir)
+        self.reporter = Reporter(cfg.reporting, self.output_dir, enabled=self.dist.is_main)
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _prepare_data(self, tokenizer: Any) -> Any:
+        from finetune_trainer.data.pipeline import prepare
+
+        # Every rank prepares (deterministic); only rank 0 writes the report next to the outputs.
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            return prepare(self.cfg.data, tokenizer, self.output_dir, model_license=self.cfg.model.license)
+        with tempfile.TemporaryDirectory() as scratch:
+            return prepare(self.cfg.data, tokenizer, Path(scratch), model_license=self.cfg.model.license)
+
+    def _status(self, stage: str, state: TrainState, **metrics: Any) -> None:
+        elapsed = time.monotonic() - self.started
+        progress: dict[str, Any] = {
+            "step": state.step,
+            "totalSteps": state.total_steps,
+            "percent": round(100.0 * state.step / max(1, state.total_steps), 2),
+            "stage": stage,
+            "updatedAt": now_iso(),
+        }
+        if self.order.steps_per_epoch:
+            progress["epoch"] = round(state.step / self.order.steps_per_epoch, 4)
+        done = state.step - self.resumed_step
+        if done > 0 and state.step < state.total_steps:
+            progress["etaSeconds"] = int(elapsed / done * (state.total_steps - state.step))
+        progress.update({k: v for k, v in metrics.items() if k in ("samplesPerSecond", "tokensPerSecond")})
+        status_metrics = {k: v for k, v in metrics.items() if k not in progress}
+        status: dict[str, Any] = {"progress": progress}
+        if status_metrics:
+            status["metrics"] = status_metrics
+        self.reporter.status(status)
+
+    def run(self) -> ExitCode:
+        cfg = self.cfg
+        check_cuda_requirements(cfg)
+        seed_everything(cfg.seed)
+        from finetune_trainer.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+        self.pad_id = int(tokenizer.pad_token_id)
+        state = TrainState(world_size=self.dist.world_size)
+        self.resumed_step = 0
+        self.order = DataOrder(0, 1, 1, 1, cfg.seed)
+        self._status("Preparing", state)
+        data = self._prepare_data(tokenizer)
+        self.data = data
+        hp = cfg.hyperparameters
+        self.order = DataOrder(
+            len(data.train),
+            hp.micro_batch_size,
+            hp.gradient_accumulation_steps,
+            self.dist.world_size,
+            cfg.seed,
+        )
+        if self.order.steps_per_epoch == 0:
+            raise DataError(
+                f"the train split has {len(data.train)} examples, fewer than one global batch "
+                f"({self.order.global_batch} = microBatchSize x gradientAccumulationSteps x "
+                f"{self.dist.world_size} ranks)",
+                reason="TrainSplitTooSmall",
+            )
+        state.total_steps = hp.max_steps or hp.epochs * self.order.steps_per_epoch
+        state.data_fingerprint = fingerprint(data.train)
+
+        ds_config = deepspeed_config(cfg, self.dist.world_size) if uses_deepspeed(cfg, self.env) else None
+        model = load_model(cfg, device=self.dist.device, ds_config=ds_config)
+        trainable, total = count_parameters(model)
+        engine: Engine
+        if ds_config is not None:
+            engine = DeepSpeedEngine(cfg, model, self.env, state.total_steps, ds_config)
+        else:
+            engine = TorchEngine(cfg, model, self.dist.device, state.total_steps)
+        self.engine = engine
+        self.checkpoints = CheckpointManager(
+            Path(cfg.checkpointing.dir), self.dist, keep_last=cfg.checkpointing.keep_last
+        )
+        self.reporter.event(
+            "start",
+            trainable_params=trainable,
+            total_params=total,
+            world_size=self.dist.world_size,
+            total_steps=state.total_steps,
+            steps_per_epoch=self.order.steps_per_epoch,
+        )
+
+        resume = self.checkpoints.latest()
+        if resume is not None:
+            state = self._resume(resume, state)
+        elif cfg.evaluation.before_training:
+            self._status("Evaluating", state)
+            state.before = {
+                "validation": self._evaluate(data.validation),
+                "test": self._evaluate(data.test),
+            }
+            self.reporter.event("eval", step=0, split="before", **_flat(state.before))
+            self._status("Evaluating", state, before=state.before["validation"])
+        self.resumed_step = state.step
+        self.started = time.monotonic()
+        outcome = self._train(state)
+        if outcome is ExitCode.PREEMPTED:
+            return outcome
+        self._finish(state)
+        return ExitCode.SUCCESS
+
+    def _evaluate(self, examples: list[Example]) -> dict[str, float]:
+        ev = self.cfg.evaluation
+        return evaluate(
+            self.engine,
+            examples,
+            self.dist,
+            batch_size=ev.batch_size,
+            pad_id=self.pad_id,
+            max_batches=ev.max_batches,
+        )
+
+    def _resume(self, ckpt: Checkpoint, fresh: TrainState) -> TrainState:
+        state = TrainState.from_json(ckpt.read_state())
+        if state.world_size != self.dist.world_size and uses_deepspeed(self.cfg, self.env):
+            raise ConfigError(
+                f"checkpoint {ckpt.path} was written by {state.world_size} ranks, this run has "
+                f"{self.dist.world_size}; ZeRO checkpoints cannot change world size"
+            )
+        if state.data_fingerprint != fresh.data_fingerprint:
+            log.warning("the train split changed since %s; the data position is approximate", ckpt.path)
+        state.total_steps, state.world_size = fresh.total_steps, fresh.world_size
+        state.data_fingerprint = fresh.data_fingerprint
+        self.engine.load(ckpt.path / "engine" if (ckpt.path / "engine").is_dir() else ckpt.path)
+        rng = ckpt.load_rng(self.dist.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        log.info("resumed from %s at step %d", ckpt.path, state.step)
+        self.reporter.event("resume", step=state.step, checkpoint=str(ckpt.path))
+        return state
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _save(self, state: TrainState) -> Checkpoint:
+        self._status("Saving", state)
+        engine_dir_name = "engine" if isinstance(self.engine, DeepSpeedEngine) else ""
+
+        def write(tmp: Path) -> None:
+            target = tmp / engine_dir_name if engine_dir_name else tmp
+            target.mkdir(exist_ok=True)
+            self.engine.save(target)
+
+        ckpt = self.checkpoints.save(state.step, write, state.to_json())
+        keep = {state.best_step} if state.best_step is not None else set()
+        self.checkpoints.prune(keep_steps=keep)
+        self.reporter.event("checkpoint", step=state.step, path=str(ckpt.path))
+        if self.dist.is_main:
+            best = self.checkpoints.find(state.best_step) if state.best_step is not None else None
+            from finetune_trainer.checkpoint import complete_checkpoints
+
+            self.reporter.status(
+                {
+                    "checkpoints": {
+                        "latest": str(ckpt.path),
+                        "latestStep": state.step,
+                        "best": str(best.path) if best else None,
+                        "count": len(complete_checkpoints(self.checkpoints.root)),
+                    }
+                }
+            )
+        return ckpt
+
+    def _train(self, state: TrainState) -> ExitCode:
+        cfg, order, engine = self.cfg, self.order, self.engine
+        every_eval = cfg.evaluation.every_steps
+        every_ckpt = cfg.checkpointing.every_steps
+        log_every = cfg.reporting.log_every_steps
+        saved_step = state.step
+        perm_epoch, perm = -1, []
+        window_loss, window_samples, window_tokens = torch.zeros(()), 0, 0
+        window_steps, window_start = 0, time.perf_counter()
+        engine.train(True)
+        while state.step < state.total_steps:
+            epoch, in_epoch = divmod(state.step, order.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, order.permutation(epoch)
+            step_start = time.perf_counter()
+            for indices in order.micro_batches(perm, in_epoch, self.dist.rank):
+                examples = [self.data.train[i] for i in indices]
+                batch = collate(examples, self.pad_id, self.dist.device)
+                window_loss = window_loss + engine.train_micro_batch(batch).float().cpu()
+                window_samples += len(examples)
+                window_tokens += int(batch["attention_mask"].sum())
+            grad_norm = engine.optimizer_step()
+            state.step += 1
+            window_steps += 1
+            step_seconds = time.perf_counter() - step_start
+            epoch_end = state.step % order.steps_per_epoch == 0
+
+            if state.step % log_every == 0 or state.step == state.total_steps:
+                self._log_train(
+                    state,
+                    window_loss,
+                    window_steps,
+                    window_samples,
+                    window_tokens,
+                    time.perf_counter() - window_start,
+                    step_seconds,
+                    grad_norm,
+                )
+                window_loss, window_samples, window_tokens = torch.zeros(()), 0, 0
+                window_steps, window_start = 0, time.perf_counter()
+
+            new_best = False
+            if every_eval and (state.step % every_eval == 0 or state.step == state.total_steps):
+                new_best = self._eval_step(state)
+            preempt = self.dist.any_true(self.preemption.requested)
+            due = (
+                state.step % every_ckpt == 0
+                or (cfg.checkpointing.save_on_epoch_end and epoch_end)
+                or new_best
+                or preempt
+                or state.stopped_early
+            )
+            if due and saved_step != state.step:
+                self._save(state)
+                saved_step = state.step
+            if preempt:
+                log.warning("SIGTERM: checkpoint saved at step %d, exiting for a restart", state.step)
+                self.reporter.event("preempted", step=state.step)
+                self._status("Saving", state)
+                return ExitCode.PREEMPTED
+            if state.stopped_early:
+                log.info("early stopping at step %d (best step %s)", state.step, state.best_step)
+                break
+        if saved_step != state.step:
+            self._save(state)
+        return ExitCode.SUCCESS
+
+    def _log_train(
+        self,
+        state: TrainState,
+        loss_sum: torch.Tensor,
+        steps: int,
+        samples: int,
+        tokens: int,
+        seconds: float,
+        step_seconds: float,
+        grad_norm: float | None,
+    ) -> None:
+        micro = steps * self.cfg.hyperparameters.gradient_accumulation_steps
+        loss, samples_f, tokens_f = self.dist.sum([float(loss_sum) / micro, float(samples), float(tokens)])
+        loss /= self.dist.world_size
+        lr = self.engine.learning_rate()
+        samples_ps, tokens_ps = samples_f / seconds, tokens_f / seconds
+        entry = {"step": state.step, "train_loss": loss, "lr": lr}
+        state.history.append(entry)
+        if not self.dist.is_main:
+            return
+        gpu_mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        self.reporter.event(
+            "train",
+            step=state.step,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            samples_per_second=samples_ps,
+            tokens_per_second=tokens_ps,
+            step_seconds=step_seconds,
+            gpu_memory_bytes=gpu_mem,
+        )
+        self.reporter.gauges(
+            {
+                "loss": loss,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "samples_per_second": samples_ps,
+                "tokens_per_second": tokens_ps,
+                "step_seconds": step_seconds,
+                "step": float(state.step),
+                "progress_ratio": state.step / max(1, state.total_steps),
+                "gpu_memory_bytes": gpu_mem,
+            }
+        )
+        self._status(
+            "Training",
+            state,
+            trainLoss=loss,
+            learningRate=lr,
+            samplesPerSecond=round(samples_ps, 3),
+            tokensPerSecond=round(tokens_ps, 1),
+        )
+
+    def _eval_step(self, state: TrainState) -> bool:
+        cfg = self.cfg
+        self._status("Evaluating", state)
+        metrics = self._evaluate(self.data.validation)
+        if not metrics:
+            return False
+        es = cfg.early_stopping
+        key = es.metric.value if es.enabled else EarlyStoppingMetric.LOSS.value
+        value = metrics[key]
+        state.best_eval_loss = min(metrics["loss"], state.best_eval_loss or math.inf)
+        new_best = (
+            improved(cfg, value, state.best_metric)
+            if es.enabled
+            else (state.best_metric is None or value < state.best_metric)
+        )
+        if new_best:
+            state.best_metric, state.best_step = value, state.step
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+            if es.enabled and state.evals_without_improvement >= es.patience:
+                state.stopped_early = True
+        state.history.append(
+            {"step": state.step, "eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
+        )
+        self.reporter.event("eval", step=state.step, split="validation", **metrics, best_step=state.best_step)
+        self.reporter.gauges({"eval_loss": metrics["loss"]})
+        self._status(
+            "Training",
+            state,
+            evalLoss=metrics["loss"],
+            perplexity=metrics["perplexity"],
+            bestEvalLoss=state.best_eval_loss,
+            bestStep=state.best_step,
+            extra={"accuracy": metrics["accuracy"]},
+        )
+        return new_best
+
+    # ------------------------------------------------------------------------------------------- finish
+    def _finish(self, state: TrainState) -> None:
+        from finetune_trainer.export import export_outputs
+
+        if state.best_step is not None and state.best_step != state.step:
+            best = self.checkpoints.find(state.best_step)
+            if best is not None:
+                log.info("exporting the best checkpoint (step %d)", best.step)
+                self.engine.load(best.path / "engine" if (best.path / "engine").is_dir() else best.path)
+        self._status("Evaluating", state)
+        after = {"validation": self._evaluate(self.data.validation), "test": self._evaluate(self.data.test)}
+        self.reporter.event("eval", step=state.step, split="after", **_flat(after))
+        self._status("Saving", state)
+        artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after)
+        self._status(
+            "Saving",
+            state,
+            after=after["test"] or after["validation"],
+            before=state.before.get("validation", {}),
+        )
+        if artifact is not None:
+            self.reporter.status({"artifact": artifact})
+        self.reporter.event("done", step=state.step, best_step=state.best_step, **_flat(after))
+
+    def close(self) -> None:
+        self.reporter.close()
+        self.dist.close()
+
+
+def _flat(nested: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{split}_{k}": v for split, values in nested.items() for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def write_exit_code(code: int, message: str) -> None:
+    """Record the first failing rank's code (and message) for the pod entrypoint."""
+    path = os.environ.get(EXIT_CODE_FILE_ENV)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(f"{int(code)}\n{message}\n")
+
+
+def classify(exc: BaseException) -> ExitCode:
+    if isinstance(exc, ConfigError):
+        return ExitCode.CONFIG_ERROR
+    if isinstance(exc, DataError):
+        return ExitCode.DATA_ERROR
+    if isinstance(exc, ModelError):
+        return ExitCode.MODEL_ERROR
+    return ExitCode.RETRYABLE
+
+
+def run_worker(config_path: str | Path) -> int:
+    env = TorchrunEnv.from_environ()
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{env.rank} %(levelname)s %(name)s: %(message)s"
+    )
+    trainer: Trainer | None = None
+    try:
+        cfg = load_config(config_path)
+        trainer = Trainer(cfg, env)
+        code = trainer.run()
+        if code is not ExitCode.SUCCESS:
+            write_exit_code(code, "preempted: checkpoint saved")
+        return int(code)
+    except BaseException as exc:  # every failure becomes a documented exit code
+        code = classify(exc)
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("rank %d failed (exit code %d): %s", env.rank, int(code), message)
+        if code is ExitCode.RETRYABLE:
+            traceback.print_exc()
+        write_exit_code(code, message)
+        return int(code)
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer.train")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    return run_worker(args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
