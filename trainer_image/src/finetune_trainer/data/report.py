@@ -24,6 +24,7 @@ __all__ = [
     "SourceRecord",
     "SplitRecord",
     "StageRecord",
+    "histogram",
     "render_data_section",
     "write_report",
 ]
@@ -131,6 +132,16 @@ class DataReport(_ReportModel):
             for reason, n in stage.removed.items():
                 totals[reason] = totals.get(reason, 0) + n
         return totals
+
+
+def histogram(lengths: list[int], max_length: int, bins: int = 10) -> Histogram:
+    """Equal-width bins from 0 to ``max_length`` inclusive."""
+    width = max(1, -(-(max_length + 1) // bins))
+    edges = [i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(length // width, bins - 1)] += 1
+    return Histogram(edges=edges, counts=counts)
 
 
 def write_report(report: DataReport, directory: Path) -> tuple[Path, Path]:

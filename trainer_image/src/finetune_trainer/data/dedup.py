@@ -1,0 +1,69 @@
+"""Exact and near-duplicate removal. The earlier row always wins, so appending rows never removes old ones.
+
+Near duplicates: MinHash signatures over word shingles, candidates from datasketch's MinHashLSH, confirmed by
+the signatures' estimated Jaccard similarity (LSH alone admits false positives).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from finetune_trainer.data.config import DedupConfig
+from finetune_trainer.data.mapping import Record
+
+__all__ = ["ExactDeduplicator", "NearDeduplicator", "shingles"]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class ExactDeduplicator:
+    """Remembers content digests; ``seen(record)`` is True for a repeat."""
+
+    def __init__(self) -> None:
+        self._digests: set[str] = set()
+
+    def seen(self, record: Record) -> bool:
+        digest = record.content_digest()
+        if digest in self._digests:
+            return True
+        self._digests.add(digest)
+        return False
+
+
+def shingles(text: str, size: int) -> set[bytes]:
+    """Lower-cased word n-grams; texts shorter than ``size`` words give one shingle of all their words."""
+    words = _WORD.findall(text.lower())
+    if len(words) <= size:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+
+
+class NearDeduplicator:
+    """MinHash LSH index; ``is_near_duplicate(record)`` checks against earlier records, then adds it."""
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        self._cfg = cfg
+        self._lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+        self._signatures: dict[str, Any] = {}
+        self._count = 0
+
+    def _signature(self, record: Record) -> Any:
+        text = "\n".join(record.texts())
+        signature = self._minhash(num_perm=self._cfg.num_perm, seed=1)
+        signature.update_batch(list(shingles(text, self._cfg.shingle_size)))
+        return signature
+
+    def is_near_duplicate(self, record: Record) -> bool:
+        signature = self._signature(record)
+        for key in self._lsh.query(signature):
+            if signature.jaccard(self._signatures[key]) >= self._cfg.near_threshold:
+                return True
+        key = str(self._count)
+        self._count += 1
+        self._lsh.insert(key, signature)
+        self._signatures[key] = signature
+        return False

@@ -1,0 +1,158 @@
+"""Map a raw row onto a typed record, or say precisely why it can't be (missing field, wrong type)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from finetune_trainer.data.config import FieldMapping
+
+__all__ = ["ROLES", "MappingError", "Message", "Record", "map_row"]
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example, independent of its source format.
+
+    ``parts`` holds the named text fields of the row layout (prompt/completion; instruction/input/output;
+    text); ``messages`` holds chat turns; ``label`` the class of a classification row.
+    """
+
+    source: str
+    line: int
+    kind: str
+    parts: dict[str, str] = field(default_factory=dict)
+    messages: tuple[Message, ...] = ()
+    label: str | None = None
+    row_id: str | None = None
+
+    def texts(self) -> list[str]:
+        return [*self.parts.values(), *(m.content for m in self.messages)]
+
+    def map_texts(self, fn: Callable[[str], str]) -> Record:
+        """The same record with ``fn`` applied to every text field."""
+        return replace(
+            self,
+            parts={name: fn(value) for name, value in self.parts.items()},
+            messages=tuple(Message(m.role, fn(m.content)) for m in self.messages),
+        )
+
+    def target_text(self) -> str:
+        """The text the model learns to produce: completion, output, last assistant turn, or the text."""
+        if self.kind == "prompt-completion":
+            return self.parts["completion"]
+        if self.kind == "instruction":
+            return self.parts["output"]
+        if self.kind == "chat":
+            return next((m.content for m in reversed(self.messages) if m.role == "assistant"), "")
+        return self.parts["text"]
+
+    def content(self) -> str:
+        """Canonical JSON of the mapped content: the key of exact de-duplication and of the split hash."""
+        return json.dumps(
+            [self.kind, self.parts, [[m.role, m.content] for m in self.messages], self.label],
+            ensure_ascii=False,
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    def content_digest(self) -> str:
+        return hashlib.sha256(self.content().encode()).hexdigest()
+
+    def split_key(self) -> str:
+        """The stable identity of the row: its id column when configured, else its content."""
+        return f"id:{self.row_id}" if self.row_id is not None else f"content:{self.content_digest()}"
+
+
+class MappingError(ValueError):
+    """A row does not fit the configured layout; the message becomes its bad-row reason."""
+
+
+def _text(row: dict[str, Any], column: str, *, required: bool = True) -> str:
+    if column not in row or row[column] is None:
+        if required:
+            raise MappingError(f"missing field {column!r}")
+        return ""
+    value = row[column]
+    if not isinstance(value, str):
+        raise MappingError(f"field {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(row: dict[str, Any], column: str) -> tuple[Message, ...]:
+    if column not in row or row[column] is None:
+        raise MappingError(f"missing field {column!r}")
+    value = row[column]
+    if isinstance(value, str):  # CSV cells and some parquet files hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise MappingError(f"field {column!r} is a string but not a JSON list: {exc}") from exc
+    if not isinstance(value, list) or not value:
+        raise MappingError(f"field {column!r} must be a non-empty list of messages")
+    messages = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise MappingError(f"{column}[{index}] must be an object with role and content")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise MappingError(f"{column}[{index}].role must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise MappingError(f"{column}[{index}].content must be a string, got {type(content).__name__}")
+        messages.append(Message(role, content))
+    if not any(m.role == "assistant" for m in messages):
+        raise MappingError(f"field {column!r} has no assistant message to learn from")
+    return tuple(messages)
+
+
+def _label(row: dict[str, Any], column: str) -> str:
+    if column not in row or row[column] is None:
+        raise MappingError(f"missing field {column!r}")
+    value = row[column]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise MappingError(f"field {column!r} must be a string or an integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _row_id(row: dict[str, Any], column: str | None) -> str | None:
+    if column is None:
+        return None
+    if column not in row or row[column] is None:
+        raise MappingError(f"missing id field {column!r}")
+    value = row[column]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise MappingError(f"id field {column!r} must be a string or an integer, got {type(value).__name__}")
+    return str(value)
+
+
+def map_row(row: dict[str, Any], mapping: FieldMapping, *, source: str, line: int) -> Record:
+    """Build a :class:`Record`; raises :class:`MappingError` naming the field that is missing or mistyped."""
+    kind = mapping.kind
+    row_id = _row_id(row, mapping.id)
+    if kind == "prompt-completion":
+        parts = {"prompt": _text(row, mapping.prompt), "completion": _text(row, mapping.completion)}
+        return Record(source, line, kind, parts=parts, row_id=row_id)
+    if kind == "instruction":
+        parts = {
+            "instruction": _text(row, mapping.instruction),
+            "input": _text(row, mapping.input, required=False),
+            "output": _text(row, mapping.output),
+        }
+        return Record(source, line, kind, parts=parts, row_id=row_id)
+    if kind == "chat":
+        return Record(source, line, kind, messages=_messages(row, mapping.messages), row_id=row_id)
+    if kind == "text":
+        return Record(source, line, kind, parts={"text": _text(row, mapping.text)}, row_id=row_id)
+    parts = {"text": _text(row, mapping.text)}
+    return Record(source, line, kind, parts=parts, label=_label(row, mapping.label), row_id=row_id)
