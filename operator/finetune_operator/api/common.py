@@ -162,6 +162,18 @@ CONDITIONS_LIST_SCHEMA: dict[str, Any] = {
 """Conditions are a map keyed by type, so server-side apply merges them per type."""
 
 
+class ConditionedStatus(StatusModel):
+    """A status whose truth is in `conditions` (each kind declares the field with its own types)."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The `metadata.generation` the status was computed from."""
+    conditions: list[Condition]
+
+    def condition(self, type_: str) -> Condition | None:
+        """The condition of this type, if present."""
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
 class SecretKeyRef(ApiModel):
     """A key in a Secret in the resource's namespace."""
 
@@ -178,7 +190,63 @@ Toleration = Annotated[
 """A core/v1 Toleration, passed through to the pods unchanged (`key`, `operator`, `value`, `effect`, ...)."""
 
 
-# --- parsing whole objects -----------------------------------------------------------------------------
+# --- pods and volumes ----------------------------------------------------------------------------------
+
+
+class PodResources(ApiModel):
+    """What each pod requests, and where it may run."""
+
+    gpu_product: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """GPU model to run on, matched against the node label `nvidia.com/gpu.product`
+    (e.g. `NVIDIA-H100-80GB-HBM3`); any when omitted."""
+    gpu_resource_name: Annotated[str, Field(min_length=1, max_length=253)] = "nvidia.com/gpu"
+    """Extended resource that counts GPUs on nodes."""
+    cpu: Quantity | None = None
+    """CPU request and limit per pod (e.g. `8`, `500m`)."""
+    memory: Quantity | None = None
+    """Memory request and limit per pod (e.g. `64Gi`)."""
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Extra node labels the pods require."""
+    tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(default_factory=list)
+    """Tolerations added to the pods (one for `nvidia.com/gpu` is always added when GPUs are used)."""
+
+
+DEFAULT_VOLUME_SIZE = "20Gi"
+
+
+class VolumeClaim(ApiModel):
+    """A volume: an existing PersistentVolumeClaim, or a new one the operator creates
+    (20Gi on the default StorageClass unless set)."""
+
+    existing_claim: DnsLabel | None = None
+    """Use this PersistentVolumeClaim (in the resource's namespace) instead of creating one."""
+    size: Quantity | None = None
+    """Size of the claim the operator creates (default 20Gi)."""
+    storage_class_name: Annotated[str, Field(max_length=253)] | None = None
+    """StorageClass of the claim the operator creates (cluster default when omitted)."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
+            message="existingClaim excludes size and storageClassName",
+            holds=lambda m: m.existing_claim is None or (m.size is None and m.storage_class_name is None),
+            field_path=".existingClaim",
+        ),
+    )
+
+
+# --- whole objects -------------------------------------------------------------------------------------
+
+
+class ResourceObject(ApiModel):
+    """Fields every object of ours has besides `kind`, `spec` and `status`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
+    """API version."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Standard object metadata."""
 
 
 class InvalidResourceError(ValueError):

@@ -10,17 +10,20 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from finetune_operator.api.common import (
     CONDITIONS_LIST_SCHEMA,
     ApiModel,
     CelRule,
     Condition,
+    ConditionedStatus,
     DnsLabel,
+    PodResources,
     Quantity,
+    ResourceObject,
     StatusModel,
-    Toleration,
+    VolumeClaim,
     parse_resource,
 )
 
@@ -406,25 +409,9 @@ class EarlyStopping(ApiModel):
     """Smallest change that counts as an improvement."""
 
 
-class CheckpointStorage(ApiModel):
+class CheckpointStorage(VolumeClaim):
     """The volume for checkpoints and outputs: an existing claim, or a new one the operator creates
     (20Gi on the default StorageClass unless set)."""
-
-    existing_claim: DnsLabel | None = None
-    """Use this PersistentVolumeClaim (in the job's namespace) instead of creating one."""
-    size: Quantity | None = None
-    """Size of the claim the operator creates (default 20Gi)."""
-    storage_class_name: Annotated[str, Field(max_length=253)] | None = None
-    """StorageClass of the claim the operator creates (cluster default when omitted)."""
-
-    cel_rules = (
-        CelRule(
-            rule="!has(self.existingClaim) || (!has(self.size) && !has(self.storageClassName))",
-            message="existingClaim excludes size and storageClassName",
-            holds=lambda m: m.existing_claim is None or (m.size is None and m.storage_class_name is None),
-            field_path=".existingClaim",
-        ),
-    )
 
 
 class Checkpointing(ApiModel):
@@ -506,24 +493,11 @@ class Distributed(ApiModel):
         return self.nodes * max(self.gpus_per_node, 1)
 
 
-class Resources(ApiModel):
+class Resources(PodResources):
     """What each training pod requests, and where it may run."""
 
-    gpu_product: Annotated[str, Field(min_length=1, max_length=63)] | None = None
-    """GPU model to run on, matched against the node label `nvidia.com/gpu.product`
-    (e.g. `NVIDIA-H100-80GB-HBM3`); any when omitted."""
-    gpu_resource_name: Annotated[str, Field(min_length=1, max_length=253)] = "nvidia.com/gpu"
-    """Extended resource that counts GPUs on nodes."""
-    cpu: Quantity | None = None
-    """CPU request and limit per pod (e.g. `8`, `500m`)."""
-    memory: Quantity | None = None
-    """Memory request and limit per pod (e.g. `64Gi`)."""
     shared_memory: Quantity | None = None
     """Size of /dev/shm (memory-backed) for data-loader workers and NCCL; 1Gi when omitted."""
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
-    """Extra node labels the pods require."""
-    tolerations: Annotated[list[Toleration], Field(max_length=64)] = Field(default_factory=list)
-    """Tolerations added to the pods (one for `nvidia.com/gpu` is always added when GPUs are used)."""
 
 
 class Scheduling(ApiModel):
@@ -909,13 +883,11 @@ class Artifact(StatusModel):
     """SHA-256 over the model files (sorted by path), for the audit log."""
 
 
-class FineTuneJobStatus(StatusModel):
+class FineTuneJobStatus(ConditionedStatus):
     """Observed state. `conditions` are authoritative; `phase` summarises them for humans."""
 
     phase: Phase | None = None
     """Pending, Queued, Running, Restarting, Succeeded, Failed or Suspended (derived from conditions)."""
-    observed_generation: Annotated[int, Field(ge=0)] | None = None
-    """The `metadata.generation` the status was computed from."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=CONDITIONS_LIST_SCHEMA)] = Field(
         default_factory=list
     )
@@ -943,22 +915,12 @@ class FineTuneJobStatus(StatusModel):
     last_failure: Annotated[str, Field(max_length=32768)] | None = None
     """Why the previous attempt failed (pod, exit code, reason), while restarting."""
 
-    def condition(self, type_: str) -> Condition | None:
-        """The condition of this type, if present."""
-        return next((c for c in self.conditions if c.type == type_), None)
 
-
-class FineTuneJob(ApiModel):
+class FineTuneJob(ResourceObject):
     """A fine-tuning run: data preparation, (distributed) training, evaluation and a model artifact."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
-    """API version."""
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     """Kind."""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    """Standard object metadata."""
     spec: FineTuneJobSpec
     """Desired state."""
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
