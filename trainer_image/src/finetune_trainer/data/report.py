@@ -156,6 +156,82 @@ def write_report(report: DataReport, directory: Path) -> tuple[Path, Path]:
     return report_path, provenance_path
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
 def render_data_section(report: DataReport) -> str:
-    """A Markdown ``## Data`` section for the model card."""
-    raise NotImplementedError
+    """A Markdown ``## Data`` section for the model card: sources, stages, removals, PII, splits, lengths."""
+    prov = report.provenance
+    out = ["## Data", ""]
+    out.append(
+        f"Rows of kind `{report.mapping_kind}`, template `{report.template}`, tokenizer `{prov.tokenizer}`. "
+        f"Data config digest `{prov.config_digest[:16]}`."
+    )
+    out += ["", "### Sources", ""]
+    out += _table(
+        ["source", "role", "rows", "bytes", "sha256"],
+        [[f"`{s.uri}`", s.role, str(s.rows), str(s.bytes), f"`{s.sha256[:16]}…`"] for s in prov.sources],
+    )
+    out += ["", "### Preparation stages", ""]
+    out += _table(
+        ["stage", "rows in", "rows out", "removed (reason: rows)"],
+        [
+            [
+                st.name,
+                str(st.rows_in),
+                str(st.rows_out),
+                ", ".join(f"{k}: {v}" for k, v in sorted(st.removed.items())) or "—",
+            ]
+            for st in prov.stages
+        ],
+    )
+    bad = report.bad_rows
+    out += ["", f"Malformed rows: {bad.count} of {bad.total} ({bad.ratio:.2%}; limit {bad.max_ratio:.2%})."]
+    if bad.lines:
+        shown = ", ".join(f"`{Path(b.source).name}:{b.line}`" for b in bad.lines[:10])
+        out[-1] += f" First: {shown}."
+    pii = report.pii
+    found = ", ".join(f"{k}: {v}" for k, v in sorted(pii.matches.items())) or "none"
+    out += [
+        "",
+        f"Personal data (policy `{pii.policy}`): {found}; rows with PII: {pii.rows_with_pii}, "
+        f"rejected: {pii.rows_rejected}.",
+    ]
+    if report.augmented_rows:
+        out += ["", f"Augmentation added {report.augmented_rows} training rows."]
+    lic = prov.licences
+    if lic.checked or lic.dataset or lic.model:
+        verdict = "checked against the allowlist" if lic.checked else "not checked (no allowlist)"
+        out += [
+            "",
+            f"Licences: dataset `{lic.dataset or 'unknown'}`, base model `{lic.model or 'unknown'}`; "
+            f"{verdict}.",
+        ]
+    out += ["", "### Splits", ""]
+    out += _table(
+        ["split", "examples", "tokens", "loss tokens", "truncated", "min / mean / max tokens"],
+        [
+            [
+                name,
+                str(sp.rows)
+                + (f" ({sp.packed_blocks} packed blocks)" if sp.packed_blocks is not None else ""),
+                str(sp.tokens),
+                str(sp.loss_tokens),
+                str(sp.truncated),
+                f"{sp.min_tokens} / {sp.mean_tokens:.1f} / {sp.max_tokens}",
+            ]
+            for name, sp in report.splits.items()
+        ],
+    )
+    train = report.splits.get("train")
+    if train and train.length_histogram.counts:
+        hist = train.length_histogram
+        out += ["", "Training example lengths (tokens):", ""]
+        out += _table(
+            ["length", "examples"],
+            [[f"{hist.edges[i]}-{hist.edges[i + 1] - 1}", str(n)] for i, n in enumerate(hist.counts)],
+        )
+    return "\n".join(out) + "\n"
