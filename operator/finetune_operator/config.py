@@ -30,8 +30,6 @@ class OperatorConfig(BaseModel):
     (FTO_TERMINATION_GRACE_SECONDS). torchrun's shutdown timeout is set 30 s below it."""
     shm_size: str = "16Gi"
     """Default size of the memory-backed /dev/shm of trainer pods; NCCL needs > 64 MiB (FTO_SHM_SIZE)."""
-    restart_backoff_base_seconds: float = Field(default=10.0, ge=0)
-    """First gang-restart delay; doubles with each charged restart (FTO_RESTART_BACKOFF_BASE_SECONDS)."""
     restart_backoff_max_seconds: float = Field(default=600.0, ge=0)
     """Upper bound of the gang-restart delay (FTO_RESTART_BACKOFF_MAX_SECONDS)."""
     requeue_seconds: float = Field(default=30.0, gt=0)
@@ -43,6 +41,8 @@ class OperatorConfig(BaseModel):
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)
     """Optional GPU quota per namespace, e.g. `team-a=16,team-b=8` (FTO_GPU_QUOTA_PER_NAMESPACE);
     admitted jobs' GPUs count against it. Namespaces not listed are unlimited."""
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint; 0 turns it off (FTO_METRICS_PORT, or --metrics-port)."""
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     """Timeout of one API request, for kopf and for our client (FTO_REQUEST_TIMEOUT_SECONDS)."""
 

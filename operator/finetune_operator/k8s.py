@@ -150,6 +150,18 @@ class KubeClient:
             content_type="application/apply-patch+yaml",
         )
 
+    async def create(self, manifest: Mapping[str, Any]) -> Obj | None:
+        """Create; None if an object of that name exists already (409). For kinds that must not be
+        re-applied once they exist, such as Jobs, whose pod template is immutable."""
+        meta = manifest["metadata"]
+        path = resource_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
+        try:
+            return await self.request("POST", path, params={"fieldManager": FIELD_MANAGER}, body=manifest)
+        except ApiError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
     async def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj | None:
         try:
             return await self.request("GET", resource_path(api_version, kind, namespace, name))

@@ -52,6 +52,8 @@ class AdmissionPlan:
     """Jobs that stay queued, with the reason and message for their Admitted=False condition."""
     queue_position: dict[str, int] = field(default_factory=dict)
     """1-based position of each waiting job in the admission order."""
+    placements: dict[str, list[str]] = field(default_factory=dict)
+    """Planned node of each piece (rank order) of every job admitted now."""
 
 
 def admission_order(demands: Sequence[GangDemand]) -> list[GangDemand]:
@@ -146,4 +148,5 @@ def plan_admission(
         reserve(chosen, demand.gpus_per_node)
         used_by_namespace[demand.namespace] = used + demand.total_gpus
         plan.admit.append(demand.key)
+        plan.placements[demand.key] = chosen
     return plan

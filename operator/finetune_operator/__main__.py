@@ -1,0 +1,46 @@
+"""`python -m finetune_operator [--namespace NS ... | --all-namespaces] [--health-port P]
+[--metrics-port M]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import kopf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
+    scope = parser.add_mutually_exclusive_group(required=True)
+    scope.add_argument(
+        "--namespace", "-n", action="append", default=[], help="serve this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+    parser.add_argument(
+        "--health-port", type=int, default=8080, help="liveness endpoint GET /healthz (0: off)"
+    )
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics (0: off)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ["FTO_METRICS_PORT"] = str(args.metrics_port)
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
+
+    kopf.run(
+        standalone=True,
+        clusterwide=bool(args.all_namespaces),
+        namespaces=list(args.namespace),
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Small summaries of our child Jobs and Pods, kept in kopf indexes keyed by owner (`namespace/name`)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from finetune_operator.builders.common import ATTEMPT_LABEL, JOB_LABEL, TRAINER_CONTAINER
+from finetune_operator.scheduling.capacity import pod_gpu_request
+
+_EXIT_CODE_RE = re.compile(r"exit code (\d+)")
+
+
+class JobSummary(NamedTuple):
+    name: str
+    attempt: int
+    complete: bool
+    failed: bool
+    reason: str
+    message: str
+    suspended: bool
+    deleting: bool
+
+
+class PodSummary(NamedTuple):
+    name: str
+    attempt: int
+    rank: str
+    phase: str
+    node: str
+    gpus: int
+    exit_code: int | None
+    message: str
+    disrupted: bool
+    deleting: bool
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+def owner_key(namespace: str | None, labels: Mapping[str, str]) -> str | None:
+    owner = labels.get(JOB_LABEL)
+    return f"{namespace}/{owner}" if owner and namespace else None
+
+
+def _attempt(labels: Mapping[str, str]) -> int:
+    try:
+        return int(labels.get(ATTEMPT_LABEL, "0"))
+    except ValueError:
+        return 0
+
+
+def summarize_job(body: Mapping[str, Any]) -> JobSummary:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
+    return JobSummary(
+        name=str(meta.get("name")),
+        attempt=_attempt(meta.get("labels") or {}),
+        complete="Complete" in conditions,
+        failed=bool(failed),
+        reason=str(failed.get("reason") or ""),
+        message=str(failed.get("message") or ""),
+        suspended=bool((body.get("spec") or {}).get("suspend")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def summarize_pod(body: Mapping[str, Any]) -> PodSummary:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    exit_code: int | None = None
+    message = str(status.get("message") or status.get("reason") or "")
+    for container in status.get("containerStatuses") or []:
+        if container.get("name") != TRAINER_CONTAINER:
+            continue
+        terminated = (container.get("state") or {}).get("terminated") or (
+            container.get("lastState") or {}
+        ).get("terminated")
+        if terminated:
+            exit_code = int(terminated.get("exitCode", 0))
+            message = str(terminated.get("message") or terminated.get("reason") or message)
+    disrupted = any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    if disrupted and not message:
+        message = next(
+            str(c.get("message") or c.get("reason"))
+            for c in status.get("conditions") or []
+            if c.get("type") == "DisruptionTarget"
+        )
+    return PodSummary(
+        name=str(meta.get("name")),
+        attempt=_attempt(meta.get("labels") or {}),
+        rank=str((meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "")),
+        phase=str(status.get("phase") or "Pending"),
+        node=str((body.get("spec") or {}).get("nodeName") or ""),
+        gpus=pod_gpu_request(body),
+        exit_code=exit_code,
+        message=message.strip()[-500:],
+        disrupted=disrupted,
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def exit_code_from_message(message: str) -> int | None:
+    """The code in a Job's `PodFailurePolicy` message (`... failed with exit code 3 matching FailJob ...`)."""
+    match = _EXIT_CODE_RE.search(message)
+    return int(match.group(1)) if match else None
+
+
+def of_attempt(items: Iterable[Any], attempt: int) -> list[Any]:
+    return [item for item in items if item.attempt == attempt]

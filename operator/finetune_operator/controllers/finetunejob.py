@@ -1,0 +1,487 @@
+"""reconcile_finetunejob: level-triggered, idempotent; reads actual state and moves the job one step on.
+
+Each call: read the FineTuneJob; apply its children (server-side apply) when its generation changed;
+then, from the current attempt's Job and Pods (kopf indexes fed by watches), decide: suspend,
+deadline, admission, start, success, failure (non-retryable → Failed at once; retryable → whole-gang
+restart with exponential backoff up to maxRestarts), TTL. Status is merge-patched (only the fields the
+operator owns; `progress`, `metrics`, `checkpoints`, `artifact` belong to the trainer) and only when it
+changed; every phase transition posts an Event. The return value asks for the next reconcile in N s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from finetune_operator.api.common import InvalidResourceError
+from finetune_operator.api.finetunejob import (
+    CONDITION_ADMITTED,
+    CONDITION_FAILED,
+    CONDITION_RUNNING,
+    CONDITION_SUCCEEDED,
+    CONDITION_SUSPENDED,
+    FineTuneJob,
+    parse_finetunejob,
+)
+from finetune_operator.builders import (
+    build_checkpoint_pvc,
+    build_headless_service,
+    build_role_binding,
+    build_service_account,
+    build_trainer_configmap,
+    build_trainer_job,
+    build_trainer_role,
+)
+from finetune_operator.builders.common import checkpoint_claim_name
+from finetune_operator.builders.trainer_job import shutdown_timeout_seconds
+from finetune_operator.controllers.admission import admission_decision, release
+from finetune_operator.controllers.children import (
+    JobSummary,
+    PodSummary,
+    exit_code_from_message,
+    of_attempt,
+)
+from finetune_operator.controllers.conditions import (
+    REASON_RESTARTING,
+    derive_phase,
+    find,
+    is_terminal,
+    is_true,
+    rfc3339,
+    set_condition,
+)
+from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.k8s import ApiError
+from finetune_trainer.config import ConfigError
+from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "finetune.dev/v1alpha1"
+KIND = "FineTuneJob"
+OWNED_STATUS_FIELDS = (
+    "phase",
+    "observedGeneration",
+    "conditions",
+    "attempt",
+    "restarts",
+    "admission",
+    "queuedSince",
+    "startTime",
+    "completionTime",
+    "lastFailure",
+)
+QUEUED_RECHECK_SECONDS = 30.0
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def restart_delay(backoff_seconds: float, restarts: int, max_seconds: float) -> float:
+    """Exponential backoff: `backoff_seconds` before the first restart, doubling for each further one."""
+    return float(min(max_seconds, backoff_seconds * 2 ** max(0, restarts - 1)))
+
+
+class StatusWriter:
+    """Collects the operator-owned status fields, then patches only what changed and posts Events."""
+
+    def __init__(self, runtime: Runtime, body: dict[str, Any], now: datetime) -> None:
+        self.runtime = runtime
+        self.body = body
+        self.now = now
+        self.generation = int(body["metadata"].get("generation") or 0)
+        status = body.get("status") or {}
+        self.original = {k: copy.deepcopy(status.get(k)) for k in OWNED_STATUS_FIELDS}
+        self.fields: dict[str, Any] = copy.deepcopy(self.original)
+        self.fields["conditions"] = list(self.fields.get("conditions") or [])
+
+    @property
+    def conditions(self) -> list[dict[str, Any]]:
+        return list(self.fields["conditions"])
+
+    def set(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.fields["conditions"] = set_condition(
+            self.fields["conditions"],
+            type_,
+            status,
+            reason,
+            message,
+            generation=self.generation,
+            now=self.now,
+        )
+
+    def fail(self, reason: str, message: str) -> None:
+        self.set(CONDITION_FAILED, True, reason, message)
+        self.set(CONDITION_RUNNING, False, reason, message)
+        self.fields["completionTime"] = self.fields.get("completionTime") or rfc3339(self.now)
+
+    async def commit(self) -> None:
+        self.fields["observedGeneration"] = self.generation
+        self.fields["phase"] = derive_phase(self.fields["conditions"])
+        changed = {k: v for k, v in self.fields.items() if v != self.original.get(k)}
+        key = f"{self.body['metadata']['namespace']}/{self.body['metadata']['name']}"
+        self.runtime.phases[key] = self.fields["phase"]
+        self.runtime.metrics.set_phases(self.runtime.phases)
+        if not changed:
+            return
+        meta = self.body["metadata"]
+        await self.runtime.client.patch_status(API_VERSION, KIND, meta["name"], meta["namespace"], changed)
+        old_phase, new_phase = self.original.get("phase"), self.fields["phase"]
+        if old_phase != new_phase:
+            reason, message = self._why(new_phase)
+            warning = new_phase in ("Failed", "Restarting")
+            logger.info("%s: %s -> %s (%s) %s", key, old_phase, new_phase, reason, message)
+            await self.runtime.client.post_event(
+                self.body, type_="Warning" if warning else "Normal", reason=reason, message=message
+            )
+        self.original = copy.deepcopy(self.fields)
+
+    def _why(self, phase: str) -> tuple[str, str]:
+        conditions = self.fields["conditions"]
+        by_phase = {
+            "Failed": CONDITION_FAILED,
+            "Succeeded": CONDITION_SUCCEEDED,
+            "Suspended": CONDITION_SUSPENDED,
+            "Restarting": CONDITION_RUNNING,
+            "Running": CONDITION_RUNNING,
+            "Queued": CONDITION_ADMITTED,
+        }
+        condition = find(conditions, by_phase.get(phase, CONDITION_RUNNING)) or find(
+            conditions, CONDITION_ADMITTED
+        )
+        if condition is None:
+            return phase, f"phase is now {phase}"
+        return str(condition.get("reason") or phase), str(condition.get("message") or f"phase is now {phase}")
+
+
+async def reconcile_finetunejob(runtime: Runtime, key: str) -> float | None:
+    """Reconcile the FineTuneJob `namespace/name`; returns seconds until it wants to run again, or None."""
+    namespace, name = key.split("/", 1)
+    with runtime.metrics.time_reconcile(KIND):
+        return await _reconcile(runtime, key, namespace, name)
+
+
+def _index(runtime: Runtime, name: str, key: str) -> list[Any]:
+    index = runtime.indexes.get(name)
+    return list(index.get(key, [])) if index is not None else []
+
+
+async def _delete_jobs(runtime: Runtime, namespace: str, jobs: Sequence[JobSummary]) -> None:
+    await asyncio.gather(
+        *(runtime.client.delete("batch/v1", "Job", j.name, namespace) for j in jobs if not j.deleting)
+    )
+
+
+def _children(job: FineTuneJob, runtime: Runtime) -> list[dict[str, Any]]:
+    config = runtime.config
+    children = [
+        build_service_account(job),
+        build_trainer_role(job),
+        build_role_binding(job),
+        build_trainer_configmap(job, shutdown_timeout_seconds=shutdown_timeout_seconds(config)),
+        build_headless_service(job, config.master_port),
+    ]
+    pvc = build_checkpoint_pvc(job, config)
+    if pvc is not None:
+        children.append(pvc)
+    return children
+
+
+async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
+    async def apply(manifest: dict[str, Any]) -> None:
+        try:
+            await runtime.client.apply(manifest)
+        except ApiError as exc:
+            # A bound claim refuses some changes (e.g. a smaller size); the running claim stays valid.
+            if manifest["kind"] == "PersistentVolumeClaim" and exc.status == 422:
+                logger.warning("checkpoint claim %s not updated: %s", manifest["metadata"]["name"], exc)
+                return
+            raise
+
+    await asyncio.gather(*(apply(m) for m in _children(job, runtime)))
+
+
+def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
+    """(exit code, description) of the current attempt's failure, preferring a non-retryable code."""
+    found: list[tuple[int | None, str]] = []
+    for pod in pods:
+        where = f"pod {pod.name} (node rank {pod.rank or '?'}{', on ' + pod.node if pod.node else ''})"
+        if pod.failed:
+            code = pod.exit_code
+            detail = f": {pod.message}" if pod.message else ""
+            found.append((code, f"{where} failed with exit code {code}{detail}"))
+        elif pod.disrupted:
+            found.append((None, f"{where} was disrupted (eviction, preemption or node loss): {pod.message}"))
+        elif pod.deleting and not pod.terminated:
+            found.append((None, f"{where} was deleted while training (eviction or node loss)"))
+    if job is not None and job.failed:
+        found.append(
+            (exit_code_from_message(job.message), f"Job {job.name} failed ({job.reason}): {job.message}")
+        )
+    if not found:
+        return None
+    for code, message in found:
+        if code in NON_RETRYABLE:
+            return code, message
+    return found[0]
+
+
+async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> float | None:
+    client, config = runtime.client, runtime.config
+    body = await client.get(API_VERSION, KIND, name, namespace)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    now = datetime.now(UTC)
+    writer = StatusWriter(runtime, body, now)
+    status = body.get("status") or {}
+    jobs: list[JobSummary] = _index(runtime, "trainer_jobs", key)
+    pods: list[PodSummary] = _index(runtime, "trainer_pods", key)
+
+    try:
+        job = parse_finetunejob(body)
+    except InvalidResourceError as exc:
+        if not is_terminal(writer.conditions):
+            writer.fail("InvalidSpec", str(exc))
+            release(runtime, key)
+        await writer.commit()
+        return None
+    scheduling = job.spec.scheduling
+
+    # --- finished: sticky; only TTL and making sure nothing still runs --------------------------------
+    if is_terminal(writer.conditions):
+        live = [p for p in pods if not p.terminated and not p.deleting]
+        if live:
+            await _delete_jobs(runtime, namespace, jobs)
+        runtime.admitted_override[key] = False
+        await writer.commit()
+        return await _ttl(runtime, job, writer)
+
+    # --- children --------------------------------------------------------------------------------------
+    if runtime.applied_generation.get(key) != writer.generation:
+        try:
+            await _apply_children(runtime, job)
+        except ConfigError as exc:
+            writer.fail(REASONS[3], str(exc))
+            release(runtime, key)
+            await writer.commit()
+            return await _ttl(runtime, job, writer)
+        runtime.applied_generation[key] = writer.generation
+
+    attempt = int(status.get("attempt") or 0)
+    restarts = int(status.get("restarts") or 0)
+    admitted_condition = is_true(writer.conditions, CONDITION_ADMITTED)
+
+    # --- suspend / resume ------------------------------------------------------------------------------
+    if scheduling.suspend:
+        await _delete_jobs(runtime, namespace, jobs)
+        message = f"suspended: pods deleted, checkpoints kept on claim {checkpoint_claim_name(job)}"
+        writer.set(CONDITION_SUSPENDED, True, "Suspended", message)
+        writer.set(CONDITION_RUNNING, False, "Suspended", message)
+        if admitted_condition or runtime.admitted_override.get(key):
+            writer.set(CONDITION_ADMITTED, False, "Suspended", "GPUs released while suspended")
+            writer.fields["admission"] = None
+            release(runtime, key)
+        await writer.commit()
+        return None
+    if is_true(writer.conditions, CONDITION_SUSPENDED):
+        writer.set(
+            CONDITION_SUSPENDED,
+            False,
+            "Resumed",
+            "resumed: the next attempt continues from the newest checkpoint",
+        )
+
+    # --- deadline --------------------------------------------------------------------------------------
+    deadline_in: float | None = None
+    start_time = parse_time(writer.fields.get("startTime"))
+    if scheduling.active_deadline_seconds and start_time:
+        deadline_in = (
+            start_time + timedelta(seconds=scheduling.active_deadline_seconds) - now
+        ).total_seconds()
+        if deadline_in <= 0:
+            await _delete_jobs(runtime, namespace, jobs)
+            writer.fail(
+                "DeadlineExceeded",
+                f"running since {rfc3339(start_time)}, longer than activeDeadlineSeconds="
+                f"{scheduling.active_deadline_seconds}",
+            )
+            release(runtime, key)
+            await writer.commit()
+            return await _ttl(runtime, job, writer)
+
+    # --- admission -------------------------------------------------------------------------------------
+    if scheduling.queue_name:
+        if attempt == 0:
+            attempt = 1
+            writer.fields["attempt"] = 1
+            await writer.commit()
+        current = next((j for j in jobs if j.attempt == attempt), None)
+        if current is None:
+            await client.create(build_trainer_job(job, attempt, config))
+        if current is None or current.suspended:
+            writer.set(
+                CONDITION_ADMITTED,
+                False,
+                "WaitingForKueue",
+                f"waiting for Kueue LocalQueue {scheduling.queue_name} to admit the gang",
+            )
+            writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
+            await writer.commit()
+            return None
+        if not admitted_condition:
+            writer.set(
+                CONDITION_ADMITTED, True, "AdmittedByKueue", f"admitted by Kueue ({scheduling.queue_name})"
+            )
+            writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
+            writer.fields["queuedSince"] = None
+    else:
+        admitted = runtime.admitted_override.get(key, admitted_condition)
+        if not admitted:
+            decision = await admission_decision(runtime, key)
+            if not decision.admitted:
+                assert decision.waiting is not None
+                writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
+                writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
+                writer.fields["admission"] = (
+                    {"queuePosition": decision.queue_position} if decision.queue_position else None
+                )
+                await writer.commit()
+                return QUEUED_RECHECK_SECONDS
+        if not admitted_condition:
+            attempt += 1
+            spec = job.spec.distributed
+            placement = runtime.placements.get(key, [])
+            where = f" on {', '.join(placement)}" if placement else ""
+            writer.set(
+                CONDITION_ADMITTED,
+                True,
+                "GangAdmitted",
+                f"{spec.nodes} {'node' if spec.nodes == 1 else 'nodes'} x {spec.gpus_per_node} GPUs{where}",
+            )
+            writer.fields["attempt"] = attempt
+            writer.fields["admission"] = {
+                "admittedAt": rfc3339(now),
+                "gpus": spec.nodes * spec.gpus_per_node,
+                "placement": [
+                    {"rank": rank, "node": node, "gpus": spec.gpus_per_node}
+                    for rank, node in enumerate(placement)
+                ],
+            }
+            queued_since = parse_time(writer.fields.get("queuedSince"))
+            if queued_since:
+                runtime.metrics.time_queued.observe((now - queued_since).total_seconds())
+            writer.fields["queuedSince"] = None
+            writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
+            writer.set(CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt}")
+            await writer.commit()  # the attempt is recorded before its Job exists: a crash can't lose it
+            await client.create(build_trainer_job(job, attempt, config))
+            return deadline_in
+
+    # --- restarting: old gang gone, backoff over → next attempt ----------------------------------------
+    running = find(writer.conditions, CONDITION_RUNNING)
+    if running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING:
+        await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
+        leftovers = [p for p in pods if p.attempt <= attempt]
+        if leftovers:
+            await writer.commit()
+            return 5.0  # pod deletions wake us sooner
+        changed_at = parse_time(running.get("lastTransitionTime")) or now
+        delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
+        wait = (changed_at + timedelta(seconds=delay) - now).total_seconds()
+        if wait > 0:
+            await writer.commit()
+            return wait
+        attempt += 1
+        writer.fields["attempt"] = attempt
+        writer.set(
+            CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt} from the newest checkpoint"
+        )
+        await writer.commit()
+        await client.create(build_trainer_job(job, attempt, config))
+        return deadline_in
+
+    # --- the current attempt ---------------------------------------------------------------------------
+    current_job = next((j for j in jobs if j.attempt == attempt), None)
+    current_pods = of_attempt(pods, attempt)
+    if current_job is None and not current_pods:
+        await client.create(build_trainer_job(job, attempt, config))
+    nodes = job.spec.distributed.nodes
+
+    if current_job is not None and current_job.complete:
+        writer.set(CONDITION_SUCCEEDED, True, "Completed", f"all {nodes} pods of attempt {attempt} completed")
+        writer.set(CONDITION_RUNNING, False, "Completed", "training finished")
+        writer.fields["completionTime"] = rfc3339(now)
+        release(runtime, key)
+        await writer.commit()
+        return await _ttl(runtime, job, writer)
+
+    failure = _failure(current_job, current_pods)
+    if failure is not None:
+        code, description = failure
+        if code is not None and code in NON_RETRYABLE:
+            writer.fail(REASONS[code], f"{description} (not retried: exit code {code} is non-retryable)")
+            writer.fields["lastFailure"] = description
+            await _delete_jobs(runtime, namespace, jobs)
+            release(runtime, key)
+            await writer.commit()
+            return await _ttl(runtime, job, writer)
+        if restarts >= scheduling.max_restarts:
+            writer.fail(
+                "BackoffLimitExceeded",
+                f"attempt {attempt} failed after {restarts} of {scheduling.max_restarts} restarts: "
+                f"{description}",
+            )
+            writer.fields["lastFailure"] = description
+            await _delete_jobs(runtime, namespace, jobs)
+            release(runtime, key)
+            await writer.commit()
+            return await _ttl(runtime, job, writer)
+        restarts += 1
+        delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
+        writer.fields["restarts"] = restarts
+        writer.fields["lastFailure"] = description
+        writer.set(
+            CONDITION_RUNNING,
+            False,
+            REASON_RESTARTING,
+            f"attempt {attempt} failed: {description}; whole-gang restart {restarts} of "
+            f"{scheduling.max_restarts} in {delay:g}s from the newest checkpoint",
+        )
+        runtime.metrics.restarts.labels(reason="disruption" if code is None else "failure").inc()
+        await writer.commit()
+        await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
+        return max(delay, 1.0)
+
+    live = [p for p in current_pods if p.phase == "Running" and not p.deleting]
+    if len(live) >= nodes:
+        placed = ", ".join(sorted({p.node for p in live}))
+        writer.set(CONDITION_RUNNING, True, "AllPodsRunning", f"{nodes} of {nodes} pods running on {placed}")
+    else:
+        writer.set(
+            CONDITION_RUNNING, False, "Starting", f"{len(live)} of {nodes} pods of attempt {attempt} running"
+        )
+    await writer.commit()
+    return deadline_in
+
+
+async def _ttl(runtime: Runtime, job: FineTuneJob, writer: StatusWriter) -> float | None:
+    ttl = job.spec.scheduling.ttl_seconds_after_finished
+    finished = parse_time(writer.fields.get("completionTime"))
+    if ttl is None or finished is None:
+        return None
+    remaining = (finished + timedelta(seconds=ttl) - writer.now).total_seconds()
+    if remaining > 0:
+        return remaining
+    meta = writer.body["metadata"]
+    logger.info(
+        "%s/%s: deleting, finished %ss ago (ttlSecondsAfterFinished)", meta["namespace"], meta["name"], ttl
+    )
+    await runtime.client.delete(API_VERSION, KIND, meta["name"], meta["namespace"])
+    return None

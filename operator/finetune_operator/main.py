@@ -1,0 +1,88 @@
+"""kopf wiring: one startup hook with every setting, shared clients in `memo`, cleanup, login, probe.
+
+Importing this module registers all handlers (via `finetune_operator.handlers`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from finetune_operator import handlers  # noqa: F401 - registers the handlers
+from finetune_operator.builders.common import JOB_LABEL
+from finetune_operator.config import OperatorConfig
+from finetune_operator.controllers.finetunejob import reconcile_finetunejob
+from finetune_operator.controllers.runtime import ReconcileQueue, Runtime
+from finetune_operator.k8s import KubeClient
+from finetune_operator.metrics import OperatorMetrics
+
+FINALIZER = "finetune.dev/finalizer"
+STORAGE_PREFIX = "kopf.finetune.dev"
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG. No `kubernetes` client is imported (memory)."""
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+        **kwargs
+    ) or kopf.login_with_kubeconfig(**kwargs)
+    return info
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=STORAGE_PREFIX, key="last-handled-configuration"
+    )
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING  # our Events are posted by the controller, one per transition
+    settings.networking.request_timeout = config.request_timeout_seconds
+    settings.networking.connect_timeout = 10
+    settings.watching.connect_timeout = 10
+    settings.watching.server_timeout = 600  # streams end cleanly every 10 min and resume
+    settings.execution.default_backoff = 5
+    # Only our own children stream in (server-side), not every Job and Pod of the namespace.
+    settings.watching.label_selectors["batch/v1", "jobs"] = JOB_LABEL
+    settings.watching.label_selectors["v1", "pods"] = JOB_LABEL
+
+
+@kopf.on.startup()
+async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    config = OperatorConfig.from_env()
+    configure(settings, config)
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise kopf.PermanentError("no credentials: neither a ServiceAccount token nor $KUBECONFIG")
+    client = KubeClient.from_connection_info(info, timeout_seconds=config.request_timeout_seconds)
+    metrics = OperatorMetrics()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    runtime = Runtime(client=client, config=config, metrics=metrics)
+
+    async def reconcile(key: str) -> float | None:
+        return await reconcile_finetunejob(runtime, key)
+
+    runtime.queue = ReconcileQueue(reconcile, config.workers)
+    runtime.queue.start()
+    memo.runtime = runtime
+    logger.info("finetune-operator started: %d workers, metrics on :%s", config.workers, config.metrics_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(*, memo: Any, **_: Any) -> None:
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    if runtime is None:
+        return
+    if runtime.queue is not None:
+        await runtime.queue.stop()
+    await runtime.client.close()
+
+
+@kopf.on.probe(id="queue")
+async def queue_probe(*, memo: Any, **_: Any) -> dict[str, int]:
+    runtime: Runtime | None = getattr(memo, "runtime", None)
+    depth = runtime.queue.depth if runtime is not None and runtime.queue is not None else 0
+    return {"depth": depth}
