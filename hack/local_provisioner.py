@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""A dynamic hostPath volume provisioner for the dev cluster (started by hack/devcluster.py).
+
+It plays the external-provisioner half of the PersistentVolume protocol for one StorageClass: for each
+pending claim of that class it makes a folder under --volumes-dir and creates a hostPath PersistentVolume
+pre-bound to the claim (claimRef); kube-controller-manager's PV binder then binds the pair, as with any
+external provisioner. When a claim is deleted and its volume becomes Released (reclaim policy Delete), it
+removes the folder and the volume. Pods on kwok nodes run nothing, so the folder is where a test that runs
+the real process locally finds the volume's contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+WATCH_TIMEOUT_S = 300
+
+
+def log(message: str) -> None:
+    print(f"[local-provisioner {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Provisioner:
+    def __init__(self, core: Any, volumes_dir: Path, storage_class: str, name: str) -> None:
+        self.core = core
+        self.volumes_dir = volumes_dir
+        self.storage_class = storage_class
+        self.name = name
+
+    def volume_path(self, pv_name: str) -> Path:
+        return self.volumes_dir / pv_name
+
+    def on_claim(self, pvc: Any) -> None:
+        spec, meta = pvc.spec, pvc.metadata
+        if spec.storage_class_name != self.storage_class or spec.volume_name or meta.deletion_timestamp:
+            return
+        pv_name = f"pvc-{meta.uid}"
+        path = self.volume_path(pv_name)
+        path.mkdir(parents=True, exist_ok=True)
+        pv = client.V1PersistentVolume(
+            metadata=client.V1ObjectMeta(name=pv_name, annotations={PROVISIONED_BY: self.name}),
+            spec=client.V1PersistentVolumeSpec(
+                capacity={"storage": spec.resources.requests["storage"]},
+                access_modes=spec.access_modes,
+                volume_mode=spec.volume_mode or "Filesystem",
+                storage_class_name=self.storage_class,
+                persistent_volume_reclaim_policy="Delete",
+                claim_ref=client.V1ObjectReference(
+                    api_version="v1",
+                    kind="PersistentVolumeClaim",
+                    namespace=meta.namespace,
+                    name=meta.name,
+                    uid=meta.uid,
+                ),
+                host_path=client.V1HostPathVolumeSource(path=str(path), type="DirectoryOrCreate"),
+            ),
+        )
+        try:
+            self.core.create_persistent_volume(pv)
+        except ApiException as err:
+            if err.status != 409:  # already provisioned for this claim
+                raise
+            return
+        log(f"provisioned {pv_name} at {path} for {meta.namespace}/{meta.name}")
+
+    def on_volume(self, pv: Any) -> None:
+        annotations = pv.metadata.annotations or {}
+        if annotations.get(PROVISIONED_BY) != self.name or pv.metadata.deletion_timestamp:
+            return
+        if pv.status.phase != "Released" or pv.spec.persistent_volume_reclaim_policy != "Delete":
+            return
+        path = Path(pv.spec.host_path.path)
+        if path.parent == self.volumes_dir:  # never remove anything outside our folder
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            self.core.delete_persistent_volume(pv.metadata.name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+        log(f"deleted released volume {pv.metadata.name}")
+
+
+def watch_forever(list_func: Callable[..., Any], handle: Callable[[Any], None], what: str) -> None:
+    """Watch from the current state (existing objects arrive as ADDED); start again after any error."""
+    while True:
+        try:
+            for event in watch.Watch().stream(  # type: ignore[no-untyped-call]
+                list_func, timeout_seconds=WATCH_TIMEOUT_S
+            ):
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    try:
+                        handle(event["object"])
+                    except ApiException as err:
+                        log(f"{what}: API error {err.status}: {err.reason}")
+        except Exception as err:  # the watch restarts; this process must not die on a dropped connection
+            log(f"{what} watch ended ({type(err).__name__}: {err}); restarting")
+            time.sleep(1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--volumes-dir", required=True, type=Path)
+    parser.add_argument("--storage-class", default="standard")
+    parser.add_argument("--provisioner-name", default="finetune.dev/local-hostpath")
+    args = parser.parse_args()
+    config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+    core = client.CoreV1Api()
+    volumes_dir = args.volumes_dir.resolve()
+    volumes_dir.mkdir(parents=True, exist_ok=True)
+    provisioner = Provisioner(core, volumes_dir, args.storage_class, args.provisioner_name)
+    log(f"serving StorageClass {args.storage_class!r}; volumes under {volumes_dir}")
+    threading.Thread(
+        target=watch_forever,
+        args=(core.list_persistent_volume, provisioner.on_volume, "volumes"),
+        daemon=True,
+    ).start()
+    watch_forever(core.list_persistent_volume_claim_for_all_namespaces, provisioner.on_claim, "claims")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Fixtures for tests against a real control plane.
+
+- `cluster` (session): the dev cluster (hack/devcluster.py), started if it is not running and reused if it
+  is; with FTO_USE_EXISTING_CLUSTER=1, the cluster in $KUBECONFIG. A cluster that a test session started is
+  stopped when the last session using it ends (FTO_KEEP_CLUSTER=1 keeps it running).
+- `crds` (session): crds/ applied server-side and Established.
+- `namespace` (function): a fresh namespace, deleted afterwards (waits until its pods are gone, so the fake
+  GPUs are free for the next test).
+- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`.
+
+Tests under tests/cluster/ and tests/e2e/ get the `cluster` / `e2e` marker, and any test that uses the
+`cluster` fixture gets `cluster`, so `-m "not cluster and not e2e"` selects the tests that need no cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hack import devcluster
+
+from tests.kube_helpers import Cluster, KubectlError, wait_for
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVCLUSTER = REPO_ROOT / "hack" / "devcluster.py"
+CRDS_DIR = REPO_ROOT / "crds"
+OUR_KINDS = ("finetunejobs.finetune.dev", "modeldeployments.finetune.dev")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO_ROOT).parts
+        if parts[:2] == ("tests", "cluster") or "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+        if parts[:2] == ("tests", "e2e"):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    # Keep each phase's report on the item so that fixtures can tell whether the test failed.
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    report = getattr(request.node, "report_call", None)
+    return bool(report is None or report.failed)
+
+
+def _devcluster(request: pytest.FixtureRequest, *args: str) -> None:
+    """Run hack/devcluster.py with its progress lines shown live (starting a cluster takes a while)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    ctx = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+    with ctx:
+        result = subprocess.run([sys.executable, str(DEVCLUSTER), *args], check=False)
+    if result.returncode != 0:
+        pytest.fail(f"hack/devcluster.py {' '.join(args)} failed (exit {result.returncode}); see above")
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1":
+        kubeconfig = os.environ.get("KUBECONFIG")
+        if not kubeconfig:
+            pytest.fail("FTO_USE_EXISTING_CLUSTER=1 needs KUBECONFIG")
+        yield Cluster(kubeconfig=Path(kubeconfig), bin_dir=devcluster.tools_dir(devcluster.Layout.default()))
+        return
+
+    session = str(os.getpid())
+    _devcluster(request, "up", "--session", session)
+    try:
+        layout = devcluster.Layout.default()
+        state = devcluster.State.load(layout)
+        assert state is not None, "hack/devcluster.py up succeeded but recorded no state"
+        os.environ["KUBECONFIG"] = str(layout.kubeconfig)
+        yield Cluster(kubeconfig=layout.kubeconfig, bin_dir=Path(state.bin_dir))
+    finally:
+        _devcluster(request, "release", "--session", session)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> list[str]:
+    """Apply every CRD in crds/ (server-side) and wait until each is Established. Returns their names."""
+    files = sorted(p for p in CRDS_DIR.glob("*.y*ml") if p.is_file())
+    names = [
+        doc["metadata"]["name"]
+        for path in files
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+    if not names:
+        pytest.skip(f"no CustomResourceDefinition in {CRDS_DIR} yet (generate them with `make crds`)")
+    cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=fto-tests",
+        *(f"-f={p}" for p in files),
+    )
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
+    return names
+
+
+def _namespace_name(test_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", test_name.lower()).strip("-")[:40].strip("-")
+    return f"t-{slug}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = _namespace_name(request.node.name)
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "finetune.dev/test=true")
+    # Pods are refused until the ServiceAccount controller has made `default` here.
+    wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+        60,
+        f"ServiceAccount {name}/default",
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+    wait_for(
+        lambda: not cluster.kubectl("get", "pods", "-n", name, "-o", "name").stdout.strip(),
+        120,
+        f"the pods of namespace {name} to be gone",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
+
+    def __init__(self, namespace: str, kubeconfig: Path, log_path: Path) -> None:
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.health_port = _free_port()
+        self.metrics_port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}/healthz"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _healthy(self) -> bool:
+        if not self.running:
+            raise AssertionError(
+                f"the operator exited ({self._exit_code()}) before it was healthy:\n{self.logs()}"
+            )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.health_url, timeout=2.0) as resp:
+                return int(resp.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _exit_code(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start it (again) and wait until its liveness endpoint answers."""
+        if self.running:
+            return
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image" / "src"), env.get("PYTHONPATH", "")]
+        )
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        cmd = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "--namespace",
+            self.namespace,
+            "--health-port",
+            str(self.health_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        wait_for(self._healthy, timeout, f"the operator's {self.health_url}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (kopf finishes its handlers), then SIGKILL after `timeout`. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the operator dies mid-work, as in a node failure."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def operator(
+    cluster: Cluster,
+    crds: list[str],
+    namespace: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    if importlib.util.find_spec("finetune_operator.__main__") is None:
+        pytest.skip("finetune_operator has no __main__ yet")
+    proc = OperatorProcess(
+        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log"
+    )
+    try:
+        proc.start()
+        yield proc
+    finally:
+        # Delete our resources while the operator still runs, so that its finalizers are honoured and the
+        # namespace can go; strip what is left if it could not.
+        kinds = ",".join(k for k in OUR_KINDS if k in crds)
+        if kinds:
+            if not proc.running:
+                with contextlib.suppress(AssertionError):
+                    proc.start()
+            cluster.kubectl("delete", kinds, "--all", "-n", namespace, "--timeout=60s", check=False)
+        proc.stop()
+        if kinds:
+            _strip_finalizers(cluster, namespace, kinds)
+        if _test_failed(request):
+            print(f"----- operator log ({proc.log_path}) -----\n{proc.logs()}")
+
+
+def _strip_finalizers(cluster: Cluster, namespace: str, kinds: str) -> None:
+    left = cluster.kubectl("get", kinds, "-n", namespace, "-o", "name", check=False).stdout.split()
+    for name in left:
+        with contextlib.suppress(KubectlError):
+            cluster.kubectl(
+                "patch", name, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'
+            )

@@ -1,0 +1,119 @@
+"""Helpers for tests that talk to a real cluster (the dev cluster, or $KUBECONFIG with
+FTO_USE_EXISTING_CLUSTER=1). The fixtures that hand out a `Cluster` live in tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# kwok ends a Running pod that carries this annotation (hack/kwok/pod-exit.yaml).
+EXIT_CODE_ANNOTATION = "kwok.finetune.dev/exit-code"
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl call; its message includes the command and kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"`{' '.join(map(str, self.cmd))}` exited {self.returncode}:\n{self.stderr}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubeconfig: Path
+    bin_dir: Path
+
+    @property
+    def kubectl_path(self) -> Path:
+        return self.bin_dir / "kubectl"
+
+    def kubectl(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; raise KubectlError on a non-zero exit when `check`."""
+        cmd = [str(self.kubectl_path), f"--kubeconfig={self.kubeconfig}", *args]
+        result = subprocess.run(
+            cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
+        return result
+
+    def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
+        """Create or update objects (server-side apply) from Python dicts."""
+        items = manifest if isinstance(manifest, list) else [manifest]
+        args = ["apply", "--server-side", "--field-manager=fto-tests", "-f", "-"]
+        if namespace:
+            args += ["-n", namespace]
+        self.kubectl(*args, input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def kubectl_json(cluster: Cluster, *args: str) -> Any:
+    """`kubectl ARGS -o json`, parsed."""
+    return json.loads(cluster.kubectl(*args, "-o", "json").stdout)
+
+
+def wait_for(
+    predicate: Callable[[], T | None],
+    timeout: float = 60.0,
+    message: str = "condition",
+    interval: float = 0.5,
+) -> T:
+    """Poll `predicate` until it returns something truthy and return that; fail after `timeout` seconds.
+
+    The timeout is a deadline for a condition that should come about, not a measurement.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for: {message}")
+        time.sleep(interval)
+
+
+def get_pod(cluster: Cluster, namespace: str, pod: str) -> dict[str, Any]:
+    result: dict[str, Any] = kubectl_json(cluster, "get", "pod", pod, "-n", namespace)
+    return result
+
+
+def wait_for_pod_phase(
+    cluster: Cluster, namespace: str, pod: str, phase: str, timeout: float = 60.0
+) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        nonlocal last
+        last = get_pod(cluster, namespace, pod)
+        return last if last.get("status", {}).get("phase") == phase else None
+
+    try:
+        return wait_for(reached, timeout, f"pod {namespace}/{pod} to be {phase}")
+    except AssertionError as err:
+        raise AssertionError(
+            f"{err}; it is {last.get('status', {}).get('phase')}: {last.get('status')}"
+        ) from None
+
+
+def finish_pod(
+    cluster: Cluster, namespace: str, pod: str, exit_code: int, timeout: float = 60.0
+) -> dict[str, Any]:
+    """End a pod on a kwok node as if its containers exited with `exit_code`, and return the pod.
+
+    0 -> phase Succeeded (containers terminated, reason Completed); anything else -> phase Failed with
+    containerStatuses[*].state.terminated.exitCode == exit_code (reason Error). The pod must be scheduled
+    on a kwok node; kwok acts once it is Running.
+    """
+    if not 0 <= exit_code <= 255:
+        raise ValueError(f"exit_code must be 0..255, got {exit_code}")
+    cluster.kubectl(
+        "annotate", "pod", pod, "-n", namespace, "--overwrite", f"{EXIT_CODE_ANNOTATION}={exit_code}"
+    )
+    return wait_for_pod_phase(cluster, namespace, pod, "Succeeded" if exit_code == 0 else "Failed", timeout)
