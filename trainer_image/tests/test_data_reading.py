@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_tokenizer import make_tiny_tokenizer
 
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.pipeline import PreparedData, prepare
 from finetune_trainer.data.report import DataReport
-from finetune_trainer.exit_codes import ExitCode
+from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
+from tiny_tokenizer import make_tiny_tokenizer
 
 ROWS = [{"prompt": f"Spell {i} in words", "completion": f"number {i}"} for i in range(60)]
 #: Split ratios that keep every row in train, so counts below are about reading only.
@@ -78,7 +78,7 @@ def test_bad_row_ratio_above_the_limit_stops_with_a_data_error_naming_lines(tmp_
     assert "d.jsonl:5:" in message
     assert "d.jsonl:10:" in message
     # The trainer maps DataError to this code, which the operator treats as non-retryable.
-    assert ExitCode.DATA_ERROR == 4
+    assert ExitCode.DATA_ERROR in NON_RETRYABLE
     # The report is written even though preparation stopped.
     report = json.loads((tmp_path / "work" / "data_report.json").read_text())
     assert [b["line"] for b in report["badRows"]["lines"]] == [2, 5, 10]
@@ -189,12 +189,9 @@ def test_http_source_is_downloaded_hashed_and_read(tmp_path: Path, http_root: tu
 
 
 def test_s3_without_s3fs_fails_with_an_actionable_message(tmp_path: Path) -> None:
-    pytest.importorskip("fsspec")
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
         pytest.skip("s3fs is installed; this checks the message when it is not")
     with pytest.raises(DataError, match="s3fs"):
         _prepare(tmp_path, "s3://bucket/train.jsonl")

@@ -15,6 +15,7 @@ from finetune_trainer.data.mapping import Record
 __all__ = ["ExactDeduplicator", "NearDeduplicator", "shingles"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_CANDIDATE_FACTOR = 0.75
 
 
 class ExactDeduplicator:
@@ -47,7 +48,9 @@ class NearDeduplicator:
 
         self._minhash = MinHash
         self._cfg = cfg
-        self._lsh = MinHashLSH(threshold=cfg.near_threshold, num_perm=cfg.num_perm)
+        # LSH near its threshold misses many true pairs (its banding is a soft step), so candidates come from a
+        # lower threshold and are confirmed against the real one with the signatures' Jaccard estimate.
+        self._lsh = MinHashLSH(threshold=cfg.near_threshold * _CANDIDATE_FACTOR, num_perm=cfg.num_perm)
         self._signatures: dict[str, Any] = {}
         self._count = 0
 
