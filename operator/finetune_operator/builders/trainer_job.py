@@ -29,7 +29,10 @@ from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-TRAINER_COMMAND = ["python", "-m", "finetune_trainer.launch"]
+#: command + args == finetune_trainer.launch.pod_command(config path): the trainer's own entrypoint, which
+#: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the
+#: launcher module uses subprocess, which builders must not import.)
+TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
 EXIT_CODE_FILE = "/tmp/finetune-exit-code"
 
 #: podFailurePolicy rule indexes; the controller maps a Job's `PodFailurePolicy` failure back through them.

@@ -414,7 +414,8 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         await client.create(build_trainer_job(job, attempt, config))
     nodes = job.spec.distributed.nodes
 
-    if current_job is not None and current_job.complete:
+    succeeded_ranks = {p.rank for p in current_pods if p.phase == "Succeeded"}
+    if (current_job is not None and current_job.complete) or len(succeeded_ranks) >= nodes:
         writer.set(CONDITION_SUCCEEDED, True, "Completed", f"all {nodes} pods of attempt {attempt} completed")
         writer.set(CONDITION_RUNNING, False, "Completed", "training finished")
         writer.fields["completionTime"] = rfc3339(now)
@@ -459,7 +460,7 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
         return max(delay, 1.0)
 
-    live = [p for p in current_pods if p.phase == "Running" and not p.deleting]
+    live = [p for p in current_pods if p.phase in ("Running", "Succeeded") and not p.deleting]
     if len(live) >= nodes:
         placed = ", ".join(sorted({p.node for p in live}))
         writer.set(CONDITION_RUNNING, True, "AllPodsRunning", f"{nodes} of {nodes} pods running on {placed}")
