@@ -196,3 +196,26 @@ def test_kubectl_explain_teaches_every_level(cluster: Cluster, crds: list[str]) 
     assert "GPUs per pod" in text
     mdep = wait_for(lambda: explain("mdep.spec.quantization.maxQualityDrop"), 60, "kubectl explain mdep")
     assert "QualityGateFailed" in mdep
+
+
+def test_what_the_job_trains_is_immutable_but_scheduling_is_not(
+    cluster: Cluster, crds: list[str], namespace: str
+) -> None:
+    path = EXAMPLES / "finetunejob-suspended.yaml"
+    cluster.kubectl("create", "-n", namespace, "-f", str(path))
+    name = load(path)["metadata"]["name"]
+    old = parse_finetunejob(load(path)).spec
+    change = {"task": "sequence-classification", "method": "full", "model": {"source": "hf://org/other"}}
+    new = old.model_validate({**old.to_k8s(), **change})
+    refused = cluster.kubectl(
+        "patch", "ftj", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": change}), check=False
+    )
+    assert refused.returncode != 0
+    for field, message in old.immutable_changes(new):
+        assert f"spec.{field}: Invalid value: " in refused.stderr
+        assert message in refused.stderr
+    resume = {"spec": {"scheduling": {"suspend": False}, "hyperparameters": {"maxSteps": 20}}}
+    cluster.kubectl("patch", "ftj", name, "-n", namespace, "--type=merge", "-p", json.dumps(resume))
+    stored = parse_finetunejob(kubectl_json(cluster, "get", "ftj", name, "-n", namespace))
+    assert stored.spec.scheduling.suspend is False
+    assert stored.spec.hyperparameters.max_steps == 20

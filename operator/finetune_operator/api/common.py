@@ -53,6 +53,10 @@ class CelRule:
         return out
 
 
+def immutable_message(alias: str) -> str:
+    return f"{alias} can't change once created; create a new one instead"
+
+
 class ApiModel(BaseModel):
     """Base of every model in a resource: camelCase on the wire, documented fields, cross-field rules."""
 
@@ -66,6 +70,8 @@ class ApiModel(BaseModel):
     )
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
+    immutable_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields (Python names) that can't change once the object exists (CEL rule `self == oldSelf`)."""
 
     @model_validator(mode="after")
     def _check_cel_rules(self) -> ApiModel:
@@ -79,10 +85,25 @@ class ApiModel(BaseModel):
         cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         json_schema = handler(core_schema)
+        target = handler.resolve_ref_schema(json_schema)
         if cls.cel_rules:
-            target = handler.resolve_ref_schema(json_schema)
             target["x-kubernetes-validations"] = [rule.as_schema() for rule in cls.cel_rules]
+        for name in cls.immutable_fields:
+            alias = cls.model_fields[name].alias or name
+            rule = {"rule": "self == oldSelf", "message": immutable_message(alias)}
+            target["properties"][alias].setdefault("x-kubernetes-validations", []).append(rule)
         return json_schema
+
+    def immutable_changes(self, new: ApiModel) -> list[tuple[str, str]]:
+        """(field, message) for each immutable field that differs in `new`: the Python mirror of the
+        transition rules, for checks outside the API server (e.g. a dry run of an update)."""
+        fields = type(self).model_fields
+        changed = [
+            fields[name].alias or name
+            for name in type(self).immutable_fields
+            if getattr(self, name) != getattr(new, name)
+        ]
+        return [(alias, immutable_message(alias)) for alias in changed]
 
     def to_k8s(self) -> dict[str, Any]:
         """The wire form: camelCase keys, JSON types, unset optional fields left out."""
@@ -238,6 +259,18 @@ class VolumeClaim(ApiModel):
 # --- whole objects -------------------------------------------------------------------------------------
 
 
+MAX_NAME_LENGTH = 50
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_SCHEMA: dict[str, Any] = {
+    "description": "Name: a DNS-1035 label of at most 50 characters (children's names add suffixes).",
+    "type": "string",
+    "maxLength": MAX_NAME_LENGTH,
+    "pattern": NAME_PATTERN,
+}
+"""`metadata.name` of our objects: a DNS-1035 label (it names a Service) short enough for the suffixes
+of the children's names (`-a<attempt>-<index>` of trainer pods, `-checkpoints`, ...)."""
+
+
 class ResourceObject(ApiModel):
     """Fields every object of ours has besides `kind`, `spec` and `status`."""
 
@@ -247,6 +280,18 @@ class ResourceObject(ApiModel):
     """API version."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Standard object metadata."""
+
+    @model_validator(mode="after")
+    def _check_name(self) -> ResourceObject:
+        name = self.metadata.get("name")
+        where = {"field_path": ".metadata.name"}
+        if name is not None and len(str(name)) > MAX_NAME_LENGTH:
+            raise PydanticCustomError(
+                "name", f"Too long: may not be more than {MAX_NAME_LENGTH} bytes", where
+            )
+        if name is not None and not re.match(NAME_PATTERN, str(name)):
+            raise PydanticCustomError("name", f"should match '{NAME_PATTERN}'", where)
+        return self
 
 
 class InvalidResourceError(ValueError):
@@ -266,7 +311,7 @@ def field_path(loc: tuple[int | str, ...], extra: str = "") -> str:
             out += f"[{part}]"
         else:
             out += ("." if out else "") + part
-    return out + extra
+    return (out + extra).lstrip(".")
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
-from finetune_operator.api.common import GROUP, VERSION
+from finetune_operator.api.common import GROUP, NAME_SCHEMA, VERSION
 from finetune_operator.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
 
@@ -110,7 +110,11 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     node = dict(schema)
     if "$ref" in node:
         target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-        node = {**target, **node}  # the field's own description and default win over the model's
+        # The field's own description and default win over the model's; rules of both apply.
+        rules = target.get("x-kubernetes-validations", []) + node.get("x-kubernetes-validations", [])
+        node = {**target, **node}
+        if rules:
+            node["x-kubernetes-validations"] = rules
     if "allOf" in node and len(node["allOf"]) == 1:
         node = {**node.pop("allOf")[0], **node}
         return structural(node, defs)
@@ -190,12 +194,13 @@ def crd(resource: Resource) -> dict[str, Any]:
                 "description": "Kind is the REST resource this object represents.",
                 "type": "string",
             },
-            "metadata": {"type": "object"},
+            "metadata": {"type": "object", "properties": {"name": NAME_SCHEMA}},
             "spec": openapi_schema(resource.spec),
             "status": openapi_schema(resource.status),
         },
         "required": ["spec"],
     }
+
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

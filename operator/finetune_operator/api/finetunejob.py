@@ -652,6 +652,8 @@ class FineTuneJobSpec(ApiModel):
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Trainer container image, overriding the operator's default."""
 
+    immutable_fields = ("task", "model", "dataset", "method")
+
     cel_rules = (
         CelRule(
             rule="self.method != 'qlora' || self.distributed.gpusPerNode >= 1",
@@ -921,6 +923,7 @@ class FineTuneJob(ResourceObject):
 
     kind: Literal["FineTuneJob"] = "FineTuneJob"
     """Kind."""
+
     spec: FineTuneJobSpec
     """Desired state."""
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus)
