@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -57,6 +58,22 @@ def test_invalid_configs_are_refused_with_a_message_naming_the_problem(
     with pytest.raises(ValidationError) as info:
         DataConfig.model_validate(data)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"source": "x", "badrows": {}}, "unknown key 'badrows' in data; did you mean 'badRows'?"),
+        (
+            {"source": "x", "pii": {"polcy": "scrub"}},
+            "unknown key 'polcy' in data.pii; did you mean 'policy'?",
+        ),
+        ({"source": "x", "dedup": {"nearTreshold": 0.9}}, "in data.dedup; did you mean 'nearThreshold'?"),
+    ],
+)
+def test_unknown_keys_are_named_with_the_closest_valid_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        DataConfig.model_validate(data)
 
 
 def test_explicit_split_sources_free_their_ratio() -> None:

@@ -12,10 +12,12 @@ de-duplication, PII scrubbed, at most 1 % malformed rows, a 5 % / 5 % hash split
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "AugmentationConfig",
@@ -40,6 +42,24 @@ class _DataModel(BaseModel):
         validate_default=True,
     )
 
+    #: Where the section sits in the trainer config, for messages ("data.pii").
+    section_name: ClassVar[str] = "data"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        """Unknown keys are refused as in every trainer-config section: named, with the closest key."""
+        if not isinstance(data, Mapping):
+            return data
+        valid = [key for name, info in cls.model_fields.items() for key in {info.alias or name, name}]
+        unknown = [key for key in data if isinstance(key, str) and key not in valid]
+        if unknown:
+            # Imported here: finetune_trainer.config imports this module (it embeds DataConfig).
+            from finetune_trainer.config import unknown_key_message
+
+            raise PydanticCustomError("unknown_key", unknown_key_message(unknown[0], cls.section_name, valid))
+        return data
+
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -56,6 +76,8 @@ ALL_PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "credit_card", "ipv4", "
 
 class FieldMapping(_DataModel):
     """Which columns of a row hold what. Only the fields of the chosen ``kind`` are read."""
+
+    section_name = "data.fields"
 
     kind: MappingKind = Field(
         default="prompt-completion",
@@ -96,6 +118,8 @@ class FieldMapping(_DataModel):
 class CleaningConfig(_DataModel):
     """Text normalisation and length filters, applied to every text field of a row."""
 
+    section_name = "data.cleaning"
+
     normalize_unicode: bool = Field(default=True, description="Apply Unicode NFKC normalisation.")
     collapse_whitespace: bool = Field(
         default=True,
@@ -123,6 +147,8 @@ class CleaningConfig(_DataModel):
 class DedupConfig(_DataModel):
     """Duplicate removal, after cleaning and before the split (so a duplicate never leaks across splits)."""
 
+    section_name = "data.dedup"
+
     exact: bool = Field(
         default=True, description="Drop rows whose mapped content is identical to an earlier row."
     )
@@ -148,6 +174,8 @@ class DedupConfig(_DataModel):
 class ExtraPiiPattern(_DataModel):
     """A user-defined PII pattern (Python regular expression)."""
 
+    section_name = "data.pii.extraPatterns"
+
     name: str = Field(
         pattern=r"^[a-z][a-z0-9_]*$",
         description="Kind name used in counts and in the replacement token ([NAME] upper-cased).",
@@ -166,6 +194,8 @@ class ExtraPiiPattern(_DataModel):
 
 class PiiConfig(_DataModel):
     """Detection of personal data in every text field."""
+
+    section_name = "data.pii"
 
     policy: PiiPolicy = Field(
         default="scrub",
@@ -202,6 +232,8 @@ class PiiConfig(_DataModel):
 class BadRowsConfig(_DataModel):
     """Malformed rows: bad JSON, missing fields, wrong types."""
 
+    section_name = "data.badRows"
+
     max_ratio: Ratio = Field(
         default=0.01,
         description=(
@@ -213,6 +245,8 @@ class BadRowsConfig(_DataModel):
 
 class SplitConfig(_DataModel):
     """Train/validation/test split: hash-based and stable, or from explicit sources."""
+
+    section_name = "data.split"
 
     validation: Ratio = Field(
         default=0.05, description="Fraction of rows for validation (ignored when validationSource is set)."
@@ -250,6 +284,8 @@ class SplitConfig(_DataModel):
 class ComplianceConfig(_DataModel):
     """Licence checks. Only enforced when allowedLicenses is non-empty."""
 
+    section_name = "data.compliance"
+
     allowed_licenses: list[str] = Field(
         default_factory=list,
         description=(
@@ -266,6 +302,8 @@ class ComplianceConfig(_DataModel):
 
 class AugmentationConfig(_DataModel):
     """Deterministic augmentation of the training split only (validation and test are never augmented)."""
+
+    section_name = "data.augmentation"
 
     strategy: AugmentationStrategy = Field(
         default="none",

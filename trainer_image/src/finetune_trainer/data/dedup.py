@@ -48,8 +48,8 @@ class NearDeduplicator:
 
         self._minhash = MinHash
         self._cfg = cfg
-        # LSH near its threshold misses many true pairs (its banding is a soft step), so candidates come from a
-        # lower threshold and are confirmed against the real one with the signatures' Jaccard estimate.
+        # LSH near its threshold misses many true pairs (its banding is a soft step), so candidates come
+        # from a lower threshold and are confirmed against the real one with the Jaccard estimate.
         self._lsh = MinHashLSH(threshold=cfg.near_threshold * _CANDIDATE_FACTOR, num_perm=cfg.num_perm)
         self._signatures: dict[str, Any] = {}
         self._count = 0

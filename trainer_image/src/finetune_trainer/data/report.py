@@ -7,6 +7,7 @@ out, and the reason for every removed row; malformed rows keep their source file
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -144,15 +145,20 @@ def histogram(lengths: list[int], max_length: int, bins: int = 10) -> Histogram:
     return Histogram(edges=edges, counts=counts)
 
 
+def _write_atomically(path: Path, document: object) -> None:
+    """Every rank may prepare the data into the same folder: write a private temporary file, then rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
 def write_report(report: DataReport, directory: Path) -> tuple[Path, Path]:
     """Write ``data_report.json`` and ``provenance.json`` into ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     report_path = directory / "data_report.json"
     provenance_path = directory / "provenance.json"
-    report_path.write_text(json.dumps(report.model_dump(mode="json", by_alias=True), indent=2) + "\n")
-    provenance_path.write_text(
-        json.dumps(report.provenance.model_dump(mode="json", by_alias=True), indent=2) + "\n"
-    )
+    _write_atomically(report_path, report.model_dump(mode="json", by_alias=True))
+    _write_atomically(provenance_path, report.provenance.model_dump(mode="json", by_alias=True))
     return report_path, provenance_path
 
 

@@ -10,6 +10,7 @@ mounted volume).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,7 @@ def _download(uri: str, fmt: DataFormat, role: str, cache_dir: Path) -> list[Res
         name = Path(remote.split("?", 1)[0]).name or "data"
         target = cache_dir / hashlib.sha256(remote_uri.encode()).hexdigest()[:16] / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")  # ranks may download at once
         digest = hashlib.sha256()
         size = 0
         try:
@@ -170,7 +171,7 @@ def _download(uri: str, fmt: DataFormat, role: str, cache_dir: Path) -> list[Res
                     size += len(chunk)
         except (OSError, ValueError) as exc:
             raise DataError(f"{remote_uri}: cannot read ({exc})", reason="SourceUnreadable") from exc
-        partial.replace(target)
+        os.replace(partial, target)
         resolved.append(
             ResolvedSource(
                 uri=remote_uri,
