@@ -35,7 +35,9 @@ def _root(name: str) -> dict[str, Any]:
 def test_crds_and_reference_are_up_to_date() -> None:
     for name, text in crdgen.render_crds().items():
         assert (ROOT / "crds" / name).read_text() == text, f"crds/{name} is stale: run `make crds`"
-    assert (ROOT / "docs" / "api.md").read_text() == crdgen.render_reference(), "docs/api.md is stale"
+    assert (ROOT / "docs" / "api.md").read_text() == crdgen.render_reference(), (
+        "docs/api.md is stale: run `python -m finetune_operator.api.crdgen --out crds/ --docs docs/api.md`"
+    )
     assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(crdgen.render_crds())
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -271,15 +272,20 @@ def _constraints(node: dict[str, Any]) -> str:
             parts.append(f"{symbol} {node[key]}")
     if "pattern" in node and not node.get("x-kubernetes-int-or-string"):
         parts.append("pattern")
-    if "default" in node and node["default"] not in ({}, []):
-        parts.append(f"default `{node['default']}`")
+    if "default" in node and not isinstance(node["default"], dict | list):
+        parts.append(f"default `{json.dumps(node['default'])}`")
     return ", ".join(parts)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (a `|` would end the cell, even in a code span)."""
+    return text.replace("|", "\\|")
 
 
 def _rows(node: dict[str, Any], path: str, required: bool) -> Iterator[str]:
     description = " ".join(str(node.get("description", "")).split())
     req = " (required)" if required else ""
-    yield f"| `{path}`{req} | {_type_label(node)} | {_constraints(node)} | {description} |"
+    yield f"| `{path}`{req} | {_type_label(node)} | {_constraints(node)} | {_cell(description)} |"
     target = node.get("items", node) if node.get("type") == "array" else node
     for name, sub in target.get("properties", {}).items():
         suffix = "[]" if node.get("type") == "array" else ""
@@ -289,7 +295,7 @@ def _rows(node: dict[str, Any], path: str, required: bool) -> Iterator[str]:
 def _rules(node: dict[str, Any], path: str) -> Iterator[str]:
     for rule in node.get("x-kubernetes-validations", []):
         where = path + rule.get("fieldPath", "")
-        yield f"| `{where}` | {rule['message']} | `{rule['rule']}` |"
+        yield f"| `{where}` | {_cell(rule['message'])} | `{_cell(rule['rule'])}` |"
     target = node.get("items", node) if node.get("type") == "array" else node
     for name, sub in target.get("properties", {}).items():
         yield from _rules(sub, f"{path}.{name}")
