@@ -197,6 +197,22 @@ def test_s3_without_s3fs_fails_with_an_actionable_message(tmp_path: Path) -> Non
         _prepare(tmp_path, "s3://bucket/train.jsonl")
 
 
+def test_hub_dataset_missing_from_the_offline_cache_is_a_data_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the failure path can be tested without network: the dataset is in no cache and the Hub is off.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as info:
+        _prepare(tmp_path, "hf://example-org/not-cached@main")
+    assert info.value.reason == "SourceUnreadable"
+    assert "hf://example-org/not-cached@main" in str(info.value)
+
+
 def test_missing_source_and_unknown_extension_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file"):
         _prepare(tmp_path, str(tmp_path / "absent.jsonl"))

@@ -338,8 +338,8 @@ class DataConfig(_DataModel):
         min_length=1,
         description=(
             "Path (local or mounted PVC), file://, s3:// (credentials from the environment), "
-            "http(s):// URL, or a Hugging Face datasets save_to_disk folder. Globs and directories "
-            "expand to every matching file."
+            "http(s):// URL, hf://org/name[@revision] (datasets.load_dataset, local cache first), or a "
+            "Hugging Face datasets save_to_disk folder. Globs and directories expand to every matching file."
         ),
     )
     additional_sources: list[str] = Field(
@@ -351,7 +351,7 @@ class DataConfig(_DataModel):
     )
     hf_split: str = Field(
         default="train",
-        description="For a saved DatasetDict (hf-disk): which of its splits to read.",
+        description="For a saved DatasetDict (hf-disk) or an hf:// dataset: which of its splits to read.",
     )
     fields: FieldMapping = Field(default_factory=FieldMapping, description="Column mapping.")
     template: TemplateName = Field(

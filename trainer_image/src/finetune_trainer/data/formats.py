@@ -7,6 +7,7 @@
   or fewer fields than the header is malformed. Values are strings; a chat ``messages`` column holds JSON.
 - parquet: pyarrow, in record batches; "line" is the 1-based row number.
 - hf-disk: ``datasets.load_from_disk``; "line" is the 1-based row number in the chosen split.
+- hf-hub (``hf://`` sources): ``datasets.load_dataset``; "line" is the 1-based row number.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_trainer.data.errors import DataError
-from finetune_trainer.data.sources import ResolvedSource
+from finetune_trainer.data.sources import ResolvedSource, load_hub_dataset
 
 __all__ = ["RawRow", "read_rows"]
 
@@ -111,7 +112,11 @@ def _read_hf_disk(src: ResolvedSource, hf_split: str) -> Iterator[RawRow]:
                 reason="SourceUnreadable",
             )
         loaded = loaded[hf_split]
-    for number, row in enumerate(loaded, start=1):
+    yield from _rows_of(src, loaded)
+
+
+def _rows_of(src: ResolvedSource, dataset: Any) -> Iterator[RawRow]:
+    for number, row in enumerate(dataset, start=1):
         yield RawRow(src.uri, number, dict(row))
 
 
@@ -125,4 +130,6 @@ def read_rows(src: ResolvedSource, *, hf_split: str = "train") -> Iterator[RawRo
         return _read_parquet(src)
     if src.format == "hf-disk":
         return _read_hf_disk(src, hf_split)
+    if src.format == "hf-hub":
+        return _rows_of(src, load_hub_dataset(src.uri, hf_split))
     raise DataError(f"{src.uri}: unsupported format {src.format!r}", reason="UnsupportedFormat")

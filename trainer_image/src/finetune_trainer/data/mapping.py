@@ -116,30 +116,20 @@ def _messages(row: dict[str, Any], column: str) -> tuple[Message, ...]:
     return tuple(messages)
 
 
-def _label(row: dict[str, Any], column: str) -> str:
+def _key(row: dict[str, Any], column: str, what: str = "field") -> str:
+    """A label or id: a string or an integer (booleans are refused), as a string."""
     if column not in row or row[column] is None:
-        raise MappingError(f"missing field {column!r}")
+        raise MappingError(f"missing {what} {column!r}")
     value = row[column]
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise MappingError(f"field {column!r} must be a string or an integer, got {type(value).__name__}")
-    return str(value)
-
-
-def _row_id(row: dict[str, Any], column: str | None) -> str | None:
-    if column is None:
-        return None
-    if column not in row or row[column] is None:
-        raise MappingError(f"missing id field {column!r}")
-    value = row[column]
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise MappingError(f"id field {column!r} must be a string or an integer, got {type(value).__name__}")
+        raise MappingError(f"{what} {column!r} must be a string or an integer, got {type(value).__name__}")
     return str(value)
 
 
 def map_row(row: dict[str, Any], mapping: FieldMapping, *, source: str, line: int) -> Record:
     """Build a :class:`Record`; raises :class:`MappingError` naming the field that is missing or mistyped."""
     kind = mapping.kind
-    row_id = _row_id(row, mapping.id)
+    row_id = _key(row, mapping.id, "id field") if mapping.id is not None else None
     if kind == "prompt-completion":
         parts = {"prompt": _text(row, mapping.prompt), "completion": _text(row, mapping.completion)}
         return Record(source, line, kind, parts=parts, row_id=row_id)
@@ -155,4 +145,4 @@ def map_row(row: dict[str, Any], mapping: FieldMapping, *, source: str, line: in
     if kind == "text":
         return Record(source, line, kind, parts={"text": _text(row, mapping.text)}, row_id=row_id)
     parts = {"text": _text(row, mapping.text)}
-    return Record(source, line, kind, parts=parts, label=_label(row, mapping.label), row_id=row_id)
+    return Record(source, line, kind, parts=parts, label=_key(row, mapping.label), row_id=row_id)

@@ -116,9 +116,11 @@ def _resolve_all(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
             cfg.split.validation_source, cfg.format, role="validation", cache_dir=cache_dir
         )
     if cfg.split.test_source:
-        sources += resolve_source(cfg.split.test_source, cfg.format, role="test", cache_dir=cache_dir)
+        sources += resolve_source(
+            cfg.split.test_source, cfg.format, role="test", cache_dir=cache_dir, hf_split=cfg.hf_split
+        )
     for uri in cfg.all_sources:
-        sources += resolve_source(uri, cfg.format, role="main", cache_dir=cache_dir)
+        sources += resolve_source(uri, cfg.format, role="main", cache_dir=cache_dir, hf_split=cfg.hf_split)
     return sources
 
 

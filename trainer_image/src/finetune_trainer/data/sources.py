@@ -4,7 +4,9 @@ Local paths, mounted PVCs and ``file://`` are read in place. Remote sources (``s
 credentials from the standard AWS environment variables; ``http(s)://`` through fsspec's HTTP filesystem) are
 copied once into ``workdir/sources/`` so that every later stage reads a local file and the provenance hash is
 of exactly the bytes that were used. A Hugging Face ``datasets`` save_to_disk folder must be local (or on a
-mounted volume).
+mounted volume). ``hf://org/name[@revision]`` loads a Hub dataset with ``datasets.load_dataset``: from the
+local Hugging Face cache when ``HF_HUB_OFFLINE=1`` (or without network), else downloading it; the provenance
+hashes are those of the dataset's Arrow cache files.
 """
 
 from __future__ import annotations
@@ -184,8 +186,36 @@ def _download(uri: str, fmt: DataFormat, role: str, cache_dir: Path) -> list[Res
     return resolved
 
 
-def resolve_source(uri: str, fmt: DataFormat, *, role: str, cache_dir: Path) -> list[ResolvedSource]:
-    """Expand ``uri`` (file, directory, glob, saved dataset, or remote URL) into hashed local inputs."""
+def load_hub_dataset(uri: str, hf_split: str) -> Any:
+    """The split of an ``hf://org/name[@revision]`` dataset (local cache first)."""
+    import datasets
+
+    name, _, revision = uri[len("hf://") :].partition("@")
+    try:
+        return datasets.load_dataset(name, revision=revision or None, split=hf_split)
+    except (
+        OSError,
+        ValueError,
+    ) as exc:  # ConnectionError (offline, not cached), FileNotFoundError, bad split
+        raise DataError(
+            f"{uri}: cannot load split {hf_split!r} from the Hugging Face cache or Hub: {exc}",
+            reason="SourceUnreadable",
+        ) from exc
+
+
+def _hub(uri: str, role: str, hf_split: str) -> ResolvedSource:
+    dataset = load_hub_dataset(uri, hf_split)
+    files = sorted(Path(entry["filename"]) for entry in dataset.cache_files)
+    hashes = tuple((p.name, *sha256_file(p)) for p in files)
+    return ResolvedSource(uri=uri, path=Path(), format="hf-hub", role=role, hashes=hashes)
+
+
+def resolve_source(
+    uri: str, fmt: DataFormat, *, role: str, cache_dir: Path, hf_split: str = "train"
+) -> list[ResolvedSource]:
+    """Expand ``uri`` (file, directory, glob, saved dataset, Hub dataset or remote URL) into hashed inputs."""
+    if uri.startswith("hf://"):
+        return [_hub(uri, role, hf_split)]
     local = _strip_file_scheme(uri)
     if local is not None:
         return _local_files(local, fmt, role)
