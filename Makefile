@@ -43,14 +43,16 @@ install-crds: venv ## apply crds/ to the current cluster
 run: venv ## run the operator against the current cluster
 	@$(PY) hack/devcluster.py exec -- $(PY) -m finetune_operator
 
-crds: venv ## regenerate crds/ from operator/finetune_operator/api
-	@$(PY) -m finetune_operator.api.crdgen --out crds/
+crds: venv ## regenerate crds/, docs/api.md and the chart's CRDs from operator/finetune_operator/api
+	@$(PY) -m finetune_operator.api.crdgen --out crds/ --docs docs/api.md
+	@rm -f helm/finetune-operator/crds/*.yaml && cp crds/*.yaml helm/finetune-operator/crds/
 
 lint: venv ## ruff, mypy (strict), import contracts, CRD drift, chart lint
 	@echo "==> ruff"; $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	@echo "==> mypy (strict)"; $(VENV)/bin/mypy
 	@echo "==> import contracts"; $(VENV)/bin/lint-imports
-	@echo "==> CRD drift"; $(PY) -m finetune_operator.api.crdgen --check crds/
+	@echo "==> CRD drift"; $(PY) -m finetune_operator.api.crdgen --check crds/ --docs docs/api.md
+	@diff -r crds helm/finetune-operator/crds || { echo "helm chart CRDs are stale: run 'make crds'"; exit 1; }
 	@echo "==> helm lint"; "$$(hack/build-tools.sh 2>/dev/null | tail -1)/helm" lint helm/finetune-operator
 
 unit: venv ## fast tests, no cluster

@@ -1,0 +1,69 @@
+"""The Helm chart installs on a real API server, passes Pod Security `restricted`, and grants least privilege."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kube_helpers import wait_for
+
+pytestmark = pytest.mark.cluster
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "finetune-operator"
+
+
+def _helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(cluster.bin_dir / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_helm_lint_and_template_render_for_the_dev_cluster_version(cluster: Any) -> None:
+    lint = _helm(cluster, "lint", str(CHART))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    rendered = _helm(cluster, "template", "t", str(CHART), "--namespace", "x", "--kube-version", "1.36.3")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "kind: ClusterRole" in rendered.stdout
+    assert "strategy: {type: Recreate}" in rendered.stdout
+
+
+def test_chart_installs_under_restricted_pod_security_and_grants_least_privilege(
+    cluster: Any, namespace: str
+) -> None:
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
+    )
+    release = f"fto-{uuid.uuid4().hex[:6]}"
+    try:
+        out = _helm(cluster, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "90s")
+        assert out.returncode == 0, out.stdout + out.stderr
+
+        def available() -> bool:
+            dep = json.loads(
+                cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout
+            )["items"]
+            return bool(dep) and dep[0].get("status", {}).get("availableReplicas") == 1
+
+        wait_for(available, timeout=60, message="operator Deployment from the chart never became available")
+
+        sa = f"system:serviceaccount:{namespace}:{release}"
+
+        def can(*what: str) -> str:
+            res = cluster.kubectl("auth", "can-i", *what, f"--as={sa}", check=False)
+            return res.stdout.strip()
+
+        assert can("create", "jobs.batch", "-n", "default") == "yes"
+        assert can("patch", "finetunejobs.finetune.dev", "--subresource=status", "-n", "default") == "yes"
+        assert can("list", "secrets", "-n", "default") == "no"
+        assert can("create", "pods", "-n", "default") == "no"
+        assert can("delete", "nodes") == "no"
+    finally:
+        _helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")
