@@ -54,7 +54,7 @@ def test_chart_installs_under_restricted_pod_security_and_grants_least_privilege
 
         wait_for(available, timeout=60, message="operator Deployment from the chart never became available")
 
-        sa = f"system:serviceaccount:{namespace}:{release}"
+        sa = f"system:serviceaccount:{namespace}:{release}-finetune-operator"
 
         def can(*what: str) -> str:
             res = cluster.kubectl("auth", "can-i", *what, f"--as={sa}", check=False)
