@@ -183,6 +183,12 @@ def test_http_source_is_downloaded_hashed_and_read(tmp_path: Path, http_root: tu
     (source,) = prepared.report.provenance.sources
     assert source.uri == f"{base}/train.jsonl"
     assert source.sha256 == hashlib.sha256(body).hexdigest()
+    # The download is not left in the work folder (it may be the model's output folder).
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["data_report.json", "provenance.json"]
+    cfg = DataConfig.model_validate({"source": f"{base}/train.jsonl", "split": NO_HOLDOUT})
+    prepare(cfg, make_tiny_tokenizer(), tmp_path / "w2", cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").rglob("train.jsonl")
+    assert cached.read_bytes() == body
     with pytest.raises(DataError) as info:
         _prepare(tmp_path / "missing", f"{base}/missing.jsonl")
     assert info.value.reason == "SourceUnreadable"

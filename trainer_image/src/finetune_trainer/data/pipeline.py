@@ -15,7 +15,8 @@ Public API (stable; the trainer codes against it)::
                                            #   generation samples and the reference completion (<= 32 each)
     prepared.label_names                   # class names for kind "classification", else None
     prepared.report                        # DataReport; prepare() already wrote workdir/data_report.json
-                                           #   and workdir/provenance.json
+                                           #   and workdir/provenance.json (workdir may be the output folder:
+                                           #   downloaded sources go to a temporary folder, or cache_dir=)
     render_data_section(prepared.report)   # Markdown "## Data" section for the model card
 
 ``prepare`` raises :class:`DataError` (message names the cause; ``.reason`` is a CamelCase code) for: too many
@@ -31,6 +32,7 @@ a character-level ``PreTrainedTokenizerFast`` with pad/eos/bos and a chatml-like
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,12 +324,15 @@ def prepare(
     workdir: Path,
     *,
     model_license: str | None = None,
+    cache_dir: Path | None = None,
 ) -> PreparedData:
     """Read, validate, clean, scrub, de-duplicate, split, render and tokenize; write the report into workdir.
 
     Stage order: read (+ validate) → clean + length filter → PII → de-duplicate → split → augment (train) →
     tokenize (+ truncate) → pack (train). ``data_report.json`` and ``provenance.json`` are written to
-    ``workdir`` also when a :class:`DataError` stops the preparation (as far as it got).
+    ``workdir`` also when a :class:`DataError` stops the preparation (as far as it got). Remote sources are
+    downloaded into ``cache_dir`` (kept, re-downloaded on the next call) or, by default, into a temporary
+    folder removed on return, so that no copy of the data lands in ``workdir``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     stages = _Stages()
@@ -343,7 +348,10 @@ def prepare(
         pii=PiiRecord(policy=cfg.pii.policy),
     )
     try:
-        return _prepare(cfg, tokenizer, workdir, model_license, stages, bad, report)
+        if cache_dir is not None:
+            return _prepare(cfg, tokenizer, workdir, cache_dir, model_license, stages, bad, report)
+        with tempfile.TemporaryDirectory(prefix="fto-data-") as scratch:
+            return _prepare(cfg, tokenizer, workdir, Path(scratch), model_license, stages, bad, report)
     except DataError:
         report.provenance.stages = stages.records
         report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
@@ -355,6 +363,7 @@ def _prepare(
     cfg: DataConfig,
     tokenizer: Any,
     workdir: Path,
+    cache_dir: Path,
     model_license: str | None,
     stages: _Stages,
     bad: BadRowLog,
@@ -365,7 +374,7 @@ def _prepare(
     if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise DataError("template 'tokenizer' needs a tokenizer with a chat template", reason="TemplateError")
 
-    sources = _resolve_all(cfg, workdir / "sources")
+    sources = _resolve_all(cfg, cache_dir)
     rows, source_records = _read(cfg, sources, bad)
     report.provenance.sources = source_records
     stages.add("read", bad.total, len(rows), {"malformed": bad.count})
