@@ -4,14 +4,22 @@ FTO_USE_EXISTING_CLUSTER=1). The fixtures that hand out a `Cluster` live in test
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # kwok ends a Running pod that carries this annotation (hack/kwok/pod-exit.yaml).
 EXIT_CODE_ANNOTATION = "kwok.finetune.dev/exit-code"
@@ -117,3 +125,95 @@ def finish_pod(
         "annotate", "pod", pod, "-n", namespace, "--overwrite", f"{EXIT_CODE_ANNOTATION}={exit_code}"
     )
     return wait_for_pod_phase(cluster, namespace, pod, "Succeeded" if exit_code == 0 else "Failed", timeout)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class OperatorProcess:
+    """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
+
+    def __init__(self, namespace: str, kubeconfig: Path, log_path: Path) -> None:
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.health_port = _free_port()
+        self.metrics_port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}/healthz"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _healthy(self) -> bool:
+        if not self.running:
+            raise AssertionError(
+                f"the operator exited ({self._exit_code()}) before it was healthy:\n{self.logs()}"
+            )
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(self.health_url, timeout=2.0) as resp:
+                return int(resp.status) == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _exit_code(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def start(self, timeout: float = 90.0) -> None:
+        """Start it (again) and wait until its liveness endpoint answers."""
+        if self.running:
+            return
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image" / "src"), env.get("PYTHONPATH", "")]
+        )
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        cmd = [
+            sys.executable,
+            "-m",
+            "finetune_operator",
+            "--namespace",
+            self.namespace,
+            "--health-port",
+            str(self.health_port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        wait_for(self._healthy, timeout, f"the operator's {self.health_url}")
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (kopf finishes its handlers), then SIGKILL after `timeout`. Returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the operator dies mid-work, as in a node failure."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -23,6 +23,7 @@ from hack import devcluster
 from tests.kube_helpers import (
     Cluster,
     KubectlError,
+    OperatorProcess,
     finish_pod,
     get_pod,
     kubectl_json,
@@ -435,3 +436,20 @@ def test_admission_webhook_on_localhost_is_called(
         cluster.apply(pod("allowed"), namespace)
     finally:
         cluster.kubectl("delete", "validatingwebhookconfiguration", config_name, "--ignore-not-found")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+def test_operator_fixture_runs_stops_and_restarts_the_operator(operator: OperatorProcess) -> None:
+    assert operator.running
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(operator.metrics_url, timeout=10) as resp:
+        assert resp.status == 200
+    operator.kill()
+    assert not operator.running
+    operator.start()
+    assert operator.running
+    assert operator.stop() is not None
+    assert not operator.running
+    assert operator.logs()
