@@ -23,6 +23,25 @@ log() { echo "[build-tools $(date +%H:%M:%S)] $*" >&2; }
 
 have() { for b in "$@"; do [ -x "$BIN/$b" ] || return 1; done; }
 
+# Go writes each binary into a staging folder first, so an interrupted build never leaves a partial
+# binary that `have` would take for a finished one.
+STAGE="$BIN/../.staging"
+publish() { for b in "$@"; do mv -f "$STAGE/$b" "$BIN/$b"; done; }
+
+need_go() {
+  command -v go >/dev/null || { log "Go is needed to build the dev-cluster tools (https://go.dev/dl/, 1.26+)"; exit 1; }
+}
+
+# One build at a time per cache folder (several test sessions or make targets may ask at once).
+if ! have etcd kwok helm kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+  exec 9>"$BIN/../.build.lock"
+  if ! flock -n 9; then
+    log "another build of the tools is running; waiting for it"
+    flock 9
+  fi
+  rm -rf "$STAGE"; mkdir -p "$STAGE"
+fi
+
 build_k8s() {
   have kube-apiserver kube-controller-manager kube-scheduler kubectl && return 0
   log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)"
@@ -33,45 +52,37 @@ build_k8s() {
   ld+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
   ld+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
   ld+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  need_go
   (cd "$HERE/tools/k8s" && go mod download -x 2>&1 | grep -c '^# get' >/dev/null || true)
   # One invocation, so that shared packages compile once. -v prints each package as it is compiled.
-  (cd "$HERE/tools/k8s" && go build -v -trimpath -ldflags "$ld" -o "$BIN/" \
+  (cd "$HERE/tools/k8s" && go build -v -trimpath -ldflags "$ld" -o "$STAGE/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl 2>&1 \
     | awk '{n++; if (n % 250 == 0) {printf "[build-tools] k8s: %d packages compiled (last: %s)\n", n, $0; fflush()}}' >&2)
-  have kube-apiserver kube-controller-manager kube-scheduler kubectl
+  publish kube-apiserver kube-controller-manager kube-scheduler kubectl
 }
 
 build_etcd() {
   have etcd && return 0
   log "building etcd $ETCD_VERSION"
-  (cd "$HERE/tools/etcd" && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" go.etcd.io/etcd/server/v3)
+  need_go
+  (cd "$HERE/tools/etcd" && go build -trimpath -ldflags "-s -w" -o "$STAGE/etcd" go.etcd.io/etcd/server/v3)
+  publish etcd
 }
 
 build_misc() {
   have kwok helm && return 0
   log "building kwok $KWOK_VERSION and helm $HELM_VERSION"
+  need_go
   (cd "$HERE/tools/misc" && go build -trimpath \
       -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-      -o "$BIN/" sigs.k8s.io/kwok/cmd/kwok helm.sh/helm/v3/cmd/helm)
-}
-
-# kwok needs Stages; its defaults ship inside the module. Copy them next to the binaries.
-stages() {
-  [ -d "$BIN/../kwok-stages" ] && return 0
-  local dir
-  dir="$(cd "$HERE/tools/misc" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
-  mkdir -p "$BIN/../kwok-stages.tmp"
-  cp "$dir"/kustomize/stage/node/fast/*.yaml "$dir"/kustomize/stage/node/heartbeat-with-lease/*.yaml \
-     "$dir"/kustomize/stage/pod/fast/*.yaml "$BIN/../kwok-stages.tmp/" 2>/dev/null || true
-  find "$BIN/../kwok-stages.tmp" -name kustomization.yaml -delete
-  mv "$BIN/../kwok-stages.tmp" "$BIN/../kwok-stages"
+      -o "$STAGE/" sigs.k8s.io/kwok/cmd/kwok helm.sh/helm/v3/cmd/helm)
+  publish kwok helm
 }
 
 start=$(date +%s)
 build_etcd
 build_misc
-stages
 build_k8s
 log "tools ready in $BIN ($(( $(date +%s) - start ))s)"
 echo "$BIN"
