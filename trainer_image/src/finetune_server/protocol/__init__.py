@@ -1,0 +1,1 @@
+"""The data plane: thin REST adapters over the model object."""
