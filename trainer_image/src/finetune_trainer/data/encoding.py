@@ -38,13 +38,27 @@ def _overlaps(start: int, end: int, spans: Sequence[tuple[int, int]]) -> bool:
     return end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
 
 
+def _trainable_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each token's character range, whether it overlaps a loss span. Offsets and spans are both in text
+    order, so one sweep suffices; special tokens have empty ranges and never carry the loss."""
+    trainable = []
+    index = 0
+    for start, end in offsets:
+        if end <= start:
+            trainable.append(False)
+            continue
+        while index < len(spans) and spans[index][1] <= start:
+            index += 1
+        trainable.append(index < len(spans) and spans[index][0] < end)
+    return trainable
+
+
 def _token_ids_and_mask(
     rendered: Rendered, tokenizer: Any, encoding: Any, add_special: bool
 ) -> tuple[list[int], list[bool]]:
     if encoding is not None:
         ids = list(encoding["input_ids"])
-        trainable = [_overlaps(s, e, rendered.spans) for s, e in encoding["offset_mapping"]]
-        return ids, trainable
+        return ids, _trainable_tokens(encoding["offset_mapping"], rendered.spans)
     ids, trainable = [], []
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_special and bos is not None and getattr(tokenizer, "add_bos_token", False):
