@@ -10,6 +10,7 @@ the kubeconfig live in .dev/cluster/ (git-ignored). See docs/dev-cluster.md.
     devcluster.py down                stop the processes it started (reverse order, SIGTERM then SIGKILL)
     devcluster.py status              processes, ports, readiness, nodes
     devcluster.py kubeconfig          print the kubeconfig path
+    devcluster.py fake-nodes          print the fake nodes (for another cluster running kwok, e.g. kind)
     devcluster.py kubectl ARGS...     kubectl against the dev cluster (or $KUBECONFIG, see below)
     devcluster.py exec -- CMD...      run CMD with KUBECONFIG pointing at the cluster
 
@@ -717,7 +718,9 @@ def up(layout: Layout, started_by: str) -> tuple[State, bool]:
             names = ensure_nodes(api, shape)
             wait_until("nodes Ready", cluster_ready(api, names), state)
             state.gpu_nodes = str(shape)
-            state.save(layout)
+        if started_by == "cli" and state.started_by != "cli":
+            state.started_by = "cli"  # asked for by a person now: no test session may stop it
+        state.save(layout)
         log(f"dev cluster already running at {state.api_url} (kubeconfig: {layout.kubeconfig})")
         return state, False
 
@@ -886,9 +889,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_up.add_argument("--session", type=int, help=argparse.SUPPRESS)
     p_down = sub.add_parser("down", help="stop the processes the dev cluster started")
     p_down.add_argument("--force", action="store_true", help="stop it even while test sessions use it")
-    p_release = sub.add_parser("release", help=argparse.SUPPRESS)
+    p_release = sub.add_parser("release", help="a test session is done with the cluster (tests/conftest.py)")
     p_release.add_argument("--session", type=int, required=True)
     sub.add_parser("status", help="processes, readiness and nodes")
+    sub.add_parser(
+        "fake-nodes", help="print the fake nodes as a List, for `kubectl apply -f -` (e.g. on kind)"
+    )
     sub.add_parser("kubeconfig", help="print the kubeconfig path")
     sub.add_parser("kubectl", help="kubectl against the cluster", add_help=False)
     sub.add_parser("exec", help="run a command with KUBECONFIG set", add_help=False)
@@ -929,6 +935,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "status":
         return cmd_status(layout)
+    if command == "fake-nodes":
+        print(
+            json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": desired_nodes(NodeShape.from_env())}, indent=2
+            )
+        )
+        return 0
     if command == "kubeconfig":
         print(os.environ.get("KUBECONFIG", "") if use_existing_cluster() else layout.kubeconfig)
         return 0
