@@ -109,6 +109,14 @@ def test_csv_line_numbers_count_physical_lines_of_quoted_multiline_fields(tmp_pa
     assert len(prepared.train) == 2
 
 
+def test_a_byte_order_mark_is_not_a_malformed_row(tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\n" for r in ROWS[:3]).encode())
+    (tmp_path / "d.csv").write_bytes(bom + b"prompt,completion\nfirst,one\nsecond,two\n")
+    assert len(_prepare(tmp_path / "j", str(tmp_path / "d.jsonl"), badRows={"maxRatio": 0}).train) == 3
+    assert len(_prepare(tmp_path / "c", str(tmp_path / "d.csv"), badRows={"maxRatio": 0}).train) == 2
+
+
 def test_parquet_rows_are_numbered_and_typed(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -41,6 +41,8 @@ def _read_jsonl(src: ResolvedSource) -> Iterator[RawRow]:
     with src.path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             text = raw.strip()
+            if number == 1:
+                text = text.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
             if not text:
                 continue
             try:
@@ -55,7 +57,7 @@ def _read_jsonl(src: ResolvedSource) -> Iterator[RawRow]:
 
 
 def _read_csv(src: ResolvedSource) -> Iterator[RawRow]:
-    with src.path.open(newline="", encoding="utf-8", errors="strict") as handle:
+    with src.path.open(newline="", encoding="utf-8-sig", errors="strict") as handle:
         reader = csv.reader(handle)
         try:
             header = next(reader)
