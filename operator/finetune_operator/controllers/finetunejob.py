@@ -256,9 +256,12 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
 
     # --- finished: sticky; only TTL and making sure nothing still runs --------------------------------
     if is_terminal(writer.conditions):
-        live = [p for p in pods if not p.terminated and not p.deleting]
-        if live:
-            await _delete_jobs(runtime, namespace, jobs)
+        # A failed Job's controller stops its own pods; failed pods stay for `kubectl logs`. Anything
+        # else still running (a deadline, a gang whose Job didn't fail yet) is stopped here.
+        live_attempts = {p.attempt for p in pods if not p.terminated and not p.deleting}
+        await _delete_jobs(
+            runtime, namespace, [j for j in jobs if j.attempt in live_attempts and not j.failed]
+        )
         runtime.admitted_override[key] = False
         await writer.commit()
         return await _ttl(runtime, job, writer)
@@ -429,7 +432,6 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         if code is not None and code in NON_RETRYABLE:
             writer.fail(REASONS[code], f"{description} (not retried: exit code {code} is non-retryable)")
             writer.fields["lastFailure"] = description
-            await _delete_jobs(runtime, namespace, jobs)
             release(runtime, key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
@@ -440,7 +442,6 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
                 f"{description}",
             )
             writer.fields["lastFailure"] = description
-            await _delete_jobs(runtime, namespace, jobs)
             release(runtime, key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
