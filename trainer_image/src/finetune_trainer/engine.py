@@ -229,7 +229,12 @@ class DeepSpeedEngine:
         self.cfg = cfg
         hp = cfg.hyperparameters
         optimizer = build_optimizer(model, hp, offload=cfg.distributed.offload is not Offload.NONE)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, total_steps))
+        factor = lr_lambda(hp, total_steps)
+
+        def scheduler(wrapped: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+            # Built on DeepSpeed's wrapped optimizer: ZeRO-3 regroups the parameters.
+            return torch.optim.lr_scheduler.LambdaLR(wrapped, factor)
+
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -1,0 +1,164 @@
+"""Pure pieces of the trainer: data order, checkpoint commit and pruning, schedule, loss, launcher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer.checkpoint import CheckpointManager, checkpoint_name, complete_checkpoints
+from finetune_trainer.config import Hyperparameters, parse_config
+from finetune_trainer.distributed import Distributed
+from finetune_trainer.engine import causal_lm_loss, deepspeed_config, lr_lambda
+from finetune_trainer.env import TorchrunEnv
+from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
+from finetune_trainer.launch import read_exit_code, torchrun_command
+from finetune_trainer.train import DataOrder, TrainState, classify, improved
+
+
+def test_data_order_gives_each_example_to_one_rank_once_per_epoch() -> None:
+    order = DataOrder(num_examples=103, micro_batch=4, accumulation=3, world_size=2, seed=5)
+    assert order.steps_per_epoch == 103 // 24
+    perm = order.permutation(epoch=0)
+    seen: list[int] = []
+    for step in range(order.steps_per_epoch):
+        for rank in range(2):
+            for micro in order.micro_batches(perm, step, rank):
+                assert len(micro) == 4
+                seen.extend(micro)
+    assert len(seen) == len(set(seen)) == order.steps_per_epoch * 24
+    assert order.permutation(0) == perm
+    assert order.permutation(1) != perm
+
+
+def test_causal_lm_loss_ignores_masked_labels_and_shifts() -> None:
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 2] = 10.0  # predicts token 2 at position 1
+    labels = torch.tensor([[-100, 2, -100, -100]])
+    loss, count = causal_lm_loss(logits, labels)
+    assert int(count) == 1
+    assert float(loss) < 1e-3
+    smoothed, _ = causal_lm_loss(logits, labels, label_smoothing=0.1)
+    assert float(smoothed) > float(loss)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
+    hp = Hyperparameters(warmupSteps=4, lrScheduler=schedule)  # type: ignore[call-arg]
+    factor = lr_lambda(hp, total_steps=20)
+    warm = [factor(s) for s in range(4)]
+    assert warm == sorted(warm) and warm[-1] == 1.0
+    tail = [factor(s) for s in range(4, 21)]
+    if schedule == "constant":
+        assert set(tail) == {1.0}
+    else:
+        assert tail == sorted(tail, reverse=True) and tail[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_deepspeed_config_batch_arithmetic_and_precision() -> None:
+    cfg = parse_config(
+        {
+            "model": {"path": "/m"},
+            "data": {"source": "/d"},
+            "hyperparameters": {"microBatchSize": 3, "gradientAccumulationSteps": 5, "maxGradNorm": 0},
+            "distributed": {"zeroStage": 3, "offload": "all", "precision": "bf16"},
+        }
+    )
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["bf16"] == {"enabled": True}
+    assert "gradient_clipping" not in ds
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def _manager(root: Path, keep_last: int = 2) -> CheckpointManager:
+    return CheckpointManager(root, Distributed(TorchrunEnv(), use_deepspeed=False), keep_last=keep_last)
+
+
+def _write_engine(tmp: Path) -> None:
+    (tmp / "engine.pt").write_bytes(b"weights")
+
+
+def test_checkpoint_commit_marker_and_half_written_checkpoints_ignored(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    manager.save(10, _write_engine, TrainState(step=10).to_json())
+    # A run killed while writing step 20 (tmp folder), and one killed between rename and marker (step 30).
+    (tmp_path / (checkpoint_name(20) + ".tmp")).mkdir()
+    half = tmp_path / checkpoint_name(30)
+    half.mkdir()
+    (half / "trainer_state.json").write_text(json.dumps(TrainState(step=30).to_json()))
+    latest = manager.latest()
+    assert latest is not None and latest.step == 10
+    assert latest.read_state()["step"] == 10
+    assert latest.load_rng(0) is not None
+    manifest = json.loads((latest.path / "manifest.json").read_text())
+    assert manifest["files"]["engine.pt"] == len(b"weights")
+    manager.prune(keep_steps=set())
+    assert not (tmp_path / (checkpoint_name(20) + ".tmp")).exists()
+    assert not half.exists()
+
+
+def test_prune_keeps_last_k_and_the_best(tmp_path: Path) -> None:
+    manager = _manager(tmp_path, keep_last=2)
+    for step in (5, 10, 15, 20):
+        manager.save(step, _write_engine, TrainState(step=step).to_json())
+        manager.prune(keep_steps={5})
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [5, 15, 20]
+
+
+def test_early_stopping_improvement_respects_mode_and_min_delta() -> None:
+    cfg = parse_config(
+        {
+            "model": {"path": "/m"},
+            "data": {"source": "/d"},
+            "earlyStopping": {"enabled": True, "mode": "min", "minDelta": 0.1},
+        }
+    )
+    assert improved(cfg, 1.0, None)
+    assert improved(cfg, 0.85, 1.0)
+    assert not improved(cfg, 0.95, 1.0)
+    cfg.early_stopping.mode = "max"
+    assert improved(cfg, 1.2, 1.0)
+    assert not improved(cfg, 1.05, 1.0)
+
+
+def test_exceptions_map_to_documented_exit_codes() -> None:
+    from finetune_trainer.config import ConfigError
+    from finetune_trainer.data.errors import DataError
+    from finetune_trainer.modeling import ModelError
+
+    assert classify(ConfigError("x")) is ExitCode.CONFIG_ERROR
+    assert classify(DataError("x")) is ExitCode.DATA_ERROR
+    assert classify(ModelError("x")) is ExitCode.MODEL_ERROR
+    assert classify(RuntimeError("x")) is ExitCode.RETRYABLE
+    assert {ExitCode.CONFIG_ERROR, ExitCode.DATA_ERROR, ExitCode.MODEL_ERROR} == NON_RETRYABLE
+    assert ExitCode.PREEMPTED not in NON_RETRYABLE
+
+
+def test_torchrun_command_standalone_or_from_pet_variables() -> None:
+    local = torchrun_command("/c.yaml", shutdown_timeout=90, environ={}, python="py")
+    assert local[:3] == ["py", "-m", "torch.distributed.run"]
+    assert "--max-restarts=0" in local and "--shutdown-timeout=90" in local and "--standalone" in local
+    assert local[-3:] == ["finetune_trainer.train", "--config", "/c.yaml"]
+    multi = torchrun_command(
+        "/c.yaml", shutdown_timeout=90, environ={"PET_MASTER_ADDR": "j-0.svc"}, python="py"
+    )
+    assert "--standalone" not in multi
+
+
+def test_exit_code_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "code"
+    path.write_text("4\nDataError: too many bad rows\n")
+    assert read_exit_code(path) == (4, "DataError: too many bad rows")
+    assert read_exit_code(tmp_path / "absent") == (None, "")
+
+
+def test_torchrun_env_read_in_one_place() -> None:
+    env = TorchrunEnv.from_environ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launched) == (3, 8, 1, "h", True)
+    assert not TorchrunEnv.from_environ({}).launched
+    with pytest.raises(ValueError, match="RANK"):
+        TorchrunEnv.from_environ({"RANK": "x"})
