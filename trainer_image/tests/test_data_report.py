@@ -52,7 +52,7 @@ def test_provenance_hashes_every_input_file_and_counts_rows_per_stage(tmp_path: 
         assert record.bytes == path.stat().st_size
     assert [s.rows for s in provenance.sources] == [40, 41]
     stages = {s.name: s for s in provenance.stages}
-    assert list(stages) == ["read", "clean", "pii", "dedup", "split", "augment", "tokenize"]
+    assert list(stages) == ["read", "clean", "pii", "dedup", "split", "tokenize"]
     assert stages["read"].removed == {"malformed": 1}
     assert stages["dedup"].removed == {"exact_duplicate": 1}
     for earlier, later in zip(provenance.stages[:4], provenance.stages[1:5], strict=True):

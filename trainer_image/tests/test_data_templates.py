@@ -189,6 +189,8 @@ def test_augmentation_adds_prompt_variants_to_train_only(tmp_path: Path) -> None
     prepared = _prepare(tmp_path, rows, augmentation=augmentation)
     assert len(prepared.train) == 80
     assert prepared.report.augmented_rows == 40
+    augment = next(s for s in prepared.report.stages if s.name == "augment (train)")
+    assert (augment.rows_in, augment.rows_out) == (40, 80)
     assert TOKENIZER.decode(prepared.train[40]["input_ids"]) == "Q: What is 0 squared?\n0</s>"
     held_out = {"validation": 0.25, "test": 0.25}
     split = _prepare(tmp_path / "s", rows, augmentation=augmentation, split=held_out)

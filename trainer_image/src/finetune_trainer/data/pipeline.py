@@ -311,7 +311,7 @@ def _split_record(
         tokens=sum(lengths),
         loss_tokens=loss_tokens,
         truncated=truncated,
-        length_histogram=histogram(lengths, max_length),
+        length_histogram=histogram(lengths, max(lengths, default=max_length)),
         min_tokens=min(lengths, default=0),
         max_tokens=max(lengths, default=0),
         mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
@@ -386,10 +386,11 @@ def _prepare(
     rows = _dedup(cfg, rows, stages)
     splits = _split(cfg, rows, stages)
 
-    train_records = augment(splits["train"], cfg.augmentation)
-    report.augmented_rows = len(train_records) - len(splits["train"])
-    stages.add("augment", len(splits["train"]), len(train_records))
-    splits["train"] = train_records
+    if cfg.augmentation.strategy != "none":
+        train_records = augment(splits["train"], cfg.augmentation)
+        report.augmented_rows = len(train_records) - len(splits["train"])
+        stages.add("augment (train)", len(splits["train"]), len(train_records))
+        splits["train"] = train_records
 
     classification = cfg.fields.kind == "classification"
     label_names = _label_names(r for records in splits.values() for r in records) if classification else None

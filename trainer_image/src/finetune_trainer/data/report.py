@@ -81,7 +81,10 @@ class PiiRecord(_ReportModel):
 
 
 class Histogram(_ReportModel):
-    edges: list[int] = Field(default_factory=list, description="Bin edges in tokens (len = len(counts) + 1).")
+    edges: list[int] = Field(
+        default_factory=list,
+        description="Bin edges in tokens (len = len(counts) + 1), equal bins from 0 to the longest example.",
+    )
     counts: list[int] = Field(default_factory=list, description="Examples per bin [edges[i], edges[i+1]).")
 
 
@@ -136,7 +139,7 @@ class DataReport(_ReportModel):
 
 
 def histogram(lengths: list[int], max_length: int, bins: int = 10) -> Histogram:
-    """Equal-width bins from 0 to ``max_length`` inclusive."""
+    """Equal-width bins from 0 to ``max_length`` inclusive (bins never narrower than one token)."""
     width = max(1, -(-(max_length + 1) // bins))
     edges = [i * width for i in range(bins + 1)]
     counts = [0] * bins
