@@ -101,6 +101,8 @@ class StatusWriter:
         self.original = {k: copy.deepcopy(status.get(k)) for k in OWNED_STATUS_FIELDS}
         self.fields: dict[str, Any] = copy.deepcopy(self.original)
         self.fields["conditions"] = list(self.fields.get("conditions") or [])
+        distributed = (body.get("spec") or {}).get("distributed") or {}
+        self.gpus = int(distributed.get("nodes") or 1) * int(distributed.get("gpusPerNode") or 0)
 
     @property
     def conditions(self) -> list[dict[str, Any]]:
@@ -127,8 +129,10 @@ class StatusWriter:
         self.fields["phase"] = derive_phase(self.fields["conditions"])
         changed = {k: v for k, v in self.fields.items() if v != self.original.get(k)}
         key = f"{self.body['metadata']['namespace']}/{self.body['metadata']['name']}"
-        self.runtime.phases[key] = self.fields["phase"]
-        self.runtime.metrics.set_phases(self.runtime.phases)
+        phase = self.fields["phase"]
+        active = phase not in ("Succeeded", "Failed", "Suspended")
+        admitted = active and is_true(self.fields["conditions"], CONDITION_ADMITTED)
+        self.runtime.record(key, phase, self.gpus if active else 0, self.gpus if admitted else 0)
         if not changed:
             return
         meta = self.body["metadata"]

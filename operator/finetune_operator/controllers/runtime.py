@@ -146,6 +146,18 @@ class Runtime:
     applied_generation: dict[str, int] = field(default_factory=dict)
     """metadata.generation whose children were last applied, per job (a restart re-applies everything)."""
     phases: dict[str, str] = field(default_factory=dict)
+    gpus: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(requested, admitted) GPUs per job, for the gauges."""
+
+    def record(self, key: str, phase: str, requested: int, admitted: int) -> None:
+        self.phases[key] = phase
+        self.gpus[key] = (requested, admitted)
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        self.metrics.set_phases(self.phases)
+        self.metrics.gpus_requested.set(sum(r for r, _ in self.gpus.values()))
+        self.metrics.gpus_admitted.set(sum(a for _, a in self.gpus.values()))
 
     def enqueue(self, key: str) -> None:
         if self.queue is not None:
@@ -163,6 +175,7 @@ class Runtime:
         self.placements.pop(key, None)
         self.applied_generation.pop(key, None)
         self.phases.pop(key, None)
+        self.gpus.pop(key, None)
         if self.queue is not None:
             self.queue.forget(key)
-        self.metrics.set_phases(self.phases)
+        self.update_gauges()
