@@ -128,6 +128,19 @@ def test_parquet_rows_are_numbered_and_typed(tmp_path: Path) -> None:
     assert len(prepared.train) == 3
 
 
+def test_a_damaged_parquet_file_is_a_data_error(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"] * 100, "completion": ["b"] * 100}), tmp_path / "d.parquet")
+    data = (tmp_path / "d.parquet").read_bytes()
+    (tmp_path / "d.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as info:
+        _prepare(tmp_path, str(tmp_path / "d.parquet"))
+    assert info.value.reason == "SourceUnreadable"
+    assert "d.parquet" in str(info.value)
+
+
 def test_hf_saved_dataset_folder_and_its_split(tmp_path: Path) -> None:
     import datasets
 

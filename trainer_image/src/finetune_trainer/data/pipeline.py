@@ -133,16 +133,21 @@ def _read(
     records: list[SourceRecord] = []
     for src in sources:
         count = 0
-        for raw in read_rows(src, hf_split=cfg.hf_split):
-            count += 1
-            bad.row_read()
-            if raw.data is None:
-                bad.bad(raw.source, raw.line, raw.error or "malformed")
-                continue
-            try:
-                rows.append((src.role, map_row(raw.data, cfg.fields, source=raw.source, line=raw.line)))
-            except MappingError as exc:
-                bad.bad(raw.source, raw.line, str(exc))
+        try:
+            for raw in read_rows(src, hf_split=cfg.hf_split):
+                count += 1
+                bad.row_read()
+                if raw.data is None:
+                    bad.bad(raw.source, raw.line, raw.error or "malformed")
+                    continue
+                try:
+                    rows.append((src.role, map_row(raw.data, cfg.fields, source=raw.source, line=raw.line)))
+                except MappingError as exc:
+                    bad.bad(raw.source, raw.line, str(exc))
+        except (OSError, ValueError) as exc:  # a damaged file (pyarrow's errors derive from these)
+            raise DataError(
+                f"{src.uri}: unreadable after {count} rows: {exc}", reason="SourceUnreadable"
+            ) from exc
         for name, digest, size in src.hashes:
             uri = src.uri if len(src.hashes) == 1 else f"{src.uri.rstrip('/')}/{name}"
             records.append(

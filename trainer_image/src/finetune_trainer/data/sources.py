@@ -32,6 +32,9 @@ _EXTENSIONS: dict[str, str] = {
 #: Files that mark a folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
 _HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _CHUNK = 1 << 20
+#: Remote errors that a restart will not fix (missing object, no access, bad URL): a data error. Anything else
+#: (connection reset, timeout) propagates and the trainer exits with the retryable code.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,7 @@ def _download(uri: str, fmt: DataFormat, role: str, cache_dir: Path) -> list[Res
             )
         else:
             remote_paths = [path]
-    except (OSError, ValueError) as exc:
+    except _PERMANENT as exc:
         raise DataError(f"{uri}: cannot list ({exc})", reason="SourceUnreadable") from exc
     if not remote_paths:
         raise DataError(f"{uri}: matches no data files", reason="SourceUnreadable")
@@ -171,7 +174,7 @@ def _download(uri: str, fmt: DataFormat, role: str, cache_dir: Path) -> list[Res
                     digest.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
-        except (OSError, ValueError) as exc:
+        except _PERMANENT as exc:
             raise DataError(f"{remote_uri}: cannot read ({exc})", reason="SourceUnreadable") from exc
         os.replace(partial, target)
         resolved.append(
