@@ -734,7 +734,7 @@ def up(layout: Layout, started_by: str) -> tuple[State, bool]:
     bin_dir = find_bin_dir()
     for d in (layout.etcd_data, layout.volumes, layout.logs):
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, mode=0o700 if d == layout.etcd_data else 0o777)  # etcd wants its folder private
     ensure_pki(layout.pki)
     state = State(
         version=STATE_VERSION,

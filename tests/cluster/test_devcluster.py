@@ -7,6 +7,8 @@ import base64
 import json
 import os
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -453,3 +455,59 @@ def test_operator_fixture_runs_stops_and_restarts_the_operator(operator: Operato
     assert operator.stop() is not None
     assert not operator.running
     assert operator.logs()
+
+
+# ------------------------------------------------------------------------------------------ up / down
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and devcluster.process_start_ticks(int(entry.name)) is not None:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(EXISTING_CLUSTER, reason="starts a second dev cluster of its own")
+def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
+    env = dict(os.environ, FTO_DEV_DIR=str(tmp_path / "cluster"), FTO_DEV_GPU_NODES="1x2")
+
+    def devcluster_cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, str(devcluster.REPO_ROOT / "hack" / "devcluster.py"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    try:
+        assert "dev cluster ready" in devcluster_cli("up")
+        first = devcluster.State.load(devcluster.Layout(tmp_path / "cluster"))
+        assert first is not None
+        assert [p.name for p in first.processes] == [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok",
+            "local-provisioner",
+        ]
+        assert all(p.alive() for p in first.processes)
+
+        assert "already running" in devcluster_cli("up")
+        again = devcluster.State.load(devcluster.Layout(tmp_path / "cluster"))
+        assert again is not None
+        assert [p.pid for p in again.processes] == [p.pid for p in first.processes]
+    finally:
+        devcluster_cli("down")
+    assert not any(p.alive() for p in first.processes)
+    assert _processes_mentioning(str(tmp_path)) == []
