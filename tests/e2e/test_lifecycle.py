@@ -1,0 +1,201 @@
+"""The whole FineTuneJob lifecycle for real: the operator on the dev cluster admits the job and creates its
+pod, the pod's container (the trainer) runs on this machine with the pod's command, environment, volumes and
+ServiceAccount (hack/pod_runner.py), reports through the API, and the pod ends with the trainer's exit code.
+
+A tiny Llama-style model and a small generated task (hack/make_tiny_model.py) keep it to about a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hack import pod_runner
+from hack.make_tiny_model import TinyAssets, make_tiny_assets
+
+from finetune_trainer.config import parse_config
+from finetune_trainer.exit_codes import REASONS, ExitCode
+from tests.kube_helpers import Cluster, OperatorProcess, kubectl_json, wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the pod runner needs root (private mount namespace)"),
+]
+
+MAX_STEPS = 30
+JOB_LABEL = "finetune.dev/job"
+#: Field managers of the operator's own status writes; the trainer's writes must come from someone else.
+OPERATOR_MANAGERS = {"kopf", "Python", "finetune-operator"}
+TRAINER_FIELDS = {"f:progress", "f:metrics", "f:artifact"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
+
+
+def finetunejob(name: str, model: Path, data: Path, max_bad_ratio: float = 0.05) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "causal-lm",
+            "model": {"source": f"file://{model}"},
+            "dataset": {
+                "source": f"file://{data}",
+                "format": "jsonl",
+                "fieldMapping": {"prompt": "prompt", "completion": "completion"},
+                "split": {"validationRatio": 0.1, "testRatio": 0.1, "seed": 1},
+                "badRows": {"maxRatio": max_bad_ratio},
+            },
+            "method": "full",
+            "hyperparameters": {
+                "maxSteps": MAX_STEPS,
+                "batchSize": 8,
+                "learningRate": 0.003,
+                "warmupSteps": 2,
+                "maxSeqLength": 64,
+            },
+            "evaluation": {"everySteps": 10},
+            "checkpointing": {"everySteps": 10, "storage": {"size": "1Gi"}},
+            # The fake GPU nodes are the only ones the pod may use; on this machine it trains on the CPU.
+            "distributed": {"nodes": 1, "gpusPerNode": 1, "precision": "fp32"},
+        },
+    }
+
+
+def condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in job.get("status", {}).get("conditions", []) if c["type"] == kind), None)
+
+
+def get_job(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    job: dict[str, Any] = kubectl_json(
+        cluster, "get", "finetunejob", name, "-n", namespace, "--show-managed-fields"
+    )
+    return job
+
+
+def wait_condition(
+    cluster: Cluster, namespace: str, name: str, kind: str, timeout: float = 120
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        job = get_job(cluster, namespace, name)
+        cond = condition(job, kind)
+        return job if cond and cond["status"] == "True" else None
+
+    return wait_for(reached, timeout, f"FineTuneJob {namespace}/{name} to have {kind}=True")
+
+
+def running_trainer_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    def running() -> dict[str, Any] | None:
+        pods = kubectl_json(cluster, "get", "pods", "-n", namespace, "-l", f"{JOB_LABEL}={name}")["items"]
+        live = [p for p in pods if p["status"].get("phase") == "Running"]
+        return live[0] if len(live) == 1 else None
+
+    return wait_for(running, 120, f"the trainer pod of {namespace}/{name} to be Running")
+
+
+def volume_dir(cluster: Cluster, namespace: str, pod: dict[str, Any], container_path: str) -> Path:
+    """Where a path inside the pod lies on this machine: its mount's PersistentVolume folder."""
+    [container] = pod["spec"]["containers"]
+    mount = max(
+        (m for m in container["volumeMounts"] if container_path.startswith(m["mountPath"].rstrip("/") + "/")),
+        key=lambda m: len(m["mountPath"]),
+    )
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    claim = kubectl_json(cluster, "get", "pvc", volume["persistentVolumeClaim"]["claimName"], "-n", namespace)
+    pv = kubectl_json(cluster, "get", "pv", claim["spec"]["volumeName"])
+    return Path(pv["spec"]["hostPath"]["path"]) / container_path.removeprefix(mount["mountPath"]).lstrip("/")
+
+
+def status_writers(job: dict[str, Any]) -> dict[str, set[str]]:
+    """Status fields by the field manager that last wrote them."""
+    writers: dict[str, set[str]] = {}
+    for entry in job["metadata"].get("managedFields", []):
+        if entry.get("subresource") == "status":
+            fields = set(entry.get("fieldsV1", {}).get("f:status", {}))
+            writers.setdefault(entry["manager"], set()).update(fields)
+    return writers
+
+
+def test_finetunejob_trains_for_real_and_succeeds_with_an_artifact(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
+) -> None:
+    cluster.apply(finetunejob("tiny", tiny.model_dir, tiny.data_path), namespace)
+    wait_condition(cluster, namespace, "tiny", "Admitted")
+    pod = running_trainer_pod(cluster, namespace, "tiny")
+
+    # The operator's rendered config is one the trainer accepts (the trainer validates it again on start).
+    [config_volume] = [v for v in pod["spec"]["volumes"] if "configMap" in v]
+    config_map = kubectl_json(
+        cluster, "get", "configmap", config_volume["configMap"]["name"], "-n", namespace
+    )
+    config = parse_config(yaml.safe_load(config_map["data"]["trainer.yaml"]))
+    assert config.hyperparameters.max_steps == MAX_STEPS
+
+    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
+    run = pod_runner.run_pod(kube, namespace, pod["metadata"]["name"], log_path=tmp_path / "trainer.log")
+    assert run.exit_code == 0, run.log()
+    # In-cluster reporting had only the pod's own credentials: the projected ServiceAccount token.
+    assert not {"KUBECONFIG", "FTO_STATUS_KUBECONFIG"} & set(run.env)
+    assert "status patch" not in run.log(), run.log()
+
+    job = wait_condition(cluster, namespace, "tiny", "Succeeded")
+    status = job["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["attempt"] == 1
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == MAX_STEPS
+    before, after = status["metrics"]["before"], status["metrics"]["after"]
+    assert after["loss"] < before["loss"], status["metrics"]
+    # progress, metrics and artifact were written by the trainer's client, not by the operator.
+    writers = status_writers(job)
+    trainer_managers = {m for m, fields in writers.items() if fields & TRAINER_FIELDS}
+    assert trainer_managers, writers
+    assert not trainer_managers & OPERATOR_MANAGERS, writers
+
+    artifact = status["artifact"]
+    model_dir = volume_dir(cluster, namespace, pod, artifact["uri"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
+    card = volume_dir(cluster, namespace, pod, artifact["modelCard"])
+    assert card.name == "README.md"
+    assert "loss" in card.read_text().lower()
+    metrics = json.loads((card.parent / "metrics.json").read_text())
+    assert metrics["after"]["test"]["loss"] < metrics["before"]["test"]["loss"], metrics
+    png = next(card.parent.glob("*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.name in card.read_text()  # the card shows the loss curve
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.vocab_size == len(tokenizer)
+
+
+def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
+) -> None:
+    bad = make_tiny_assets(tmp_path / "bad", malformed_ratio=0.5)
+    cluster.apply(finetunejob("bad-data", tiny.model_dir, bad.data_path, max_bad_ratio=0.05), namespace)
+    pod = running_trainer_pod(cluster, namespace, "bad-data")
+
+    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
+    run = pod_runner.run_pod(kube, namespace, pod["metadata"]["name"], log_path=tmp_path / "trainer.log")
+    assert run.exit_code == ExitCode.DATA_ERROR, run.log()
+    assert run.termination_message, run.log()  # the trainer says why, where the kubelet would read it
+
+    job = wait_condition(cluster, namespace, "bad-data", "Failed")
+    failed = condition(job, "Failed")
+    assert failed is not None
+    assert failed["reason"] == REASONS[ExitCode.DATA_ERROR], failed
+    assert job["status"]["phase"] == "Failed"
+    # Not retried: one attempt, one batch Job.
+    assert job["status"]["attempt"] == 1
+    assert job["status"].get("restarts", 0) == 0
+    jobs = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", f"{JOB_LABEL}=bad-data")["items"]
+    assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
