@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -131,15 +131,15 @@ class Kube:
 
 
 def default_kube(kubeconfig: str | None = None) -> Kube:
-    """kubectl and kubeconfig: the arguments, else $KUBECONFIG and kubectl on PATH, else the dev cluster's."""
-    sys.path.insert(0, str(REPO_ROOT))
+    """kubectl and kubeconfig: the arguments, else $KUBECONFIG, else the dev cluster's; kubectl is the dev
+    cluster's (or, with FTO_USE_EXISTING_CLUSTER=1, the one on PATH)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
     from hack import devcluster
 
     layout = devcluster.Layout.default()
     config = Path(kubeconfig or os.environ.get("KUBECONFIG") or layout.kubeconfig)
-    on_path = shutil.which("kubectl")
-    kubectl = Path(on_path) if on_path else devcluster.tools_dir(layout) / "kubectl"
-    return Kube(kubectl=kubectl, kubeconfig=config)
+    return Kube(kubectl=devcluster.tools_dir(layout) / "kubectl", kubeconfig=config)
 
 
 # ------------------------------------------------------------------------------------------------ env
@@ -534,7 +534,7 @@ def run_pod(
     *,
     container: str | None = None,
     log_path: Path | None = None,
-    echo: IO[str] | None = None,
+    echo: Callable[[str], None] | None = None,
     finish: bool = True,
     python: Path = VENV_PYTHON,
     running_timeout: float = 120.0,
@@ -615,7 +615,7 @@ def run_pod(
 
 
 def _supervise(
-    kube: Kube, pod: Mapping[str, Any], cmd: list[str], log_path: Path, echo: IO[str] | None
+    kube: Kube, pod: Mapping[str, Any], cmd: list[str], log_path: Path, echo: Callable[[str], None] | None
 ) -> tuple[int, bool]:
     """Run `cmd`, copy its output to the log (and `echo`), stop it when the pod is deleted.
 
@@ -660,8 +660,7 @@ def _supervise(
                 log.write(line)
                 log.flush()
                 if echo is not None:
-                    echo.write(line)
-                    echo.flush()
+                    echo(line)
             code = proc.wait()
         finally:
             for sig, handler in previous.items():
@@ -736,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.pod,
             container=args.container,
             log_path=args.log,
-            echo=sys.stdout,
+            echo=lambda line: print(line, end="", flush=True),
             finish=not args.no_finish,
         )
     except PodRunnerError as exc:
