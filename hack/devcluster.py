@@ -184,12 +184,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def component_env() -> dict[str, str]:
-    """Environment for our processes: never send loopback traffic (webhook calls) through a proxy."""
+def loopback_env(strip_proxies: bool) -> dict[str, str]:
+    """This environment with loopback exempt from any proxy (the API and webhooks are on 127.0.0.1).
+
+    Our components reach nothing else, so for them the proxy variables go altogether."""
     env = dict(os.environ)
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        env.pop(key, None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    if strip_proxies:
+        for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(key, None)
+    exempt = [h for h in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if h]
+    exempt += [h for h in ("127.0.0.1", "localhost") if h not in exempt]
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(exempt)
     return env
 
 
@@ -202,7 +207,7 @@ def spawn(layout: Layout, state: State, name: str, args: list[str]) -> ProcessRe
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=component_env(),
+            env=loopback_env(strip_proxies=True),
             cwd=layout.root,
         )
     ticks = process_start_ticks(proc.pid)
@@ -442,9 +447,9 @@ class Api:
         except ValueError:
             return status, raw.decode(errors="replace")
 
-    def ok(self, path: str) -> bool:
+    def ok(self, path: str, timeout: float = 3.0) -> bool:
         try:
-            status, _ = self.request("GET", path, timeout=3.0)
+            status, _ = self.request("GET", path, timeout=timeout)
         except (OSError, ssl.SSLError):
             return False
         return status == 200
@@ -696,13 +701,20 @@ def cluster_ready(api: Api, node_names: Sequence[str]) -> Callable[[], bool]:
     return check
 
 
-def running_state(layout: Layout) -> State | None:
-    """The recorded cluster, if every process of it is alive and the apiserver answers /readyz."""
+def running_state(layout: Layout, patience_s: float = 30.0) -> State | None:
+    """The recorded cluster, if every process of it is alive and the apiserver answers /readyz.
+
+    A busy machine can make /readyz slow or briefly unready; since the alternative is to restart a cluster
+    that others may be using, a live one gets `patience_s` to answer."""
     state = State.load(layout)
     if state is None or not state.processes or not all(p.alive() for p in state.processes):
         return None
-    if not Api(state.api_url, layout.pki).ok("/readyz"):
-        return None
+    api = Api(state.api_url, layout.pki)
+    deadline = time.monotonic() + patience_s
+    while not api.ok("/readyz", timeout=10.0):
+        if time.monotonic() > deadline or not all(p.alive() for p in state.processes):
+            return None
+        time.sleep(1.0)
     return state
 
 
@@ -952,7 +964,7 @@ def run_against_cluster(layout: Layout, command: str, rest: list[str]) -> NoRetu
     """`kubectl ARGS...` or `exec -- CMD...` with KUBECONFIG (and the tools on PATH) set.
 
     Replaces this process."""
-    env = component_env()
+    env = loopback_env(strip_proxies=False)
     env["KUBECONFIG"] = str(target_kubeconfig(layout))
     bin_dir = tools_dir(layout)
     if command == "kubectl":
