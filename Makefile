@@ -40,8 +40,8 @@ kubeconfig: ## print the dev cluster's kubeconfig path
 install-crds: venv ## apply crds/ to the current cluster
 	@$(PY) hack/devcluster.py kubectl apply --server-side -f crds/
 
-run: venv ## run the operator against the current cluster
-	@$(PY) hack/devcluster.py exec -- $(PY) -m finetune_operator
+run: venv ## run the operator against the current cluster (all namespaces; /healthz :8080, /metrics :9090)
+	@$(PY) hack/devcluster.py exec -- $(PY) -m finetune_operator --all-namespaces --health-port 8080 --metrics-port 9090
 
 crds: venv ## regenerate crds/, docs/api.md and the chart's CRDs from operator/finetune_operator/api
 	@$(PY) -m finetune_operator.api.crdgen --out crds/ --docs docs/api.md
