@@ -65,6 +65,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 EXIT_CODE_ANNOTATION = "kwok.finetune.dev/exit-code"
 """kwok ends a Running pod that carries this annotation (hack/kwok/pod-exit.yaml)."""
+TERMINATION_MESSAGE_ANNOTATION = "kwok.finetune.dev/termination-message"
+"""The container's termination message, set together with the exit code, for a kwok stage to copy into
+`state.terminated.message` (what a kubelet reports from terminationMessagePath)."""
+MESSAGE_MAX_BYTES = 4096
+LOG_FALLBACK_LINES, LOG_FALLBACK_BYTES = 80, 2048
 PYTHON_COMMANDS = frozenset(
     {"python", "python3", "/usr/bin/python", "/usr/bin/python3", "/usr/local/bin/python"}
 )
@@ -602,7 +607,9 @@ def run_pod(
             env=env,
             exit_code=exit_code,
             log_path=log_path,
-            termination_message=termination_log.read_text(errors="replace").strip(),
+            termination_message=termination_message(
+                termination_log, log_path, spec.get("terminationMessagePolicy"), exit_code
+            ),
             deleted=deleted,
             mounts=mounts,
         )
@@ -610,8 +617,18 @@ def run_pod(
         volumes.cleanup()
         shutil.rmtree(scratch, ignore_errors=True)
     if finish and not run.deleted:
-        finish_pod(kube, namespace, name, run.exit_code)
+        finish_pod(kube, namespace, name, run.exit_code, run.termination_message)
     return run
+
+
+def termination_message(message_file: Path, log_path: Path, policy: str | None, exit_code: int) -> str:
+    """The kubelet's rule: the terminationMessagePath file (at most 4 KiB); when it is empty, the policy is
+    FallbackToLogsOnError and the container failed, the end of its log (80 lines, 2 KiB)."""
+    message = message_file.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace").strip()
+    if message or policy != "FallbackToLogsOnError" or exit_code == 0 or not log_path.exists():
+        return message
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-LOG_FALLBACK_LINES:])
+    return tail.encode()[-LOG_FALLBACK_BYTES:].decode(errors="replace").strip()
 
 
 def _supervise(
@@ -653,7 +670,11 @@ def _supervise(
 
         watcher = threading.Thread(target=watch, name="pod-watch", daemon=True)
         watcher.start()
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Our own SIGTERM/Ctrl-C stops the container as a pod deletion would (only the main thread may
+        # install handlers; a caller running us in a thread keeps its own).
+        in_main = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGTERM, signal.SIGINT) if in_main else ()
+        previous = {s: signal.signal(s, forward) for s in signals}
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -663,6 +684,8 @@ def _supervise(
                     echo(line)
             code = proc.wait()
         finally:
+            if proc.poll() is None:  # we are leaving on an exception: never leave the container behind
+                _stop(proc, 0)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return (128 - code if code < 0 else code), deleted.is_set()
@@ -679,9 +702,15 @@ def _stop(proc: subprocess.Popen[str], grace: float) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def finish_pod(kube: Kube, namespace: str, name: str, exit_code: int, timeout: float = 60.0) -> None:
-    """End the pod through kwok with the process's exit code and wait until the API shows it."""
-    kube.run("annotate", "pod", name, "-n", namespace, "--overwrite", f"{EXIT_CODE_ANNOTATION}={exit_code}")
+def finish_pod(
+    kube: Kube, namespace: str, name: str, exit_code: int, message: str = "", timeout: float = 60.0
+) -> None:
+    """End the pod through kwok with the process's exit code (and termination message, in the same update)
+    and wait until the API shows it."""
+    annotations = [f"{EXIT_CODE_ANNOTATION}={exit_code}"]
+    if message:
+        annotations.insert(0, f"{TERMINATION_MESSAGE_ANNOTATION}={message}")
+    kube.run("annotate", "pod", name, "-n", namespace, "--overwrite", *annotations)
     want = "Succeeded" if exit_code == 0 else "Failed"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,61 @@ def test_runs_the_pods_command_with_its_environment_volumes_and_identity(
     assert (Path(pv["spec"]["hostPath"]["path"]) / "out.txt").read_text() == "written by runner-0"
 
     pod = get_pod(cluster, namespace, "runner-0")
+    assert pod["metadata"]["annotations"][pod_runner.TERMINATION_MESSAGE_ANNOTATION] == "bye from the pod"
     assert pod["status"]["phase"] == "Failed"
     [status] = pod["status"]["containerStatuses"]
     assert status["state"]["terminated"]["exitCode"] == 3
     # Mount points made for the run are gone again; the host's /etc/hosts is untouched.
     assert not Path("/etc/demo").exists()
     assert "runner-0" not in Path("/etc/hosts").read_text()
+
+
+GRACEFUL = r"""
+import signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):
+    Path("/data/stopped").write_text("SIGTERM")
+    sys.exit(7)
+
+signal.signal(signal.SIGTERM, stop)
+print("READY", flush=True)
+time.sleep(300)
+"""
+
+
+def test_deleting_the_pod_stops_the_process_with_sigterm(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    cluster.apply(manifests(namespace), namespace)
+    wait_for(
+        lambda: (
+            kubectl_json(cluster, "get", "pvc", "data", "-n", namespace)["status"].get("phase") == "Bound"
+        ),
+        60,
+        "the claim to be bound",
+    )
+    body = pod_manifest()
+    container = body["spec"]["containers"][0]
+    container["command"] = ["python", "-c", GRACEFUL]
+    container["env"] = []
+    cluster.apply(body, namespace)
+    wait_for_pod_phase(cluster, namespace, "runner-0", "Running")
+
+    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
+    log = tmp_path / "pod.log"
+    runs: list[pod_runner.PodRun] = []
+    runner = threading.Thread(
+        target=lambda: runs.append(pod_runner.run_pod(kube, namespace, "runner-0", log_path=log))
+    )
+    runner.start()
+    wait_for(lambda: log.exists() and "READY" in log.read_text(), 60, "the process to start")
+    cluster.kubectl("delete", "pod", "runner-0", "-n", namespace, "--wait=false")
+    runner.join(120)
+    assert not runner.is_alive()
+    [run] = runs
+    assert run.deleted
+    assert run.exit_code == 7, run.log()
+    pvc = kubectl_json(cluster, "get", "pvc", "data", "-n", namespace)
+    pv = kubectl_json(cluster, "get", "pv", pvc["spec"]["volumeName"])
+    assert (Path(pv["spec"]["hostPath"]["path"]) / "stopped").read_text() == "SIGTERM"
