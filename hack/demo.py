@@ -224,6 +224,14 @@ def cluster_up() -> Path:
 
 def main() -> int:
     print("finetune-operator demo: a FineTuneJob from `kubectl apply` to a trained model, on this machine")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        # Checked first, not after minutes of setup: the trainer pod is run in a private mount namespace.
+        print(
+            "demo: running the trainer pod here needs root and util-linux `unshare` (see docs/demo.md); "
+            "`make test` and `make cluster-up` do not",
+            file=sys.stderr,
+        )
+        return 1
     kubeconfig = cluster_up()
     os.environ["KUBECONFIG"] = str(kubeconfig)
     kube = pod_runner.default_kube(str(kubeconfig))
