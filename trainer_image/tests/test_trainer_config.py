@@ -68,7 +68,7 @@ def test_unknown_keys_are_named_with_the_closest_valid_key(
 
 
 def test_unknown_key_without_a_close_match_lists_the_valid_keys() -> None:
-    with pytest.raises(ConfigError, match="valid keys: .*learningRate"):
+    with pytest.raises(ConfigError, match=r"valid keys: .*learningRate"):
         parse_config(with_(hyperparameters={"zzzzzz": 1}))
 
 
@@ -102,7 +102,7 @@ def test_offload_and_zero_stage_rules(distributed: dict[str, object], message: s
 
 
 def test_early_stopping_needs_periodic_evaluation() -> None:
-    with pytest.raises(ConfigError, match="earlyStopping.enabled needs evaluation.everySteps"):
+    with pytest.raises(ConfigError, match=r"earlyStopping\.enabled needs evaluation\.everySteps"):
         parse_config(with_(earlyStopping={"enabled": True}, evaluation={"everySteps": 0}))
 
 

@@ -55,7 +55,7 @@ def test_tiny_model_learns_the_task(
     assert after["accuracy"] >= before["accuracy"] + 0.3
     assert metrics["steps"] == metrics["totalSteps"]
 
-    # Artifact layout: HF safetensors + tokenizer in model/, the adapter kept for LoRA, card, metrics, reports.
+    # Artifact layout: safetensors + tokenizer in model/, the adapter kept for LoRA, card, metrics, reports.
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / "model" / name).is_file(), name
     if method == "lora":
@@ -65,7 +65,9 @@ def test_tiny_model_learns_the_task(
     for name in ("README.md", "loss_curve.png", "data_report.json", "provenance.json", "trainer_config.json"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
-    assert "| test | loss |" in card and "## Data" in card and "loss_curve.png" in card
+    assert "| test | loss |" in card
+    assert "## Data" in card
+    assert "loss_curve.png" in card
 
     # The exported model loads and reproduces the reported test loss.
     from transformers import AutoModelForCausalLM

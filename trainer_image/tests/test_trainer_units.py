@@ -49,12 +49,14 @@ def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
     hp = Hyperparameters(warmupSteps=4, lrScheduler=schedule)  # type: ignore[call-arg]
     factor = lr_lambda(hp, total_steps=20)
     warm = [factor(s) for s in range(4)]
-    assert warm == sorted(warm) and warm[-1] == 1.0
+    assert warm == sorted(warm)
+    assert warm[-1] == 1.0
     tail = [factor(s) for s in range(4, 21)]
     if schedule == "constant":
         assert set(tail) == {1.0}
     else:
-        assert tail == sorted(tail, reverse=True) and tail[-1] == pytest.approx(0.0, abs=1e-9)
+        assert tail == sorted(tail, reverse=True)
+        assert tail[-1] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_deepspeed_config_batch_arithmetic_and_precision() -> None:
@@ -91,7 +93,8 @@ def test_checkpoint_commit_marker_and_half_written_checkpoints_ignored(tmp_path:
     half.mkdir()
     (half / "trainer_state.json").write_text(json.dumps(TrainState(step=30).to_json()))
     latest = manager.latest()
-    assert latest is not None and latest.step == 10
+    assert latest is not None
+    assert latest.step == 10
     assert latest.read_state()["step"] == 10
     assert latest.load_rng(0) is not None
     manifest = json.loads((latest.path / "manifest.json").read_text())
@@ -141,7 +144,9 @@ def test_exceptions_map_to_documented_exit_codes() -> None:
 def test_torchrun_command_standalone_or_from_pet_variables() -> None:
     local = torchrun_command("/c.yaml", shutdown_timeout=90, environ={}, python="py")
     assert local[:3] == ["py", "-m", "torch.distributed.run"]
-    assert "--max-restarts=0" in local and "--shutdown-timeout=90" in local and "--standalone" in local
+    assert "--max-restarts=0" in local
+    assert "--shutdown-timeout=90" in local
+    assert "--standalone" in local
     assert local[-3:] == ["finetune_trainer.train", "--config", "/c.yaml"]
     multi = torchrun_command(
         "/c.yaml", shutdown_timeout=90, environ={"PET_MASTER_ADDR": "j-0.svc"}, python="py"
