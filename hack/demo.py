@@ -5,8 +5,9 @@
     claim -> examples/demo/finetunejob.yaml -> admitted, pod Running -> the pod's trainer container run here
     (hack/pod_runner.py) -> Succeeded, metrics before/after, model card -> operator stopped, cluster left up
 
-Everything happens in the namespace `fto-demo` (recreated on each run). Files: .dev/demo/ (operator.log,
-trainer.log, assets/). The cluster keeps running so you can look around; `make cluster-down` stops it.
+Everything happens in the namespace `fto-demo` (recreated on each run; FTO_DEMO_NAMESPACE changes it). Files:
+.dev/demo/ (operator.log, trainer.log, assets/; FTO_DEMO_DIR moves it). The cluster keeps running so you can
+look around; `make cluster-down` stops it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from hack import devcluster, pod_runner  # noqa: E402
 from hack.make_tiny_model import make_tiny_assets  # noqa: E402
 from tests.kube_helpers import OperatorProcess  # noqa: E402  (the same operator launcher the tests use)
 
-NAMESPACE = "fto-demo"
+NAMESPACE = os.environ.get("FTO_DEMO_NAMESPACE", "fto-demo")
 JOB = "demo"
 ASSETS_CLAIM = "demo-assets"
 MANIFEST = REPO_ROOT / "examples" / "demo" / "finetunejob.yaml"
-WORK_DIR = REPO_ROOT / ".dev" / "demo"
+WORK_DIR = Path(os.environ.get("FTO_DEMO_DIR", str(REPO_ROOT / ".dev" / "demo")))
 STARTED = time.monotonic()
 
 
@@ -128,22 +129,30 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
     """Print `kubectl get ftj` whenever a row changes (ignoring the AGE column)."""
     stop = threading.Event()
 
+    last = ""
+    header_shown = False
+
+    def poll() -> None:
+        nonlocal last, header_shown
+        result = demo.kube.run("get", "ftj", "-n", NAMESPACE, check=False)
+        lines = result.stdout.strip().splitlines()
+        if len(lines) < 2:
+            return
+        rows = "\n".join(line.rsplit(None, 1)[0] for line in lines[1:])
+        if rows == last:
+            return
+        if not header_shown:
+            print(f"           {lines[0]}", flush=True)
+            header_shown = True
+        for line in lines[1:]:
+            say(f"ftj  {line}")
+        last = rows
+
     def loop() -> None:
-        last = ""
-        header_shown = False
         while not stop.is_set():
-            result = demo.kube.run("get", "ftj", "-n", NAMESPACE, check=False)
-            lines = result.stdout.strip().splitlines()
-            if len(lines) >= 2:
-                rows = "\n".join(line.rsplit(None, 1)[0] for line in lines[1:])
-                if rows != last:
-                    if not header_shown:
-                        print(f"           {lines[0]}", flush=True)
-                        header_shown = True
-                    for line in lines[1:]:
-                        say(f"ftj  {line}")
-                    last = rows
+            poll()
             stop.wait(1.0)
+        poll()  # the final state
 
     thread = threading.Thread(target=loop, name="watch-ftj", daemon=True)
     thread.start()
