@@ -123,7 +123,7 @@ class LoraConfig(ConfigSection):
     section_name = "lora"
 
     r: int = Field(default=16, ge=1)
-    alpha: float = Field(default=32.0, gt=0)
+    alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     #: Module names to adapt, or ``["all-linear"]``.
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)

@@ -60,7 +60,8 @@ def lr_lambda(hp: Hyperparameters, total_steps: int) -> Any:
 
 def build_optimizer(model: nn.Module, hp: Hyperparameters, *, offload: bool) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and norm weights."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
@@ -160,7 +161,7 @@ class TorchEngine:
         loss, _ = causal_lm_loss(
             logits, batch["labels"], label_smoothing=self.cfg.hyperparameters.label_smoothing
         )
-        self.scaler.scale(loss / self.accumulation).backward()
+        self.scaler.scale(loss / self.accumulation).backward()  # type: ignore[no-untyped-call]
         return loss.detach()
 
     def optimizer_step(self) -> float | None:
@@ -281,7 +282,7 @@ class DeepSpeedEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.cfg.distributed.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
-            return state if torch.distributed.get_rank() == 0 else None  # type: ignore[no-any-return]
+            return state if torch.distributed.get_rank() == 0 else None
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -90,9 +90,9 @@ def _zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
     if ds_config is None or ds_config.get("zero_optimization", {}).get("stage") != 3:
         yield
         return
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    keep_alive = HfDeepSpeedConfig(ds_config)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]
     try:
         yield
     finally:
@@ -117,7 +117,7 @@ def load_model(cfg: TrainerConfig, *, device: torch.device, ds_config: dict[str,
         from transformers import BitsAndBytesConfig
 
         compute = TORCH_DTYPES[cfg.distributed.precision]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
@@ -138,8 +138,8 @@ def load_model(cfg: TrainerConfig, *, device: torch.device, ds_config: dict[str,
     model.config.use_cache = False
     if cfg.method is Method.FULL:
         if cfg.hyperparameters.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model  # type: ignore[no-any-return]
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[no-untyped-call]
+        return model
     return _with_lora(cfg, model)
 
 
@@ -147,7 +147,7 @@ def _with_lora(cfg: TrainerConfig, model: Any) -> nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method is Method.QLORA:
-        model = prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=cfg.hyperparameters.gradient_checkpointing
         )
     elif cfg.hyperparameters.gradient_checkpointing:
@@ -168,7 +168,7 @@ def _with_lora(cfg: TrainerConfig, model: Any) -> nn.Module:
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"lora.targetModules {cfg.lora.target_modules}: {exc}") from exc
-    return peft_model  # type: ignore[no-any-return]
+    return peft_model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -83,7 +83,7 @@ class DataOrder:
 
     def permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()  # type: ignore[no-any-return]
+        return torch.randperm(self.num_examples, generator=generator).tolist()
 
     def micro_batches(self, perm: list[int], step_in_epoch: int, rank: int) -> list[list[int]]:
         start = step_in_epoch * self.global_batch
