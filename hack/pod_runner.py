@@ -728,6 +728,13 @@ def inner(plan_path: Path) -> int:
     """Inside the private mount/UTS namespace: bind the volumes, set the hostname, become the command."""
     plan = json.loads(plan_path.read_text())
     for mount in plan["mounts"]:
+        target = Path(mount["target"])
+        if not target.exists():  # a mount point inside a volume mounted before it (as runc makes them)
+            if Path(mount["source"]).is_dir():
+                target.mkdir(parents=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch()
         subprocess.run(["mount", "--bind", mount["source"], mount["target"]], check=True)
         if mount["read_only"]:
             subprocess.run(["mount", "-o", "remount,bind,ro", mount["target"]], check=True)

@@ -44,6 +44,7 @@ report = {
                                             "PLAIN", "EXPANDED", "HOSTNAME", "KUBERNETES_SERVICE_HOST")},
     "leaked": "FTO_HOST_ONLY" in os.environ,
     "file": Path("/etc/demo/file.txt").read_text(),
+    "sub_path": Path("/data/conf/copy.txt").read_text(),
     "scratch": os.access("/scratch", os.W_OK),
     "config_read_only": not os.access("/etc/demo", os.W_OK),
     "hostname": socket.gethostname(),
@@ -119,6 +120,8 @@ def pod_manifest() -> dict[str, Any]:
             {"name": "config", "mountPath": "/etc/demo", "readOnly": True},
             {"name": "scratch", "mountPath": "/scratch"},
             {"name": "data", "mountPath": "/data"},
+            # A single file (subPath), inside another volume's mount.
+            {"name": "config", "mountPath": "/data/conf/copy.txt", "subPath": "file.txt", "readOnly": True},
         ],
     }
     return {
@@ -180,6 +183,7 @@ def test_runs_the_pods_command_with_its_environment_volumes_and_identity(
     }
     assert report["leaked"] is False
     assert report["file"] == "from a configmap\n"
+    assert report["sub_path"] == "from a configmap\n"
     assert report["scratch"] is True
     assert report["config_read_only"] is True
     assert report["hostname"] == "runner-0"
