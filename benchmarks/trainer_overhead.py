@@ -1,11 +1,12 @@
-"""Per-step overhead of our training loop against a minimal hand-written PyTorch loop and a minimal DeepSpeed
-loop: the same tiny Llama-style model, tokenized data, batch order and number of optimizer steps, in one process.
+"""Per-step overhead of our training loop against a minimal hand-written PyTorch loop and a minimal
+DeepSpeed loop: the same tiny Llama-style model, tokenized data, batch order and number of optimizer steps,
+in one process.
 
-Ours is the real ``finetune_trainer.train.Trainer`` with its defaults (metrics every step to the JSON-lines log,
-Prometheus gauges, loss read back every step); only evaluation and periodic checkpoints are turned off, which
-the other loops don't do either. Steps/s are measured between the first and the last optimizer step (the first
-step is warm-up), and each loop runs ``REPEATS`` times interleaved (ours, plain, ours, plain...) so that load
-from other processes hits both alike; the median is reported.
+Ours is the real ``finetune_trainer.train.Trainer`` with its defaults (metrics every step to the JSON-lines
+log, Prometheus gauges, loss read back every step); only evaluation and periodic checkpoints are turned off,
+which the other loops don't do either. Steps/s are measured between the first and the last optimizer step
+(the first step is warm-up), and each loop runs ``REPEATS`` times interleaved (ours, plain, ours, plain...)
+so that load from other processes hits both alike; the median is reported.
 
 Prints one JSON line: ours_steps_per_s, plain_steps_per_s, deepspeed_steps_per_s, ratio (ours / plain).
 """

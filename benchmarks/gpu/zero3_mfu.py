@@ -29,7 +29,7 @@ WARMUP = 5
 MICRO_BATCH = int(os.environ.get("MICRO_BATCH", "4"))
 SEQ = int(os.environ.get("SEQ", "2048"))
 PEAK_FLOPS = 989e12
-#: FTO_GPU_CHECK_SMOKE=1: a tiny shape on the CPU, to check the script itself without a GPU (figures meaningless).
+#: FTO_GPU_CHECK_SMOKE=1: a tiny shape on the CPU, to check the script without a GPU (figures meaningless).
 SMOKE = os.environ.get("FTO_GPU_CHECK_SMOKE") == "1"
 SHAPE = {
     "hidden_size": 2048,
