@@ -17,7 +17,9 @@ kubelet's part for one pod:
    the process has exactly the pod's own permissions; `ca.crt` comes from the kube-root-ca.crt ConfigMap.
    persistentVolumeClaim → the hostPath (or local path) of the PersistentVolume bound to the claim (the dev
    cluster's provisioner makes them under .dev/cluster/volumes); hostPath → itself.
-3. Runs the container's command in a private mount and UTS namespace (`unshare --mount --uts`), where each
+3. Runs the container's command in private mount, UTS and PID namespaces (`unshare --mount --uts --pid`,
+   under a minimal init that forwards signals, as `docker run --init` does; when the command ends, every
+   process it left behind in the container dies with the namespace), where each
    volume is bind-mounted at its `mountPath` (read-only where the pod says so, `subPath` honoured), the
    hostname is the pod's, /etc/hosts is a kubelet-style hosts file that resolves the pod's own names
    (`<hostname>`, `<hostname>.<subdomain>`, `...<namespace>.svc.cluster.local`) to 127.0.0.1 (there is no
@@ -540,13 +542,15 @@ def run_pod(
     container: str | None = None,
     log_path: Path | None = None,
     echo: Callable[[str], None] | None = None,
+    on_start: Callable[[Container], None] | None = None,
     finish: bool = True,
     python: Path = VENV_PYTHON,
     running_timeout: float = 120.0,
 ) -> PodRun:
     """Run the pod's container to completion here and (with `finish`) end the pod with its exit code.
 
-    Output goes to `log_path` (default: a temporary file) and, line by line, to `echo` when given."""
+    Output goes to `log_path` (default: a temporary file) and, line by line, to `echo` when given.
+    `on_start` gets the running `Container` (e.g. to kill it as an out-of-memory kill would)."""
     if os.geteuid() != 0:
         raise PodRunnerError(
             "the pod runner needs root to give the process the pod's mounts in a private mount namespace "
@@ -589,6 +593,9 @@ def run_pod(
                     "unshare",
                     "--mount",
                     "--uts",
+                    "--pid",
+                    "--fork",
+                    "--mount-proc",
                     "--propagation",
                     "private",
                     "--",
@@ -599,6 +606,7 @@ def run_pod(
                 ],
                 log_path,
                 echo,
+                on_start,
             )
         run = PodRun(
             namespace=namespace,
@@ -631,13 +639,62 @@ def termination_message(message_file: Path, log_path: Path, policy: str | None, 
     return tail.encode()[-LOG_FALLBACK_BYTES:].decode(errors="replace").strip()
 
 
+class Container:
+    """The running container. `unshare` (our child) forks its PID 1, `inner` (a minimal init), which runs the
+    command as its child. Signals go to the command, as a runtime's init forwards them; once it has ended,
+    init exits with its code and the kernel kills whatever else ran in the container (torchrun's workers
+    have sessions of their own, so signalling a process group would miss them)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    @staticmethod
+    def _child(pid: int) -> int | None:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def main_pid(self) -> int | None:
+        """The command's process as seen from here (None before it started or after it ended)."""
+        init = self._child(self.proc.pid)
+        return self._child(init) if init is not None else None
+
+    def signal(self, signum: int) -> None:
+        pid = self.main_pid()
+        with contextlib.suppress(ProcessLookupError):
+            if pid is not None:
+                os.kill(pid, signum)
+            elif self.proc.poll() is None:
+                self.proc.send_signal(signum)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after the grace period (the kubelet's order)."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.poll() is None:  # stuck before the command ran: end the namespace itself
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+
+
 def _supervise(
-    kube: Kube, pod: Mapping[str, Any], cmd: list[str], log_path: Path, echo: Callable[[str], None] | None
+    kube: Kube,
+    pod: Mapping[str, Any],
+    cmd: list[str],
+    log_path: Path,
+    echo: Callable[[str], None] | None,
+    on_start: Callable[[Container], None] | None = None,
 ) -> tuple[int, bool]:
     """Run `cmd`, copy its output to the log (and `echo`), stop it when the pod is deleted.
 
     Returns (exit code, whether the pod was deleted while it ran). Exit codes follow the container runtime's
-    convention: 128 + N for death by signal N."""
+    convention: 128 + N for death by signal N (`inner`, the container's init, reports it so)."""
     meta = pod["metadata"]
     grace = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -650,6 +707,9 @@ def _supervise(
             bufsize=1,
             start_new_session=True,
         )
+        container = Container(proc)
+        if on_start is not None:
+            on_start(container)
         deleted = threading.Event()
 
         def watch() -> None:
@@ -661,12 +721,12 @@ def _supervise(
                     or (current["metadata"].get("deletionTimestamp"))
                 ):
                     deleted.set()
-                    _stop(proc, grace)
+                    container.stop(grace)
                     return
                 time.sleep(POLL_S)
 
         def forward(signum: int, frame: object) -> None:
-            _stop(proc, grace)
+            container.stop(grace)
 
         watcher = threading.Thread(target=watch, name="pod-watch", daemon=True)
         watcher.start()
@@ -685,21 +745,10 @@ def _supervise(
             code = proc.wait()
         finally:
             if proc.poll() is None:  # we are leaving on an exception: never leave the container behind
-                _stop(proc, 0)
+                container.stop(0)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return (128 - code if code < 0 else code), deleted.is_set()
-
-
-def _stop(proc: subprocess.Popen[str], grace: float) -> None:
-    """SIGTERM to the container's processes, SIGKILL after the grace period (the kubelet's order)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def finish_pod(
@@ -724,8 +773,20 @@ def finish_pod(
 # ------------------------------------------------------------------------------------------------ inside
 
 
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
 def inner(plan_path: Path) -> int:
-    """Inside the private mount/UTS namespace: bind the volumes, set the hostname, become the command."""
+    """PID 1 of the container's namespaces: bind the volumes, set the hostname, start the command, forward
+    signals to it, reap orphans, and exit with its exit code (128 + N when signal N ended it), like
+    `docker run --init`. When this returns, the kernel ends whatever else still runs in the namespace."""
     plan = json.loads(plan_path.read_text())
     for mount in plan["mounts"]:
         target = Path(mount["target"])
@@ -741,11 +802,20 @@ def inner(plan_path: Path) -> int:
     socket.sethostname(plan["hostname"])
     os.chdir(plan["workingDir"])
     command: list[str] = plan["command"]
-    try:
-        os.execvpe(command[0], command, plan["env"])
-    except OSError as exc:
-        print(f"pod runner: cannot start {command[0]}: {exc}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
+    main_pid = os.fork()
+    if main_pid == 0:
+        try:
+            os.execvpe(command[0], command, plan["env"])
+        except OSError as exc:
+            print(f"pod runner: cannot start {command[0]}: {exc}", file=sys.stderr, flush=True)
+            os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, lambda sig, frame: os.kill(main_pid, sig))
+    while True:
+        pid, status = os.wait()
+        if pid == main_pid:
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
     return make_tiny_assets(tmp_path_factory.mktemp("tiny"))
 
 
-def finetunejob(name: str, model: Path, data: Path, max_bad_ratio: float = 0.05) -> dict[str, Any]:
+def finetunejob(
+    name: str, model: Path, data: Path, max_bad_ratio: float = 0.05, max_steps: int = MAX_STEPS
+) -> dict[str, Any]:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -55,7 +59,7 @@ def finetunejob(name: str, model: Path, data: Path, max_bad_ratio: float = 0.05)
             },
             "method": "full",
             "hyperparameters": {
-                "maxSteps": MAX_STEPS,
+                "maxSteps": max_steps,
                 "batchSize": 8,
                 "learningRate": 0.003,
                 "warmupSteps": 2,
@@ -91,9 +95,10 @@ def wait_condition(
     return wait_for(reached, timeout, f"FineTuneJob {namespace}/{name} to have {kind}=True")
 
 
-def running_trainer_pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+def running_trainer_pod(cluster: Cluster, namespace: str, name: str, attempt: int = 1) -> dict[str, Any]:
     def running() -> dict[str, Any] | None:
-        pods = kubectl_json(cluster, "get", "pods", "-n", namespace, "-l", f"{JOB_LABEL}={name}")["items"]
+        selector = f"{JOB_LABEL}={name},finetune.dev/attempt={attempt}"
+        pods = kubectl_json(cluster, "get", "pods", "-n", namespace, "-l", selector)["items"]
         live = [p for p in pods if p["status"].get("phase") == "Running"]
         return live[0] if len(live) == 1 else None
 
@@ -199,3 +204,53 @@ def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
     assert job["status"].get("restarts", 0) == 0
     jobs = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", f"{JOB_LABEL}=bad-data")["items"]
     assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+
+
+def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
+) -> None:
+    steps = 60
+    manifest = finetunejob("resume", tiny.model_dir, tiny.data_path, max_steps=steps)
+    manifest["spec"]["scheduling"] = {"maxRestarts": 2, "backoffSeconds": 1}
+    cluster.apply(manifest, namespace)
+    first = running_trainer_pod(cluster, namespace, "resume", attempt=1)
+    checkpoints = volume_dir(cluster, namespace, first, "/workspace/checkpoints")
+
+    # Attempt 1 is killed (SIGKILL, as the OOM killer would) once it has a complete checkpoint.
+    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
+    containers: list[pod_runner.Container] = []
+    runs: list[pod_runner.PodRun] = []
+    log1 = tmp_path / "attempt-1.log"
+    runner = threading.Thread(
+        target=lambda: runs.append(
+            pod_runner.run_pod(
+                kube, namespace, first["metadata"]["name"], log_path=log1, on_start=containers.append
+            )
+        )
+    )
+    runner.start()
+    wait_for(lambda: any(checkpoints.glob("step-*/COMPLETE")), 300, "a complete checkpoint of attempt 1")
+    containers[0].signal(signal.SIGKILL)
+    runner.join(120)
+    [killed] = runs
+    assert killed.exit_code == 128 + signal.SIGKILL, killed.log()
+    saved = max(int(p.parent.name.removeprefix("step-")) for p in checkpoints.glob("step-*/COMPLETE"))
+    assert saved < steps
+
+    # The operator replaces the whole gang: attempt 2, same claim, and the trainer resumes there.
+    second = running_trainer_pod(cluster, namespace, "resume", attempt=2)
+    assert volume_dir(cluster, namespace, second, "/workspace/checkpoints") == checkpoints
+    run = pod_runner.run_pod(kube, namespace, second["metadata"]["name"], log_path=tmp_path / "attempt-2.log")
+    assert run.exit_code == 0, run.log()
+
+    job = wait_condition(cluster, namespace, "resume", "Succeeded")
+    assert job["status"]["attempt"] == 2
+    assert job["status"]["restarts"] == 1
+    assert job["status"]["progress"]["step"] == steps
+    output = volume_dir(cluster, namespace, second, job["status"]["artifact"]["modelCard"]).parent
+    events = [
+        json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
+    resumed = [e for e in events if e["event"] == "resume"]
+    assert resumed, "the second attempt did not resume from a checkpoint"
+    assert resumed[-1]["step"] >= saved
