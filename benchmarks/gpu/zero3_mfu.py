@@ -55,7 +55,7 @@ def make_model(directory: Path) -> tuple[int, int]:
 
     tokenizer = make_tiny_tokenizer()
     config = LlamaConfig(
-        **SHAPE,
+        **SHAPE,  # type: ignore[arg-type]
         max_position_embeddings=SEQ,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -64,7 +64,7 @@ def make_model(directory: Path) -> tuple[int, int]:
     )
     torch.manual_seed(0)
     with torch.device("cpu" if SMOKE else "cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]
     total = sum(p.numel() for p in model.parameters())
     embedding = model.model.embed_tokens.weight.numel()
     model.save_pretrained(directory, safe_serialization=True)

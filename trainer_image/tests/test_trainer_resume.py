@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from finetune_trainer.checkpoint import MARKER, complete_checkpoints
@@ -83,7 +83,7 @@ def _kill_tree(proc: subprocess.Popen[str]) -> None:
 
 
 def _train_losses(events: list[dict[str, object]]) -> dict[int, float]:
-    return {int(e["step"]): float(e["loss"]) for e in events if e["event"] == "train"}  # type: ignore[arg-type]
+    return {int(str(e["step"])): float(str(e["loss"])) for e in events if e["event"] == "train"}
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1], ids=["torch", "deepspeed"])

@@ -111,6 +111,7 @@ def test_trainer_patches_its_own_job_status_and_nothing_else(
 
     # The same token may not touch another job's status, nor its own job's spec.
     api = _api_client({STATUS_KUBECONFIG_ENV: str(kubeconfig)})
+    assert api is not None
     from kubernetes.client.exceptions import ApiException
 
     with pytest.raises(ApiException) as other:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors import safe_open
@@ -41,8 +42,8 @@ def _metrics(out: Path) -> dict:  # type: ignore[type-arg]
     ],
 )
 def test_tiny_model_learns_the_task(
-    tmp_path: Path, tiny: tuple[Path, Path], method: str, overrides: dict
-) -> None:  # type: ignore[type-arg]
+    tmp_path: Path, tiny: tuple[Path, Path], method: str, overrides: dict[str, Any]
+) -> None:
     model_dir, data = tiny
     config = make_config(tmp_path, model_dir, data, method=method, **overrides)
     result = run_trainer(write_config(tmp_path, config))

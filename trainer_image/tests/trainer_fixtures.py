@@ -15,25 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_tokenizer() -> Any:
-    """The data helper's character-level tokenizer when present, else an equivalent one."""
-    try:
-        from tiny_tokenizer import make_tiny_tokenizer  # type: ignore[import-not-found]
+    """The data helper's character-level tokenizer (tiny_tokenizer.py)."""
+    from tiny_tokenizer import make_tiny_tokenizer
 
-        return make_tiny_tokenizer()
-    except ImportError:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-        for ch in chars:
-            vocab.setdefault(ch, len(vocab))
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-        )
+    return make_tiny_tokenizer()
 
 
 def make_tiny_model(directory: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
@@ -69,7 +54,7 @@ def make_task_data(path: Path, rows: int = 240, seed: int = 0) -> Path:
     ``{"prompt": "word: kqzt\\nfirst:", "completion": " K"}`` — the completion is a function of the prompt, so
     a model that learned the rule does better on unseen (test) rows too."""
     rng = random.Random(seed)
-    lines = []
+    lines: list[str] = []
     seen = set()
     while len(lines) < rows:
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
@@ -139,14 +124,14 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_trainer(config_path: Path, *, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
+def run_trainer(config_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """``python -m finetune_trainer --config PATH`` the way the pod runs it."""
     return subprocess.run(
         [sys.executable, "-m", "finetune_trainer", "--config", str(config_path)],
         env=trainer_env(**env),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=600,
         check=False,
     )
 
