@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 
 if ! "$PY" -c "import torch, transformers, deepspeed, peft, pydantic, yaml, prometheus_client, matplotlib, kubernetes" 2>/dev/null; then
   echo "installing the trainer extra (pinned by constraints.txt)" >&2
-  if ! "$PY" -m pip install -q -c constraints.txt ".[trainer]" >&2; then
+  if ! "$PY" -m pip install -q -c constraints.txt ".[trainer,gpu]" >&2; then
     echo '{"benchmark": "gpu_check", "error": "trainer dependencies missing and pip install failed"}'
     exit 1
   fi

@@ -58,3 +58,10 @@ def test_config_error_found_by_a_worker_comes_out_of_torchrun(
     assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
     assert "trainer failed: exit code 3" in result.stderr
     assert json.dumps("no_such_proj")[1:-1] in result.stderr
+
+
+def test_qlora_without_cuda_is_a_config_error_that_says_so(tmp_path: Path, tiny: tuple[Path, Path]) -> None:
+    config = make_config(tmp_path, *tiny, method="qlora", distributed={"zeroStage": 2, "precision": "bf16"})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == ExitCode.CONFIG_ERROR
+    assert "needs a CUDA GPU" in result.stderr
