@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["FTO_METRICS_PORT"] = str(args.metrics_port)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    if not args.verbose:
+        # One line per handler call per object ("Handler ... succeeded") and per probe request cost CPU
+        # at scale and say nothing the controller's own transition lines don't; errors still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
 
     kopf.run(

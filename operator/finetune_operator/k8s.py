@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -192,6 +192,37 @@ class KubeClient:
             if not token:
                 return items
             params["continue"] = token
+
+    async def watch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        resource_version: str | None = None,
+        timeout_seconds: int = 600,
+    ) -> AsyncIterator[Obj]:
+        """Watch events (`{"type": ..., "object": ...}`) after `resource_version` (default: from now on)
+        until the server closes the stream, which it may do at any time (e.g. when a CRD changes)."""
+        params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        url = self._server + resource_path(api_version, kind, namespace)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
+        async with self._session.get(url, params=params, timeout=timeout) as response:
+            if response.status >= 400:
+                raise ApiError(response.status, str(response.reason), (await response.read())[:300].decode())
+            # Objects can exceed aiohttp's line limit (managed fields, kopf's diff-base): split ourselves.
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
 
     async def delete(
         self,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.test_finetunejob import CHILD_KINDS, ftj, get_ftj, wait_phase
+from tests.cluster.test_finetunejob import CHILD_KINDS, ftj, get_ftj, gpu_pool_free, wait_phase
 from tests.kube_helpers import Cluster, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.cluster
 def test_sigkill_while_reconciling_twenty_jobs_then_restart_converges_without_duplicates(
     cluster: Cluster, namespace: str, operator: Any
 ) -> None:
+    gpu_pool_free(cluster)
     running = [ftj(f"run-{i:02d}", gpus=1) for i in range(12)]  # 12 of the 16 fake GPUs
     parked = [ftj(f"parked-{i:02d}", suspend=True) for i in range(8)]
     cluster.apply(running + parked, namespace)

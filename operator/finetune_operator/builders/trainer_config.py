@@ -248,14 +248,17 @@ def validated_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int)
 
 
 def build_trainer_configmap(job: FineTuneJob, *, shutdown_timeout_seconds: int) -> dict[str, Any]:
-    """ConfigMap with `trainer.yaml` (validated TrainerConfig, defaults filled) and `deepspeed.json`."""
-    config = validated_trainer_config(job, shutdown_timeout_seconds=shutdown_timeout_seconds)
+    """ConfigMap with `trainer.yaml` and `deepspeed.json`. The config holds what the operator decided
+    (the trainer's defaults fill the rest, under the pinned `version`) and is validated by the trainer's
+    own model first, so a config the trainer would refuse never reaches a pod."""
+    rendered = render_trainer_config(job, shutdown_timeout_seconds=shutdown_timeout_seconds)
+    parse_config(rendered)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_metadata(job, config_map_name(job), "trainer-config"),
         "data": {
-            CONFIG_FILE: yaml.safe_dump(config.to_file_dict(), sort_keys=True),
+            CONFIG_FILE: yaml.safe_dump(rendered, sort_keys=True),
             DEEPSPEED_FILE: json.dumps(build_deepspeed_config(job), indent=2, sort_keys=True) + "\n",
         },
     }

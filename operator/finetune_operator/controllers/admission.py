@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from finetune_operator.controllers.runtime import FtjSummary, Runtime
@@ -14,6 +15,7 @@ from finetune_operator.scheduling import (
 )
 
 logger = logging.getLogger(__name__)
+PLAN_MAX_AGE_SECONDS = 5.0
 _NON_TERMINATED = "status.phase!=Succeeded,status.phase!=Failed"
 
 
@@ -79,6 +81,7 @@ async def _recompute(runtime: Runtime) -> None:
         runtime.enqueue(key)
     runtime.plan = plan
     runtime.plan_generation = generation
+    runtime.plan_time = time.monotonic()
     runtime.metrics.queue_length.set(len(plan.waiting))
     if plan.admit:
         logger.info("admitted %s; %d waiting", ", ".join(plan.admit), len(plan.waiting))
@@ -89,7 +92,9 @@ async def admission_decision(runtime: Runtime, key: str) -> Decision:
     async with runtime.admission_lock:
         plan = runtime.plan
         known = plan is not None and (key in plan.waiting or key in plan.admit)
-        if plan is None or runtime.plan_generation != runtime.capacity_generation or not known:
+        # Pods outside our watch (other workloads) also free and take GPUs: plans also expire.
+        stale = time.monotonic() - runtime.plan_time > PLAN_MAX_AGE_SECONDS
+        if plan is None or runtime.plan_generation != runtime.capacity_generation or not known or stale:
             await _recompute(runtime)
             plan = runtime.plan
         assert plan is not None

@@ -27,17 +27,8 @@ from finetune_operator.api.finetunejob import (
     FineTuneJob,
     parse_finetunejob,
 )
-from finetune_operator.builders import (
-    build_checkpoint_pvc,
-    build_headless_service,
-    build_role_binding,
-    build_service_account,
-    build_trainer_configmap,
-    build_trainer_job,
-    build_trainer_role,
-)
+from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import checkpoint_claim_name
-from finetune_operator.builders.trainer_job import shutdown_timeout_seconds
 from finetune_operator.controllers.admission import admission_decision, release
 from finetune_operator.controllers.children import (
     JobSummary,
@@ -75,7 +66,8 @@ OWNED_STATUS_FIELDS = (
     "completionTime",
     "lastFailure",
 )
-QUEUED_RECHECK_SECONDS = 30.0
+QUEUED_RECHECK_SECONDS = 10.0
+"""Queued jobs look again this often: GPUs freed by pods we don't watch (other workloads) send no event."""
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -136,7 +128,11 @@ class StatusWriter:
         if not changed:
             return
         meta = self.body["metadata"]
-        await self.runtime.client.patch_status(API_VERSION, KIND, meta["name"], meta["namespace"], changed)
+        updated = await self.runtime.client.patch_status(
+            API_VERSION, KIND, meta["name"], meta["namespace"], changed
+        )
+        if updated is not None:
+            self.runtime.remember(updated)
         old_phase, new_phase = self.original.get("phase"), self.fields["phase"]
         if old_phase != new_phase:
             reason, message = self._why(new_phase)
@@ -183,21 +179,6 @@ async def _delete_jobs(runtime: Runtime, namespace: str, jobs: Sequence[JobSumma
     )
 
 
-def _children(job: FineTuneJob, runtime: Runtime) -> list[dict[str, Any]]:
-    config = runtime.config
-    children = [
-        build_service_account(job),
-        build_trainer_role(job),
-        build_role_binding(job),
-        build_trainer_configmap(job, shutdown_timeout_seconds=shutdown_timeout_seconds(config)),
-        build_headless_service(job, config.master_port),
-    ]
-    pvc = build_checkpoint_pvc(job, config)
-    if pvc is not None:
-        children.append(pvc)
-    return children
-
-
 async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
     async def apply(manifest: dict[str, Any]) -> None:
         try:
@@ -209,7 +190,7 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
                 return
             raise
 
-    await asyncio.gather(*(apply(m) for m in _children(job, runtime)))
+    await asyncio.gather(*(apply(m) for m in build_children(job, runtime.config)))
 
 
 def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
@@ -239,7 +220,11 @@ def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | 
 
 async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> float | None:
     client, config = runtime.client, runtime.config
-    body = await client.get(API_VERSION, KIND, name, namespace)
+    body = runtime.bodies.get(key)
+    if body is None:  # not seen by the watch yet (or forgotten): read it
+        body = await client.get(API_VERSION, KIND, name, namespace)
+        if body is not None:
+            runtime.remember(body)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     now = datetime.now(UTC)

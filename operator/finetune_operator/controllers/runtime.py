@@ -142,12 +142,25 @@ class Runtime:
     """Bumped whenever capacity or demand may have changed; a plan older than this is recomputed."""
     plan: AdmissionPlan | None = None
     plan_generation: int = -1
+    plan_time: float = 0.0
     placements: dict[str, list[str]] = field(default_factory=dict)
     applied_generation: dict[str, int] = field(default_factory=dict)
     """metadata.generation whose children were last applied, per job (a restart re-applies everything)."""
     phases: dict[str, str] = field(default_factory=dict)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Latest known FineTuneJob bodies, from the watch and from our own writes' responses (an informer
+    cache: it never goes back to an older resourceVersion, so a reconcile sees at least its own writes)."""
     gpus: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(requested, admitted) GPUs per job, for the gauges."""
+
+    def remember(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        known = self.bodies.get(key)
+        same_object = known is not None and known["metadata"].get("uid") == meta.get("uid")
+        if same_object and known is not None and _version(known) > _version(body):
+            return
+        self.bodies[key] = dict(body)
 
     def record(self, key: str, phase: str, requested: int, admitted: int) -> None:
         self.phases[key] = phase
@@ -176,6 +189,15 @@ class Runtime:
         self.applied_generation.pop(key, None)
         self.phases.pop(key, None)
         self.gpus.pop(key, None)
+        self.bodies.pop(key, None)
         if self.queue is not None:
             self.queue.forget(key)
         self.update_gauges()
+
+
+def _version(body: Mapping[str, Any]) -> int:
+    """resourceVersion as a number (etcd revisions); unparsable ones sort first, so the newer one wins."""
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0

@@ -57,6 +57,16 @@ async def finetunejobs(
     return {"all": summary}
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    """Keep the latest body for the reconciler (no GET per reconcile); forget it once deleted."""
+    runtime = runtime_of(memo, kwargs)
+    if event["type"] == "DELETED":
+        runtime.bodies.pop(f"{body.metadata.namespace}/{body.metadata.name}", None)
+    else:
+        runtime.remember(dict(body))
+
+
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def finetunejob_changed(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Operator at scale: create N FineTuneJobs (suspended, so no pods dominate) and time until each has all its
+children (ServiceAccount, Role, RoleBinding, ConfigMap, Service, PVC) and a status (phase Suspended).
+
+Against the dev cluster (`hack/devcluster.py up`; started here if needed) or $KUBECONFIG with
+FTO_USE_EXISTING_CLUSTER=1. The same run also times a plain client creating the same children directly
+(same builders, same concurrency as the operator's workers), so the ratio shows the operator's overhead.
+Prints one JSON line: p50_s, p99_s, total_s, direct_total_s, ratio, operator_peak_rss_mb, and context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image" / "src")]
+
+import kopf  # noqa: E402
+
+from finetune_operator.api.finetunejob import parse_finetunejob  # noqa: E402
+from finetune_operator.builders import build_children  # noqa: E402
+from finetune_operator.config import OperatorConfig  # noqa: E402
+from finetune_operator.k8s import ApiError, KubeClient, resource_path  # noqa: E402
+
+CHILD_KINDS = [
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("v1", "PersistentVolumeClaim"),
+]
+FTJ = ("finetune.dev/v1alpha1", "FineTuneJob")
+
+
+def devcluster(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "devcluster.py"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def kubeconfig() -> str:
+    if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1":
+        return os.environ["KUBECONFIG"]
+    devcluster("up")
+    return devcluster("kubeconfig").strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "causal-lm",
+            "model": {"source": "file:///models/tiny"},
+            "dataset": {"source": "file:///data/tiny.jsonl"},
+            "distributed": {"nodes": 1, "gpusPerNode": 1},
+            "scheduling": {"suspend": True},
+        },
+    }
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def bounded(concurrency: int, coros: list[Any]) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(coro: Any) -> None:
+        async with gate:
+            await coro
+
+    await asyncio.gather(*(run(c) for c in coros))
+
+
+async def operator_run(
+    client: KubeClient, namespace: str, count: int, concurrency: int
+) -> tuple[list[float], float]:
+    created: dict[str, float] = {}
+    done: dict[str, float] = {}
+    seen: dict[str, set[str]] = {}
+    suspended: set[str] = set()
+    all_done = asyncio.Event()
+
+    def check(owner: str) -> None:
+        if owner in done or owner not in created:
+            return
+        if owner in suspended and len(seen.get(owner, ())) == len(CHILD_KINDS):
+            done[owner] = time.perf_counter()
+            if len(done) == count:
+                all_done.set()
+
+    def observe(kind: str, obj: dict[str, Any]) -> None:
+        if kind == "FineTuneJob":
+            owner = obj["metadata"]["name"]
+            if (obj.get("status") or {}).get("phase") == "Suspended":
+                suspended.add(owner)
+        else:
+            owner = obj["metadata"]["labels"]["finetune.dev/job"]
+            seen.setdefault(owner, set()).add(kind)
+        check(owner)
+
+    async def watch(api_version: str, kind: str) -> None:
+        """List, then watch from the list's version; again whenever the server ends the stream (it does
+        when a CRD is re-applied, e.g. by tests running at the same time)."""
+        selector = None if kind == "FineTuneJob" else "finetune.dev/job"
+        path = resource_path(api_version, kind, namespace)
+        while True:
+            page = await client.request("GET", path, params={"labelSelector": selector} if selector else None)
+            for obj in page.get("items") or []:
+                observe(kind, obj)
+            version = page["metadata"]["resourceVersion"]
+            with contextlib.suppress(ApiError):
+                async for event in client.watch(
+                    api_version, kind, namespace, label_selector=selector, resource_version=version
+                ):
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        observe(kind, event["object"])
+
+    watchers = [asyncio.create_task(watch(*k), name=k[1]) for k in [FTJ, *CHILD_KINDS]]
+    await asyncio.sleep(1.0)  # let the watches open before anything is created
+
+    async def create(name: str) -> None:
+        started = time.perf_counter()
+        created[name] = started
+        await client.create({**manifest(name), "metadata": {"name": name, "namespace": namespace}})
+        check(name)
+
+    started = time.perf_counter()
+    await bounded(concurrency, [create(f"bench-{i:04d}") for i in range(count)])
+    try:
+        await asyncio.wait_for(all_done.wait(), timeout=max(120.0, count * 0.6))
+    except TimeoutError:
+        missing = sorted(set(created) - set(done))[:5]
+        detail = {m: (m in suspended, sorted(seen.get(m, ()))) for m in missing}
+        dead = [(t.get_name(), repr(t.exception())) for t in watchers if t.done()]
+        raise RuntimeError(f"{len(done)}/{count} converged; e.g. {detail}; ended watches: {dead}") from None
+    total = time.perf_counter() - started
+    for task in watchers:
+        task.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    return [done[name] - created[name] for name in created], total
+
+
+async def direct_run(client: KubeClient, namespace: str, count: int, concurrency: int) -> float:
+    config = OperatorConfig.from_env()
+
+    async def create_children(index: int) -> None:
+        body = manifest(f"bench-{index:04d}")
+        body["metadata"].update(namespace=namespace, uid=f"00000000-0000-4000-8000-{index:012d}")
+        for child in build_children(parse_finetunejob(body), config):
+            child["metadata"].pop("ownerReferences")  # no owner exists here; GC would remove them
+            await client.apply(child)
+
+    started = time.perf_counter()
+    await bounded(concurrency, [create_children(i) for i in range(count)])
+    return time.perf_counter() - started
+
+
+def kubectl(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "devcluster.py"), "kubectl", *args],
+        check=True,
+        capture_output=True,
+    )
+
+
+def start_operator(namespace: str, log_path: str, workers: int) -> subprocess.Popen[bytes]:
+    health, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer_image" / "src")]),
+    }
+    env["FTO_WORKERS"] = str(workers)
+    with open(log_path, "wb") as log:
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "finetune_operator",
+                "--namespace",
+                namespace,
+                "--health-port",
+                str(health),
+                "--metrics-port",
+                str(metrics),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2)
+            return operator
+        if operator.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"operator did not start; see {log_path}")
+        time.sleep(0.5)
+
+
+async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int) -> dict[str, Any]:
+    info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    client = KubeClient.from_connection_info(info, pool=args.concurrency * 2)
+    try:
+        latencies, total = await operator_run(client, ns_op, args.count, args.concurrency)
+        rss = peak_rss_mb(pid)
+        direct_total = await direct_run(client, ns_direct, args.count, args.concurrency)
+    finally:
+        await client.close()
+    latencies.sort()
+    return {
+        "benchmark": "operator_scale",
+        "count": args.count,
+        "concurrency": args.concurrency,
+        "p50_s": round(statistics.median(latencies), 3),
+        "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
+        "max_s": round(latencies[-1], 3),
+        "total_s": round(total, 3),
+        "direct_total_s": round(direct_total, 3),
+        "ratio": round(total / direct_total, 3),
+        "operator_peak_rss_mb": round(rss, 1),
+        "children_per_job": len(CHILD_KINDS),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["KUBECONFIG"] = kubeconfig()
+    kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    suffix = secrets.token_hex(3)
+    ns_op, ns_direct = f"bench-operator-{suffix}", f"bench-direct-{suffix}"
+    for ns in (ns_op, ns_direct):
+        kubectl("create", "namespace", ns)
+    operator = start_operator(ns_op, args.operator_log, args.concurrency)
+    try:
+        return asyncio.run(measure(args, ns_op, ns_direct, operator.pid))
+    finally:
+        if not args.keep:
+            # The operator is still up, so it releases its finalizers while the namespaces go.
+            with contextlib.suppress(subprocess.CalledProcessError):
+                kubectl("delete", "namespace", ns_op, ns_direct, "--timeout=300s")
+        operator.terminate()
+        try:
+            operator.wait(30)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500, help="FineTuneJobs to create")
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="parallel creates; also the operator's workers"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the namespaces afterwards")
+    parser.add_argument("--operator-log", default="/tmp/operator_scale.log", help="operator output")
+    print(json.dumps(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
