@@ -46,6 +46,8 @@ def test_tiny_model_learns_the_task(
 ) -> None:
     model_dir, data = tiny
     config = make_config(tmp_path, model_dir, data, method=method, **overrides)
+    config["evaluation"]["generationSamples"] = 3
+    config["evaluation"]["maxNewTokens"] = 4
     result = run_trainer(write_config(tmp_path, config))
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
@@ -65,7 +67,12 @@ def test_tiny_model_learns_the_task(
         assert metrics["artifact"]["format"] == "merged"
     for name in ("README.md", "loss_curve.png", "data_report.json", "provenance.json", "trainer_config.json"):
         assert (out / name).is_file(), name
+    assert len(metrics["samples"]) == 3
+    assert all(
+        s["prompt"].startswith("word: ") and isinstance(s["generated"], str) for s in metrics["samples"]
+    )
     card = (out / "README.md").read_text()
+    assert "## Sample completions" in card
     assert "| test | loss |" in card
     assert "## Data" in card
     assert "loss_curve.png" in card

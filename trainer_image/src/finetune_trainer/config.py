@@ -171,6 +171,11 @@ class Evaluation(ConfigSection):
     batch_size: int = Field(default=8, ge=1)
     #: Cap on evaluation batches per rank (None: the whole split).
     max_batches: int | None = Field(default=None, ge=1)
+    #: Evaluate on at most this many rows of each split (None: all).
+    max_samples: int | None = Field(default=None, ge=1)
+    #: Validation prompts to complete greedily with the final model (metrics.json and the model card).
+    generation_samples: int = Field(default=0, ge=0, le=100)
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
 
 
 class EarlyStoppingMetric(enum.StrEnum):

@@ -74,13 +74,14 @@ def export_outputs(
     data: Any,
     state: TrainState,
     after: dict[str, dict[str, float]],
+    samples: list[dict[str, str]] | None = None,
 ) -> dict[str, Any] | None:
     """Write the outputs (every rank must call it: ZeRO-3 gathers weights collectively)."""
     state_dict = engine.full_state_dict()
     artifact: dict[str, Any] | None = None
     if dist.is_main:
         assert state_dict is not None
-        artifact = _write(cfg, engine, data, state, after, state_dict)
+        artifact = _write(cfg, engine, data, state, after, state_dict, samples or [])
     dist.barrier()
     return artifact
 
@@ -92,6 +93,7 @@ def _write(
     state: TrainState,
     after: dict[str, dict[str, float]],
     state_dict: dict[str, torch.Tensor],
+    samples: list[dict[str, str]],
 ) -> dict[str, Any]:
     from finetune_trainer.model_card import write_model_card
     from finetune_trainer.modeling import TORCH_DTYPES, load_tokenizer
@@ -132,6 +134,7 @@ def _write(
         "totalSteps": state.total_steps,
         "stoppedEarly": state.stopped_early,
         "history": state.history,
+        "samples": samples,
         "artifact": artifact,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")

@@ -45,6 +45,10 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _inline(text: str) -> str:
+    return " ".join(text.replace("`", "'").split())[:300]
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
     rows = ["| split | metric | before | after |", "| --- | --- | --- | --- |"]
     before, after = metrics.get("before", {}), metrics.get("after", {})
@@ -114,6 +118,22 @@ def render_model_card(
     ]
     if has_curve:
         lines += ["## Loss curve", "", f"![loss curve]({LOSS_CURVE})", ""]
+    if metrics.get("samples"):
+        lines += [
+            "## Sample completions",
+            "",
+            "Greedy completions of validation prompts by the exported model.",
+            "",
+        ]
+        for sample in metrics["samples"]:
+            lines += [
+                "```text",
+                sample["prompt"].rstrip(),
+                "```",
+                f"- generated: `{_inline(sample['generated'])}`",
+                f"- reference: `{_inline(sample['reference'])}`",
+                "",
+            ]
     lines += ["## Training", "", hyperparameters_table(cfg), "", data_markdown.strip(), ""]
     lines += [
         "## Files",

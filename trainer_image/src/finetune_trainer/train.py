@@ -239,6 +239,7 @@ class Trainer:
         from finetune_trainer.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
+        self.tokenizer = tokenizer
         self.pad_id = int(tokenizer.pad_token_id)
         state = TrainState(world_size=self.dist.world_size)
         self.resumed_step = 0
@@ -306,6 +307,8 @@ class Trainer:
 
     def _evaluate(self, examples: list[Example]) -> dict[str, float]:
         ev = self.cfg.evaluation
+        if ev.max_samples is not None:
+            examples = examples[: ev.max_samples]
         return evaluate(
             self.engine,
             examples,
@@ -535,8 +538,9 @@ class Trainer:
         self._status("Evaluating", state)
         after = {"validation": self._evaluate(self.data.validation), "test": self._evaluate(self.data.test)}
         self.reporter.event("eval", step=state.step, split="after", **_flat(after))
+        samples = self._generation_samples()
         self._status("Saving", state)
-        artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after)
+        artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after, samples)
         self._status(
             "Saving",
             state,
@@ -546,6 +550,33 @@ class Trainer:
         if artifact is not None:
             self.reporter.status({"artifact": artifact})
         self.reporter.event("done", step=state.step, best_step=state.best_step, **_flat(after))
+
+    def _generation_samples(self) -> list[dict[str, str]]:
+        """Greedy completions of the first validation prompts (every rank generates: ZeRO-3 needs it)."""
+        wanted = self.cfg.evaluation.generation_samples
+        prompts = list(getattr(self.data, "samples", {}).get("validation", []))[:wanted]
+        if not prompts:
+            return []
+        tokenizer = self.tokenizer
+        synced = isinstance(self.engine, DeepSpeedEngine) and self.cfg.distributed.zero_stage == 3
+        module: Any = self.engine.module
+        out = []
+        with evaluating(self.engine):
+            for sample in prompts:
+                encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
+                ids = encoded["input_ids"].to(self.dist.device)
+                generated = module.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=self.cfg.evaluation.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.pad_id,
+                    synced_gpus=synced and self.dist.world_size > 1,
+                )
+                text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+                out.append({"prompt": sample.prompt, "reference": sample.completion, "generated": text})
+        self.reporter.event("samples", count=len(out))
+        return out
 
     def close(self) -> None:
         self.reporter.close()
