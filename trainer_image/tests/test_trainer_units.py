@@ -167,3 +167,45 @@ def test_torchrun_env_read_in_one_place() -> None:
     assert not TorchrunEnv.from_environ({}).launched
     with pytest.raises(ValueError, match="RANK"):
         TorchrunEnv.from_environ({"RANK": "x"})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_prometheus_endpoint_serves_the_training_gauges(tmp_path: Path) -> None:
+    import urllib.request
+
+    from finetune_trainer.config import Reporting
+    from finetune_trainer.reporting import Reporter
+
+    port = _free_port()
+    reporter = Reporter(Reporting(metricsPort=port), tmp_path, enabled=True)  # type: ignore[call-arg]
+    try:
+        reporter.gauges({"loss": 1.5, "tokens_per_second": 1234.0, "progress_ratio": 0.25, "grad_norm": None})
+        reporter.event("train", step=3, loss=1.5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        reporter.close()
+    assert "finetune_trainer_loss 1.5" in body
+    assert "finetune_trainer_tokens_per_second 1234.0" in body
+    assert "finetune_trainer_progress_ratio 0.25" in body
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.5
+
+
+def test_status_reporting_is_off_outside_a_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_trainer.config import Reporting
+    from finetune_trainer.reporting import Reporter
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("FTO_STATUS_KUBECONFIG", raising=False)
+    reporter = Reporter(Reporting(jobName="j", namespace="ns", metricsPort=0), tmp_path, enabled=True)  # type: ignore[call-arg]
+    try:
+        assert reporter.patcher is None
+        reporter.status({"progress": {"step": 1}})  # a no-op, not an error
+    finally:
+        reporter.close()

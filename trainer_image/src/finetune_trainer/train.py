@@ -377,7 +377,7 @@ class Trainer:
         window_loss, window_samples, window_tokens = torch.zeros(()), 0, 0
         window_steps, window_start = 0, time.perf_counter()
         engine.train(True)
-        while state.step < state.total_steps:
+        while state.step < state.total_steps and not state.stopped_early:
             epoch, in_epoch = divmod(state.step, order.steps_per_epoch)
             if epoch != perm_epoch:
                 perm_epoch, perm = epoch, order.permutation(epoch)
