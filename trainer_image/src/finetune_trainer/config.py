@@ -103,13 +103,20 @@ IMPLEMENTED_TASKS = frozenset({Task.CAUSAL_LM})
 class ModelSource(ConfigSection):
     section_name = "model"
 
-    #: Local or mounted path (``/models/llama``, ``file:///models/llama``, a PVC mount) or ``hf://org/name``
-    #: (needs network at run time).
-    path: str = Field(min_length=1)
-    #: Git revision for ``hf://`` models (``hf://org/name@rev`` also works).
-    revision: str | None = None
-    #: SPDX licence of the base model, checked against the data section's allowlist when set.
-    license: str | None = None
+    path: str = Field(
+        min_length=1,
+        description=(
+            "Local or mounted path (``/models/llama``, ``file:///models/llama``, a PVC mount) or "
+            "``hf://org/name`` (needs network at run time)."
+        ),
+    )
+    revision: str | None = Field(
+        default=None, description="Git revision for ``hf://`` models (``hf://org/name@rev`` also works)."
+    )
+    license: str | None = Field(
+        default=None,
+        description="SPDX licence of the base model, checked against the data section's allowlist when set.",
+    )
     trust_remote_code: bool = False
 
 
@@ -125,8 +132,11 @@ class LoraConfig(ConfigSection):
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    #: Module names to adapt, or ``["all-linear"]``.
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description='Module names to adapt, or ``["all-linear"]``.',
+    )
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
@@ -140,23 +150,37 @@ class Hyperparameters(ConfigSection):
     section_name = "hyperparameters"
 
     epochs: int = Field(default=1, ge=1)
-    #: When set, train exactly this many optimizer steps (cycling over epochs), ignoring ``epochs``.
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "When set, train exactly this many optimizer steps (cycling over epochs), ignoring ``epochs``."
+        ),
+    )
     micro_batch_size: int = Field(default=4, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler: LrScheduler = LrScheduler.COSINE
     warmup_steps: int | None = Field(default=None, ge=0)
-    #: Used when ``warmupSteps`` is unset: a fraction of the total steps.
-    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    warmup_ratio: float = Field(
+        default=0.03,
+        ge=0,
+        le=1,
+        description="Used when ``warmupSteps`` is unset: a fraction of the total steps.",
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     adam_beta2: float = Field(default=0.999, ge=0, lt=1)
     adam_epsilon: float = Field(default=1e-8, gt=0)
-    #: Gradient clipping by global norm; 0 disables it.
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    #: Overrides every dropout probability in the model config when set.
-    dropout: float | None = Field(default=None, ge=0, lt=1)
+    max_grad_norm: float = Field(
+        default=1.0, ge=0, description="Gradient clipping by global norm; 0 disables it."
+    )
+    dropout: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Overrides every dropout probability in the model config when set.",
+    )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     gradient_checkpointing: bool = False
 
@@ -164,17 +188,33 @@ class Hyperparameters(ConfigSection):
 class Evaluation(ConfigSection):
     section_name = "evaluation"
 
-    #: Evaluate on the validation split every N optimizer steps; 0 evaluates only before and after training.
-    every_steps: int = Field(default=100, ge=0)
-    #: Evaluate the base model before training (the "before" numbers in metrics.json).
-    before_training: bool = True
+    every_steps: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "Evaluate on the validation split every N optimizer steps; 0 evaluates only before and after "
+            "training."
+        ),
+    )
+    before_training: bool = Field(
+        default=True,
+        description='Evaluate the base model before training (the "before" numbers in metrics.json).',
+    )
     batch_size: int = Field(default=8, ge=1)
-    #: Cap on evaluation batches per rank (None: the whole split).
-    max_batches: int | None = Field(default=None, ge=1)
-    #: Evaluate on at most this many rows of each split (None: all).
-    max_samples: int | None = Field(default=None, ge=1)
-    #: Validation prompts to complete greedily with the final model (metrics.json and the model card).
-    generation_samples: int = Field(default=0, ge=0, le=100)
+    max_batches: int | None = Field(
+        default=None, ge=1, description="Cap on evaluation batches per rank (None: the whole split)."
+    )
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Evaluate on at most this many rows of each split (None: all)."
+    )
+    generation_samples: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description=(
+            "Validation prompts to complete greedily with the final model (metrics.json and the model card)."
+        ),
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
 
 
@@ -193,16 +233,21 @@ class EarlyStopping(ConfigSection):
     enabled: bool = False
     metric: EarlyStoppingMetric = EarlyStoppingMetric.LOSS
     mode: Literal["min", "max"] = "min"
-    #: Evaluations without an improvement larger than ``minDelta`` before training stops.
-    patience: int = Field(default=3, ge=1)
+    patience: int = Field(
+        default=3,
+        ge=1,
+        description="Evaluations without an improvement larger than ``minDelta`` before training stops.",
+    )
     min_delta: float = Field(default=0.0, ge=0)
 
 
 class Checkpointing(ConfigSection):
     section_name = "checkpointing"
 
-    #: Must be shared by all pods of a multi-node job (a ReadWriteMany volume).
-    dir: str = "/checkpoints"
+    dir: str = Field(
+        default="/checkpoints",
+        description="Must be shared by all pods of a multi-node job (a ReadWriteMany volume).",
+    )
     every_steps: int = Field(default=500, ge=1)
     keep_last: int = Field(default=2, ge=1)
     save_on_epoch_end: bool = False
@@ -228,8 +273,11 @@ class Distributed(ConfigSection):
     zero_stage: int = Field(default=2, ge=0, le=3)
     offload: Offload = Offload.NONE
     precision: Precision = Precision.BF16
-    #: Seconds torchrun waits for workers to save after SIGTERM before killing them.
-    shutdown_timeout_seconds: int = Field(default=120, ge=1)
+    shutdown_timeout_seconds: int = Field(
+        default=120,
+        ge=1,
+        description="Seconds torchrun waits for workers to save after SIGTERM before killing them.",
+    )
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> Self:
@@ -244,24 +292,41 @@ class Output(ConfigSection):
     section_name = "output"
 
     dir: str = "/output"
-    #: For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.
-    merge_adapter: bool = True
+    merge_adapter: bool = Field(
+        default=True,
+        description="For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.",
+    )
 
 
 class Reporting(ConfigSection):
     section_name = "reporting"
 
-    #: The FineTuneJob whose status rank 0 patches; status patching is off when unset or not in a cluster.
-    job_name: str | None = None
+    job_name: str | None = Field(
+        default=None,
+        description=(
+            "The FineTuneJob whose status rank 0 patches; status patching is off when unset or not in a "
+            "cluster."
+        ),
+    )
     namespace: str | None = None
-    #: Prometheus metrics port on rank 0; 0 turns the endpoint off.
-    metrics_port: int = Field(default=9400, ge=0, le=65535)
-    #: Minimum seconds between two status patches.
-    status_throttle_seconds: float = Field(default=10.0, ge=0)
-    #: Log training metrics every N optimizer steps (JSON lines, Prometheus, status).
-    log_every_steps: int = Field(default=1, ge=1)
-    #: JSON-lines metrics log; relative paths are inside ``output.dir``.
-    metrics_log: str = "metrics.jsonl"
+    metrics_port: int = Field(
+        default=9400,
+        ge=0,
+        le=65535,
+        description="Prometheus metrics port on rank 0; 0 turns the endpoint off.",
+    )
+    status_throttle_seconds: float = Field(
+        default=10.0, ge=0, description="Minimum seconds between two status patches."
+    )
+    log_every_steps: int = Field(
+        default=1,
+        ge=1,
+        description="Log training metrics every N optimizer steps (JSON lines, Prometheus, status).",
+    )
+    metrics_log: str = Field(
+        default="metrics.jsonl",
+        description="JSON-lines metrics log; relative paths are inside ``output.dir``.",
+    )
 
 
 class TrainerConfig(ConfigSection):
