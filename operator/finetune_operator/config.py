@@ -32,8 +32,9 @@ class OperatorConfig(BaseModel):
     """Default size of the memory-backed /dev/shm of trainer pods; NCCL needs > 64 MiB (FTO_SHM_SIZE)."""
     restart_backoff_max_seconds: float = Field(default=600.0, ge=0)
     """Upper bound of the gang-restart delay (FTO_RESTART_BACKOFF_MAX_SECONDS)."""
-    requeue_seconds: float = Field(default=30.0, gt=0)
-    """Re-check interval of an active job with nothing scheduled sooner (FTO_REQUEUE_SECONDS)."""
+    requeue_seconds: float = Field(default=10.0, gt=0)
+    """How often a queued job looks at GPU capacity again (FTO_REQUEUE_SECONDS): pods of other workloads
+    free GPUs without sending the operator an event."""
     drift_check_seconds: float = Field(default=300.0, gt=0)
     """Interval of the idle drift-check timer on every FineTuneJob (FTO_DRIFT_CHECK_SECONDS)."""
     workers: int = Field(default=16, ge=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.children import (
     JobSummary,
     PodSummary,
@@ -194,3 +195,19 @@ def test_queue_retries_failures_and_honours_requeue_delays() -> None:
         return calls
 
     assert asyncio.run(scenario()) == ["ns/x", "ns/x", "ns/x"]
+
+
+def test_operator_config_reads_documented_environment_variables() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "FTO_TRAINER_IMAGE": "img:1",
+            "FTO_GPU_QUOTA_PER_NAMESPACE": "team-a=16, team-b=8",
+            "FTO_WORKERS": "4",
+        }
+    )
+    assert config.trainer_image == "img:1"
+    assert config.gpu_quota_per_namespace == {"team-a": 16, "team-b": 8}
+    assert config.workers == 4
+    assert OperatorConfig.from_env({}).gpu_quota_per_namespace == {}
+    for name, field in OperatorConfig.model_fields.items():
+        assert f"FTO_{name.upper()}" in (field.description or ""), f"{name} is undocumented"

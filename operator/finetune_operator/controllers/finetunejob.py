@@ -66,8 +66,6 @@ OWNED_STATUS_FIELDS = (
     "completionTime",
     "lastFailure",
 )
-QUEUED_RECHECK_SECONDS = 10.0
-"""Queued jobs look again this often: GPUs freed by pods we don't watch (other workloads) send no event."""
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -345,7 +343,7 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
                     {"queuePosition": decision.queue_position} if decision.queue_position else None
                 )
                 await writer.commit()
-                return QUEUED_RECHECK_SECONDS
+                return config.requeue_seconds
         if not admitted_condition:
             attempt += 1
             spec = job.spec.distributed
