@@ -153,7 +153,7 @@ def test_smaller_job_backfills_behind_a_big_waiting_one() -> None:
 def test_product_selector_and_taints_restrict_nodes() -> None:
     nodes = free_gpus_by_node([node("a100", 8, product="NVIDIA-A100"), node("h100", 8)], [])
     plan = plan_admission(nodes, [demand("ns/x", nodes=2)])
-    assert "largest free: 8 on h100" in plan.waiting["ns/x"].message
+    assert plan.waiting["ns/x"].message.endswith("largest free: 8 on h100; only 1 matching node exists")
     untolerated = demand("ns/y", tolerations=())
     plan = plan_admission(nodes, [untolerated])
     assert plan.waiting["ns/y"].message.endswith("no GPU node matches its node selector and tolerations")

@@ -76,7 +76,11 @@ def waiting_message(demand: GangDemand, free: Mapping[str, int], eligible: Seque
         return f"{head}; no GPU node matches its node selector and tolerations"
     largest = sorted(((free[name], name) for name in eligible), key=lambda item: (-item[0], item[1]))
     shown = ", ".join(f"{count} on {name}" for count, name in largest[: max(demand.nodes, 2) + 1])
-    return f"{head}; largest free: {shown}"
+    message = f"{head}; largest free: {shown}"
+    if len(eligible) < demand.nodes:
+        nodes = "node exists" if len(eligible) == 1 else "nodes exist"
+        message += f"; only {len(eligible)} matching {nodes}"
+    return message
 
 
 def plan_admission(
