@@ -106,7 +106,7 @@ class Kube:
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.kubectl), f"--kubeconfig={self.kubeconfig}", *args]
-        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=300, check=False)
         if check and result.returncode != 0:
             raise PodRunnerError(
                 f"`kubectl {' '.join(args)}` exited {result.returncode}: {result.stderr.strip()}"
