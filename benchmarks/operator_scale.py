@@ -84,6 +84,11 @@ def manifest(name: str) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -234,6 +239,7 @@ async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int
     try:
         latencies, total = await operator_run(client, ns_op, args.count, args.concurrency)
         rss = peak_rss_mb(pid)
+        cpu = cpu_seconds(pid)
         direct_total = await direct_run(client, ns_direct, args.count, args.concurrency)
     finally:
         await client.close()
@@ -249,6 +255,8 @@ async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int
         "direct_total_s": round(direct_total, 3),
         "ratio": round(total / direct_total, 3),
         "operator_peak_rss_mb": round(rss, 1),
+        "operator_cpu_s": round(cpu, 1),
+        "cpus": os.cpu_count(),
         "children_per_job": len(CHILD_KINDS),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }

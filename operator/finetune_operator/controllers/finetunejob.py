@@ -136,8 +136,10 @@ class StatusWriter:
             reason, message = self._why(new_phase)
             warning = new_phase in ("Failed", "Restarting")
             logger.info("%s: %s -> %s (%s) %s", key, old_phase, new_phase, reason, message)
-            await self.runtime.client.post_event(
-                self.body, type_="Warning" if warning else "Normal", reason=reason, message=message
+            self.runtime.spawn(
+                self.runtime.client.post_event(
+                    self.body, type_="Warning" if warning else "Normal", reason=reason, message=message
+                )
             )
         self.original = copy.deepcopy(self.fields)
 

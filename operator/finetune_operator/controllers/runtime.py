@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -152,6 +152,14 @@ class Runtime:
     cache: it never goes back to an older resourceVersion, so a reconcile sees at least its own writes)."""
     gpus: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(requested, admitted) GPUs per job, for the gauges."""
+
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Fire-and-forget work (Events): referenced until done so it isn't garbage-collected mid-flight."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def remember(self, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}

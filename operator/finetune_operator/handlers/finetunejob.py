@@ -61,10 +61,16 @@ async def finetunejobs(
 async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     """Keep the latest body for the reconciler (no GET per reconcile); forget it once deleted."""
     runtime = runtime_of(memo, kwargs)
+    key = f"{body.metadata.namespace}/{body.metadata.name}"
     if event["type"] == "DELETED":
-        runtime.bodies.pop(f"{body.metadata.namespace}/{body.metadata.name}", None)
-    else:
-        runtime.remember(dict(body))
+        runtime.bodies.pop(key, None)
+        return
+    runtime.remember(dict(body))
+    if event["type"] == "ADDED":
+        # Start at once; kopf's create handler (after it has added the finalizer) enqueues it again,
+        # which the queue coalesces or turns into a cheap no-op reconcile.
+        runtime.capacity_changed()
+        runtime.enqueue(key)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
