@@ -407,3 +407,22 @@ def test_model_deployment_gets_a_first_status(cluster: Cluster, namespace: str, 
 
     body = wait_for(acknowledged, 60, "the ModelDeployment's observedGeneration")
     assert body["status"]["conditions"][0]["type"] == "Progressing"
+
+
+def test_a_pod_deleted_under_the_gang_counts_as_a_failed_attempt(
+    cluster: Cluster, namespace: str, operator: Any
+) -> None:
+    gpu_pool_free(cluster)
+    cluster.apply(ftj("evicted", nodes=2, maxRestarts=3), namespace)
+    wait_phase(cluster, namespace, "evicted", "Running")
+    victim = running_pods(cluster, namespace, "evicted", 1, 2)[1]
+    cluster.kubectl("delete", "pod", victim["metadata"]["name"], "-n", namespace, "--wait=false")
+
+    def second_attempt_running() -> dict[str, Any] | None:
+        body = get_ftj(cluster, namespace, "evicted")
+        return body if body["status"].get("attempt") == 2 and body["status"]["phase"] == "Running" else None
+
+    body = wait_for(second_attempt_running, 90, "attempt 2 after the pod was deleted")
+    assert body["status"]["restarts"] == 1
+    assert body["status"]["lastFailure"]
+    running_pods(cluster, namespace, "evicted", 2, 2)
