@@ -60,7 +60,7 @@ def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def wait_phase(
-    cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 60
+    cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 120
 ) -> dict[str, Any]:
     last: dict[str, Any] = {}
 
