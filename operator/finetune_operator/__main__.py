@@ -14,11 +14,13 @@ import kopf
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
-    scope = parser.add_mutually_exclusive_group(required=True)
+    scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
         "--namespace", "-n", action="append", default=[], help="serve this namespace (repeatable)"
     )
-    scope.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="serve every namespace (the default without -n)"
+    )
     parser.add_argument(
         "--health-port", type=int, default=8080, help="liveness endpoint GET /healthz (0: off)"
     )
@@ -39,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
 
+    if not args.namespace and not args.all_namespaces:
+        logging.getLogger(__name__).info("no --namespace given: serving all namespaces")
     kopf.run(
         standalone=True,
-        clusterwide=bool(args.all_namespaces),
+        clusterwide=not args.namespace,
         namespaces=list(args.namespace),
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
     )
