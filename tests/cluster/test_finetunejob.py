@@ -426,3 +426,22 @@ def test_a_pod_deleted_under_the_gang_counts_as_a_failed_attempt(
     assert body["status"]["restarts"] == 1
     assert body["status"]["lastFailure"]
     running_pods(cluster, namespace, "evicted", 2, 2)
+
+
+def test_namespace_gpu_quota_keeps_a_job_waiting_although_gpus_are_free(
+    cluster: Cluster, namespace: str, operator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu_pool_free(cluster)
+    operator.stop()
+    monkeypatch.setenv("FTO_GPU_QUOTA_PER_NAMESPACE", f"{namespace}=8")
+    operator.start()
+    cluster.apply(ftj("within"), namespace)
+    wait_phase(cluster, namespace, "within", "Running")
+    cluster.apply(ftj("over"), namespace)
+    waiting = wait_phase(cluster, namespace, "over", "Queued")
+    admitted = condition(waiting, "Admitted")
+    assert admitted["reason"] == "GPUQuotaExceeded"
+    assert admitted["message"] == f"needs 8 GPUs; namespace {namespace} uses 8 of its quota of 8"
+    (pod,) = trainer_pods(cluster, namespace, "within", 1)
+    finish_pod(cluster, namespace, pod["metadata"]["name"], 0)
+    wait_phase(cluster, namespace, "over", "Running")
