@@ -276,9 +276,10 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         message = f"suspended: pods deleted, checkpoints kept on claim {checkpoint_claim_name(job)}"
         writer.set(CONDITION_SUSPENDED, True, "Suspended", message)
         writer.set(CONDITION_RUNNING, False, "Suspended", message)
+        writer.set(CONDITION_ADMITTED, False, "Suspended", "no GPUs are held or requested while suspended")
+        writer.fields["admission"] = None
+        writer.fields["queuedSince"] = None
         if admitted_condition or runtime.admitted_override.get(key):
-            writer.set(CONDITION_ADMITTED, False, "Suspended", "GPUs released while suspended")
-            writer.fields["admission"] = None
             release(runtime, key)
         await writer.commit()
         return None
