@@ -149,6 +149,7 @@ class TorchEngine:
         dtype = TORCH_DTYPES[cfg.distributed.precision]
         self.autocast_dtype = None if dtype is torch.float32 else dtype
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -167,8 +168,7 @@ class TorchEngine:
     def optimizer_step(self) -> float | None:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.hyperparameters.max_grad_norm
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm > 0 else float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

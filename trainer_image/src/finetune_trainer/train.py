@@ -387,7 +387,7 @@ class Trainer:
                 batch = collate(examples, self.pad_id, self.dist.device)
                 window_loss = window_loss + engine.train_micro_batch(batch).float().cpu()
                 window_samples += len(examples)
-                window_tokens += int(batch["attention_mask"].sum())
+                window_tokens += sum(len(e["input_ids"]) for e in examples)
             grad_norm = engine.optimizer_step()
             state.step += 1
             window_steps += 1
