@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from tests.kube_helpers import EXIT_CODE_ANNOTATION, Cluster, finish_pod, kubect
 pytestmark = pytest.mark.cluster
 
 H100 = "NVIDIA-H100-80GB-HBM3"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TIMES = "\N{MULTIPLICATION SIGN}"
 CHILD_KINDS = "serviceaccounts,roles,rolebindings,configmaps,services,persistentvolumeclaims,jobs"
 
