@@ -73,3 +73,59 @@ def test_two_ranks_zero_train_and_export_the_single_process_layout(
     # Same global batch, same data order, same seed: two ranks follow the single process closely.
     single = json.loads((single_process / "metrics.json").read_text())
     assert after["loss"] == pytest.approx(single["after"]["test"]["loss"], rel=0.05)
+
+
+def test_sigterm_to_one_rank_makes_all_ranks_save_the_same_step(
+    tmp_path: Path, tiny: tuple[Path, Path]
+) -> None:
+    """Only one pod of a gang may be told to stop: the ranks agree (all-reduce) and save together."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil  # type: ignore[import-untyped]
+
+    from finetune_trainer.checkpoint import complete_checkpoints
+    from finetune_trainer.exit_codes import ExitCode
+    from trainer_fixtures import read_events, trainer_env
+
+    overrides: dict[str, object] = {
+        "method": "full",
+        "distributed": {"zeroStage": 2, "precision": "fp32", "shutdownTimeoutSeconds": 60},
+        "hyperparameters": {"microBatchSize": 4, "epochs": 20},
+        "evaluation": {"everySteps": 0, "beforeTraining": False},
+        "checkpointing": {"dir": str(tmp_path / "ckpt"), "everySteps": 7, "keepLast": 2},
+    }
+    config = write_config(tmp_path, make_config(tmp_path, *tiny, **overrides))  # type: ignore[arg-type]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+        env=trainer_env(PET_NPROC_PER_NODE="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not complete_checkpoints(tmp_path / "ckpt"):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "finetune_trainer.train" in " ".join(p.cmdline())
+        ]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == ExitCode.PREEMPTED, stderr[-4000:]
+    preempted = [e for e in read_events(tmp_path / "out" / "metrics.jsonl") if e["event"] == "preempted"]
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    saved = next(c for c in complete_checkpoints(tmp_path / "ckpt") if c.step == step)
+    assert {p.name for p in saved.path.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    assert list((saved.path / "engine").rglob("zero_pp_rank_1_*optim_states.pt"))
