@@ -397,7 +397,7 @@ def test_rendered_config_validates_and_the_pod_command_starts_the_trainer(
 
 
 def test_model_deployment_gets_a_first_status(cluster: Cluster, namespace: str, operator: Any) -> None:
-    manifest = yaml.safe_load(open("examples/modeldeployment-rolling.yaml"))  # noqa: SIM115
+    manifest = yaml.safe_load((EXAMPLES / "modeldeployment-rolling.yaml").read_text())
     manifest["metadata"].pop("namespace", None)
     cluster.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
