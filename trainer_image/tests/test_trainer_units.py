@@ -209,3 +209,10 @@ def test_status_reporting_is_off_outside_a_cluster(tmp_path: Path, monkeypatch: 
         reporter.status({"progress": {"step": 1}})  # a no-op, not an error
     finally:
         reporter.close()
+
+
+def test_wait_for_master_resolves_or_gives_up() -> None:
+    from finetune_trainer.launch import wait_for_master
+
+    assert wait_for_master("localhost", timeout_seconds=5)
+    assert not wait_for_master("no-such-host.invalid", timeout_seconds=0.2, interval=0.05)

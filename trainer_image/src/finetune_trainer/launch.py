@@ -2,12 +2,14 @@
 
 1. Pre-flight: parse and validate the config (exit ``CONFIG_ERROR`` before any GPU work), check that a local
    model exists (``MODEL_ERROR``) and that QLoRA has CUDA (``CONFIG_ERROR``).
-2. Start ``torchrun --max-restarts=0 --shutdown-timeout=S -m finetune_trainer.train --config PATH`` as a
+2. On multi-node pods, wait until ``PET_MASTER_ADDR`` resolves (``FTO_MASTER_WAIT_SECONDS``, default 300;
+   ``RETRYABLE`` when it never does).
+3. Start ``torchrun --max-restarts=0 --shutdown-timeout=S -m finetune_trainer.train --config PATH`` as a
    child, forwarding SIGTERM/SIGINT/SIGHUP to it (we are PID 1 in the pod; PID 1 ignores signals it has no
    handler for). torchrun reads the rank wiring from ``PET_*`` variables set by the operator (PET_NNODES,
    PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT); without them it runs standalone
    (one node, a free port).
-3. torchrun turns every worker failure into exit code 1, so the failing rank writes its code to the
+4. torchrun turns every worker failure into exit code 1, so the failing rank writes its code to the
    exit-code file (``FTO_EXIT_CODE_FILE``, default a fresh temp file); we exit with that code, or
    ``RETRYABLE`` when no rank recorded one, or 0 when torchrun succeeded.
 
@@ -22,9 +24,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -35,6 +39,9 @@ from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, ExitCode
 
 #: Where Kubernetes reads a container's termination message by default.
 TERMINATION_LOG = Path("/dev/termination-log")
+
+#: Seconds to wait for the rendezvous host (PET_MASTER_ADDR) to resolve before giving up (retryable).
+MASTER_WAIT_ENV = "FTO_MASTER_WAIT_SECONDS"
 
 #: The environment torchrun reads for multi-node rank wiring (set by the operator on each pod).
 TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
@@ -77,6 +84,20 @@ def preflight(config_path: str) -> TrainerConfig:
     check_model_source(cfg.model)
     check_cuda_requirements(cfg)
     return cfg
+
+
+def wait_for_master(host: str, *, timeout_seconds: float, interval: float = 1.0) -> bool:
+    """Wait until the rendezvous host resolves. Pod 0's name (``<job>-0.<svc>``) is often not in DNS for
+    some seconds after the pods start, and torchrun treats "host not found" as fatal."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
 
 
 def read_exit_code(path: Path) -> tuple[int | None, str]:
@@ -124,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.MODEL_ERROR)
     if args.check:
         return int(ExitCode.SUCCESS)
+
+    master = os.environ.get("PET_MASTER_ADDR")
+    wait = float(os.environ.get(MASTER_WAIT_ENV, "300"))
+    if master and not wait_for_master(master, timeout_seconds=wait):
+        message = f"rendezvous host {master} did not resolve within {wait:.0f}s"
+        print(message, file=sys.stderr)
+        write_termination_message(message)
+        return int(ExitCode.RETRYABLE)
 
     scratch = None
     code_file = os.environ.get(EXIT_CODE_FILE_ENV)
