@@ -19,4 +19,4 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo '{"benchmark": "gpu_check", "error": "no CUDA GPU visible"}'
   exit 1
 fi
-exec timeout --signal=TERM 290 "$PY" benchmarks/gpu/zero3_mfu.py
+exec timeout --signal=TERM 295 "$PY" benchmarks/gpu/zero3_mfu.py

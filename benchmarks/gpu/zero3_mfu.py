@@ -10,6 +10,7 @@ the first WARMUP steps. Prints one JSON line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,9 @@ WARMUP = 5
 MICRO_BATCH = int(os.environ.get("MICRO_BATCH", "4"))
 SEQ = int(os.environ.get("SEQ", "2048"))
 PEAK_FLOPS = 989e12
+#: Whole-script budget (gpu_check.sh kills at 295 s): the QLoRA phase only runs in what is left.
+BUDGET_SECONDS = 280.0
+STARTED = time.monotonic()
 #: FTO_GPU_CHECK_SMOKE=1: a tiny shape on the CPU, to check the script without a GPU (figures meaningless).
 SMOKE = os.environ.get("FTO_GPU_CHECK_SMOKE") == "1"
 SHAPE = {
@@ -84,18 +88,26 @@ def make_data(path: Path, rows: int) -> None:
 
 
 def run_trainer(
-    config: dict[str, Any], root: Path
+    config: dict[str, Any], root: Path, timeout: float
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     (root / "config.json").write_text(json.dumps(config))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "trainer_image" / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer", "--config", str(root / "config.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    cmd = [sys.executable, "-m", "finetune_trainer", "--config", str(root / "config.json")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=max(timeout, 1.0))
+        result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        import psutil  # type: ignore[import-untyped]
+
+        # torchrun starts workers in their own sessions: kill the whole tree so no worker keeps the GPU.
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        _, stderr = proc.communicate()
+        result = subprocess.CompletedProcess(cmd, 124, "", f"timed out after {timeout:.0f}s\n{stderr}")
     events_path = Path(config["output"]["dir"]) / "metrics.jsonl"
     events = (
         [json.loads(line) for line in events_path.read_text().splitlines()] if events_path.exists() else []
@@ -109,6 +121,9 @@ def qlora_smoke() -> dict[str, object]:
         import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         return {"qlora": "skipped: bitsandbytes not installed (pip install -c constraints.txt '.[gpu]')"}
+    left = BUDGET_SECONDS - (time.monotonic() - STARTED)
+    if left < 75:
+        return {"qlora": f"skipped: only {left:.0f}s of the time budget left"}
     global SHAPE
     saved = SHAPE
     SHAPE = {
@@ -141,7 +156,7 @@ def qlora_smoke() -> dict[str, object]:
                 "output": {"dir": str(root / "out")},
                 "reporting": {"metricsPort": 0},
             }
-            result, events = run_trainer(config, root)
+            result, events = run_trainer(config, root, timeout=BUDGET_SECONDS - (time.monotonic() - STARTED))
             done = [e for e in events if e["event"] == "done"]
             if result.returncode != 0 or not done:
                 return {
@@ -189,7 +204,7 @@ def main() -> None:
             "output": {"dir": str(root / "out")},
             "reporting": {"metricsPort": 0},
         }
-        result, events = run_trainer(config, root)
+        result, events = run_trainer(config, root, timeout=BUDGET_SECONDS - 20 - (time.monotonic() - STARTED))
     train = [e for e in events if e["event"] == "train" and e["step"] > WARMUP]
     line: dict[str, object] = {"benchmark": "gpu_check", "exit_code": result.returncode}
     if result.returncode != 0 or not train:
