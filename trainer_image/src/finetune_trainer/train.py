@@ -374,7 +374,7 @@ class Trainer:
         log_every = cfg.reporting.log_every_steps
         saved_step = state.step
         perm_epoch, perm = -1, []
-        window_loss, window_samples, window_tokens = torch.zeros(()), 0, 0
+        window_loss, window_samples, window_tokens = torch.zeros((), device=self.dist.device), 0, 0
         window_steps, window_start = 0, time.perf_counter()
         engine.train(True)
         while state.step < state.total_steps and not state.stopped_early:
@@ -385,7 +385,7 @@ class Trainer:
             for indices in order.micro_batches(perm, in_epoch, self.dist.rank):
                 examples = [self.data.train[i] for i in indices]
                 batch = collate(examples, self.pad_id, self.dist.device)
-                window_loss = window_loss + engine.train_micro_batch(batch).float().cpu()
+                window_loss = window_loss + engine.train_micro_batch(batch).float()
                 window_samples += len(examples)
                 window_tokens += sum(len(e["input_ids"]) for e in examples)
             grad_norm = engine.optimizer_step()
@@ -405,7 +405,7 @@ class Trainer:
                     step_seconds,
                     grad_norm,
                 )
-                window_loss, window_samples, window_tokens = torch.zeros(()), 0, 0
+                window_loss, window_samples, window_tokens = torch.zeros((), device=self.dist.device), 0, 0
                 window_steps, window_start = 0, time.perf_counter()
 
             new_best = False
