@@ -254,6 +254,7 @@ class KubeClient:
             return await self.request(
                 "PATCH",
                 resource_path(api_version, kind, namespace, name, "status"),
+                params={"fieldManager": FIELD_MANAGER},
                 body={"status": status},
                 content_type="application/merge-patch+json",
             )

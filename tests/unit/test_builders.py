@@ -241,3 +241,15 @@ def test_cpu_only_single_pod_job_has_no_gpu_bits() -> None:
 def test_pod_hostnames_fit_a_dns_label(attempt: int) -> None:
     name = build_trainer_job(finetunejob(), attempt, CONFIG)["metadata"]["name"]
     assert len(f"{name}-63") <= 63
+
+
+def test_an_admitted_gang_is_pinned_to_the_nodes_its_gpus_were_counted_on() -> None:
+    pinned = build_trainer_job(finetunejob(), 1, CONFIG, ["gpu-node-1", "gpu-node-0"])
+    affinity = pinned["spec"]["template"]["spec"]["affinity"]
+    (term,) = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": ["gpu-node-0", "gpu-node-1"]}
+    ]
+    assert "podAntiAffinity" in affinity  # still one pod per node
+    unpinned = build_trainer_job(finetunejob(), 2, CONFIG)
+    assert "nodeAffinity" not in unpinned["spec"]["template"]["spec"]["affinity"]

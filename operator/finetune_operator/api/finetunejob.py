@@ -283,7 +283,7 @@ class BadRows(ApiModel):
 
     max_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     """Largest tolerated fraction of bad rows; they are skipped and counted, and the job fails
-    with reason `BadData` above this fraction."""
+    with reason `InvalidData` above this fraction."""
 
 
 class Dataset(ApiModel):

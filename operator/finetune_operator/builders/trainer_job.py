@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from finetune_operator.api.finetunejob import FineTuneJob
@@ -25,7 +26,11 @@ from finetune_operator.builders.common import (
 )
 from finetune_operator.builders.trainer_config import SOURCE_MOUNT_ROOT, source_claims
 from finetune_operator.config import OperatorConfig
+from finetune_trainer.config import Reporting
 from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
+
+#: Rank 0's Prometheus endpoint: the trainer's default reporting.metricsPort (the operator keeps it).
+TRAINER_METRICS_PORT = Reporting().metrics_port
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -124,8 +129,14 @@ def trainer_args() -> list[str]:
     return ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
 
 
-def build_trainer_job(job: FineTuneJob, attempt: int, config: OperatorConfig) -> dict[str, Any]:
-    """The gang of attempt `attempt`. Its pod template is immutable: a new attempt is a new Job."""
+def build_trainer_job(
+    job: FineTuneJob, attempt: int, config: OperatorConfig, placement: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The gang of attempt `attempt`. Its pod template is immutable: a new attempt is a new Job.
+
+    `placement` (the nodes the admission plan counted this gang's GPUs on) pins the pods to those nodes,
+    so the scheduler cannot put the gang into GPUs the plan reserved for another job. Empty: unpinned
+    (Kueue admission, or a restart that must be free to avoid a lost node)."""
     spec = job.spec
     nodes = spec.distributed.nodes
     name = batch_job_name(job, attempt)
@@ -171,7 +182,10 @@ def build_trainer_job(job: FineTuneJob, attempt: int, config: OperatorConfig) ->
                 "command": list(TRAINER_COMMAND),
                 "args": trainer_args(),
                 "env": _env(job, attempt, config),
-                "ports": [{"name": "rendezvous", "containerPort": config.master_port, "protocol": "TCP"}],
+                "ports": [
+                    {"name": "rendezvous", "containerPort": config.master_port, "protocol": "TCP"},
+                    {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
+                ],
                 "resources": _resources(job),
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -185,20 +199,26 @@ def build_trainer_job(job: FineTuneJob, attempt: int, config: OperatorConfig) ->
     tolerations = _tolerations(job)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    if nodes > 1:
-        # One pod per node: two pieces of one gang never share a node.
-        pod_spec["affinity"] = {
-            "podAntiAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": [
-                    {
-                        "labelSelector": {
-                            "matchLabels": {JOB_LABEL: job_name(job), ATTEMPT_LABEL: str(attempt)}
-                        },
-                        "topologyKey": "kubernetes.io/hostname",
-                    }
-                ]
+    affinity: dict[str, Any] = {}
+    if placement:
+        term = {"key": "kubernetes.io/hostname", "operator": "In", "values": sorted(set(placement))}
+        affinity["nodeAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
             }
         }
+    if nodes > 1:
+        # One pod per node: two pieces of one gang never share a node.
+        affinity["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {JOB_LABEL: job_name(job), ATTEMPT_LABEL: str(attempt)}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    if affinity:
+        pod_spec["affinity"] = affinity
 
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",

@@ -374,7 +374,7 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
             writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
             writer.set(CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt}")
             await writer.commit()  # the attempt is recorded before its Job exists: a crash can't lose it
-            await client.create(build_trainer_job(job, attempt, config))
+            await client.create(build_trainer_job(job, attempt, config, placement))
             return deadline_in
 
     # --- restarting: old gang gone, backoff over → next attempt ----------------------------------------
