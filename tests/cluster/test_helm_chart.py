@@ -1,4 +1,4 @@
-"""The Helm chart installs on a real API server, passes Pod Security `restricted`, and grants least privilege."""
+"""The Helm chart installs on a real API server, passes Pod Security `restricted`, grants least privilege."""
 
 from __future__ import annotations
 
@@ -43,13 +43,15 @@ def test_chart_installs_under_restricted_pod_security_and_grants_least_privilege
     )
     release = f"fto-{uuid.uuid4().hex[:6]}"
     try:
-        out = _helm(cluster, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "90s")
+        out = _helm(
+            cluster, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "90s"
+        )
         assert out.returncode == 0, out.stdout + out.stderr
 
         def available() -> bool:
-            dep = json.loads(
-                cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout
-            )["items"]
+            dep = json.loads(cluster.kubectl("get", "deployment", "-n", namespace, "-o", "json").stdout)[
+                "items"
+            ]
             return bool(dep) and dep[0].get("status", {}).get("availableReplicas") == 1
 
         wait_for(available, timeout=60, message="operator Deployment from the chart never became available")

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
 from trainer_fixtures import make_tiny_model, trainer_env
 
 API_KEY = "sk-test-0123456789"
@@ -80,7 +81,8 @@ def test_completions_and_chat_through_the_official_client(server: str) -> None:
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.7, seed=3
     )
     assert chat.choices[0].message.role == "assistant"
-    assert chat.usage is not None and chat.usage.completion_tokens <= 4
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens <= 4
 
 
 def test_wrong_or_missing_key_is_refused_with_401(server: str) -> None:
@@ -110,7 +112,8 @@ def test_metrics_count_requests_and_tokens(server: str) -> None:
     assert 'fto_server_requests_total{code="200",route="/v1/completions"}' in text
     assert "fto_server_model_ready 1.0" in text
     tokens = [line for line in text.splitlines() if line.startswith("fto_server_completion_tokens_total ")]
-    assert tokens and float(tokens[0].split()[1]) >= 1
+    assert tokens
+    assert float(tokens[0].split()[1]) >= 1
 
 
 def test_invalid_config_exits_with_the_config_error_code(tmp_path: Path) -> None:
