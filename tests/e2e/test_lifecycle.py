@@ -33,6 +33,7 @@ JOB_LABEL = "finetune.dev/job"
 #: Field managers of the operator's own status writes; the trainer's writes must come from someone else.
 OPERATOR_MANAGERS = {"kopf", "Python", "finetune-operator"}
 TRAINER_FIELDS = {"f:progress", "f:metrics", "f:artifact"}
+TRAINER_MANAGER = "finetune-trainer"
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,15 @@ def volume_dir(cluster: Cluster, namespace: str, pod: dict[str, Any], container_
     return Path(pv["spec"]["hostPath"]["path"]) / container_path.removeprefix(mount["mountPath"]).lstrip("/")
 
 
+def claim_dir(cluster: Cluster, namespace: str, uri: str) -> Path:
+    """Where a `pvc://claim/path` URI (what status.artifact reports) lies on this machine."""
+    assert uri.startswith("pvc://"), uri
+    claim_name, _, path = uri.removeprefix("pvc://").partition("/")
+    claim = kubectl_json(cluster, "get", "pvc", claim_name, "-n", namespace)
+    pv = kubectl_json(cluster, "get", "pv", claim["spec"]["volumeName"])
+    return Path(pv["spec"]["hostPath"]["path"]) / path
+
+
 def status_writers(job: dict[str, Any]) -> dict[str, set[str]]:
     """Status fields by the field manager that last wrote them."""
     writers: dict[str, set[str]] = {}
@@ -160,13 +170,16 @@ def test_finetunejob_trains_for_real_and_succeeds_with_an_artifact(
     # progress, metrics and artifact were written by the trainer's client, not by the operator.
     writers = status_writers(job)
     trainer_managers = {m for m, fields in writers.items() if fields & TRAINER_FIELDS}
-    assert trainer_managers, writers
-    assert not trainer_managers & OPERATOR_MANAGERS, writers
+    assert trainer_managers == {TRAINER_MANAGER}, writers
+    assert status["progress"]["stage"] == "Completed"
 
+    # The artifact is addressed as users can resolve it: the output folder on the job's checkpoint claim.
     artifact = status["artifact"]
-    model_dir = volume_dir(cluster, namespace, pod, artifact["uri"])
+    assert artifact["uri"] == "pvc://tiny-checkpoints/output/model/model", artifact
+    model_dir = claim_dir(cluster, namespace, artifact["uri"])
+    assert model_dir == volume_dir(cluster, namespace, pod, f"{config.output.dir}/model")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model_dir.iterdir()}
-    card = volume_dir(cluster, namespace, pod, artifact["modelCard"])
+    card = claim_dir(cluster, namespace, artifact["modelCard"])
     assert card.name == "README.md"
     assert "loss" in card.read_text().lower()
     metrics = json.loads((card.parent / "metrics.json").read_text())
@@ -247,7 +260,7 @@ def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
     assert job["status"]["attempt"] == 2
     assert job["status"]["restarts"] == 1
     assert job["status"]["progress"]["step"] == steps
-    output = volume_dir(cluster, namespace, second, job["status"]["artifact"]["modelCard"]).parent
+    output = claim_dir(cluster, namespace, job["status"]["artifact"]["modelCard"]).parent
     events = [
         json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()
     ]

@@ -23,8 +23,10 @@ from finetune_operator.builders import (
     build_trainer_role,
 )
 from finetune_operator.builders.common import JOB_LABEL, KUEUE_QUEUE_LABEL
+from finetune_operator.builders.trainer_config import render_trainer_config, validated_trainer_config
 from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.deepspeed_config import deepspeed_config
 from finetune_trainer.exit_codes import NON_RETRYABLE
 from finetune_trainer.launch import pod_command
 
@@ -156,10 +158,66 @@ def test_configmap_holds_a_valid_trainer_config_and_deepspeed_json() -> None:
     assert config.reporting.job_name == "llama-sft"
     assert config.reporting.namespace == "team-a"
     deepspeed = json.loads(cm["data"]["deepspeed.json"])
-    assert deepspeed == build_deepspeed_config(job)
+    # One source: the trainer's own function, for the rendered config and the gang's world size (2 x 8).
+    assert deepspeed == deepspeed_config(config, 16, pin_memory=True)
+    assert deepspeed == build_deepspeed_config(job, config)
+    hp = config.hyperparameters
+    assert deepspeed["train_batch_size"] == hp.micro_batch_size * hp.gradient_accumulation_steps * 16
     assert deepspeed["zero_optimization"]["stage"] == 3
-    assert deepspeed["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert deepspeed["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     check_golden("trainer_configmap", cm)
+
+
+@pytest.mark.parametrize(("nodes", "gpus", "world"), [(1, 0, 1), (1, 1, 1), (1, 4, 4), (3, 8, 24)])
+def test_deepspeed_json_is_the_trainers_for_the_gangs_world_size(nodes: int, gpus: int, world: int) -> None:
+    job = finetunejob(
+        distributed={
+            "nodes": nodes,
+            "gpusPerNode": gpus,
+            "precision": "fp32" if gpus == 0 else "bf16",
+            "deepspeed": {"zeroStage": 2, "offload": "cpu"},
+        },
+        method="lora",
+        hyperparameters={"batchSize": 3, "gradientAccumulationSteps": 5},
+        resources={"gpuProduct": "NVIDIA-H100-80GB-HBM3"} if gpus else {"cpu": "4"},
+    )
+    cm = build_trainer_configmap(job, shutdown_timeout_seconds=60)
+    config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    deepspeed = json.loads(cm["data"]["deepspeed.json"])
+    assert deepspeed["train_batch_size"] == 3 * 5 * world
+    assert deepspeed["train_micro_batch_size_per_gpu"] == 3
+    # Pinned host memory only where the pods have GPUs (CUDA); a CPU pod could not pin it.
+    assert deepspeed["zero_optimization"]["offload_optimizer"]["pin_memory"] is (gpus > 0)
+    assert deepspeed == deepspeed_config(config, world, pin_memory=gpus > 0)
+
+
+def test_evaluation_max_samples_are_rows_and_generation_samples_pass_through() -> None:
+    job = finetunejob(evaluation={"everySteps": 50, "maxSamples": 200, "generationSamples": 4})
+    rendered = render_trainer_config(job, shutdown_timeout_seconds=60)
+    assert rendered["evaluation"]["maxSamples"] == 200
+    assert "maxBatches" not in rendered["evaluation"]
+    assert rendered["evaluation"]["generationSamples"] == 4
+    config = validated_trainer_config(job, shutdown_timeout_seconds=60)
+    assert (config.evaluation.max_samples, config.evaluation.max_batches) == (200, None)
+    assert config.evaluation.generation_samples == 4
+
+
+@pytest.mark.parametrize("existing", [None, "shared-models"])
+def test_output_uri_addresses_the_output_dir_on_the_checkpoint_claim(existing: str | None) -> None:
+    storage = {"existingClaim": existing} if existing else {"size": "10Gi"}
+    job = finetunejob(output={"path": "runs/v1"}, checkpointing={"storage": storage})
+    config = validated_trainer_config(job, shutdown_timeout_seconds=60)
+    claim = existing or "llama-sft-checkpoints"
+    assert config.output.uri == f"pvc://{claim}/output/runs/v1"
+    # The same folder: the claim is mounted at the workspace, output.dir is below it.
+    pvc_path = config.output.uri.removeprefix(f"pvc://{claim}/")
+    pod = build_trainer_job(job, 1, CONFIG)["spec"]["template"]["spec"]
+    [mount] = [
+        m for m in pod["containers"][0]["volumeMounts"] if config.output.dir.startswith(m["mountPath"] + "/")
+    ]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim
+    assert f"{mount['mountPath']}/{pvc_path}" == config.output.dir
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune_trainer.env import STATUS_KUBECONFIG_ENV
-from finetune_trainer.reporting import GROUP, PLURAL, VERSION, StatusPatcher, _api_client
+from finetune_trainer.reporting import FIELD_MANAGER, GROUP, PLURAL, VERSION, StatusPatcher, _api_client
 from trainer_fixtures import make_config, make_task_data, make_tiny_model, run_trainer, write_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -92,12 +92,23 @@ def test_trainer_patches_its_own_job_status_and_nothing_else(
         model_dir,
         data,
         reporting={"jobName": "mine", "namespace": namespace, "metricsPort": 0, "statusThrottleSeconds": 0.5},
+        output={"uri": "pvc://mine-checkpoints/output/model"},
     )
     result = run_trainer(write_config(tmp_path, config), **{STATUS_KUBECONFIG_ENV: str(kubeconfig)})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "status patch" not in result.stderr  # no failed patches logged
 
-    status = json.loads(cluster.kubectl("get", "ftj", "mine", "-n", namespace, "-o", "json").stdout)["status"]
+    job = json.loads(
+        cluster.kubectl("get", "ftj", "mine", "-n", namespace, "-o", "json", "--show-managed-fields").stdout
+    )
+    status = job["status"]
+    # Who wrote progress/metrics/artifact is visible: the trainer's own field manager.
+    writers = {
+        entry["manager"]: set(entry.get("fieldsV1", {}).get("f:status", {}))
+        for entry in job["metadata"]["managedFields"]
+        if entry.get("subresource") == "status"
+    }
+    assert {"f:progress", "f:metrics", "f:artifact"} <= writers.get(FIELD_MANAGER, set()), writers
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     print("status.progress:", status["progress"])
     assert status["progress"]["step"] == metrics["steps"]
@@ -108,6 +119,13 @@ def test_trainer_patches_its_own_job_status_and_nothing_else(
     assert status["metrics"]["before"]["loss"] == pytest.approx(metrics["before"]["validation"]["loss"])
     assert status["checkpoints"]["latestStep"] == metrics["steps"]
     assert status["artifact"]["sha256"] == metrics["artifact"]["sha256"]
+    # The last report says the run is over, and where users find the outputs (output.uri, not pod paths).
+    assert status["progress"]["stage"] == "Completed"
+    assert status["progress"]["etaSeconds"] == 0
+    assert status["artifact"]["uri"] == "pvc://mine-checkpoints/output/model/model"
+    assert status["artifact"]["modelCard"] == "pvc://mine-checkpoints/output/model/README.md"
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert (tmp_path / "out" / "README.md").is_file()
 
     # The same token may not touch another job's status, nor its own job's spec.
     api = _api_client({STATUS_KUBECONFIG_ENV: str(kubeconfig)})

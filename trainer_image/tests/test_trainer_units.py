@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from finetune_trainer.checkpoint import CheckpointManager, checkpoint_name, complete_checkpoints
-from finetune_trainer.config import Hyperparameters, parse_config
+from finetune_trainer.config import ConfigError, Hyperparameters, TrainerConfig, parse_config
+from finetune_trainer.deepspeed_config import (
+    deepspeed_config,
+    load_deepspeed_config,
+    resolve_deepspeed_config,
+)
 from finetune_trainer.distributed import Distributed
-from finetune_trainer.engine import causal_lm_loss, deepspeed_config, lr_lambda
-from finetune_trainer.env import TorchrunEnv
+from finetune_trainer.engine import causal_lm_loss, lr_lambda
+from finetune_trainer.engine import deepspeed_config as engine_deepspeed_config
+from finetune_trainer.env import DEEPSPEED_CONFIG_ENV, TorchrunEnv
 from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
+from finetune_trainer.export import output_address
 from finetune_trainer.launch import read_exit_code, torchrun_command
 from finetune_trainer.train import DataOrder, TrainState, classify, improved
 
@@ -59,21 +68,73 @@ def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
         assert tail[-1] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_deepspeed_config_batch_arithmetic_and_precision() -> None:
-    cfg = parse_config(
+def _ds_cfg(**distributed: object) -> TrainerConfig:
+    return parse_config(
         {
             "model": {"path": "/m"},
             "data": {"source": "/d"},
             "hyperparameters": {"microBatchSize": 3, "gradientAccumulationSteps": 5, "maxGradNorm": 0},
-            "distributed": {"zeroStage": 3, "offload": "all", "precision": "bf16"},
+            "distributed": {"zeroStage": 3, "offload": "all", "precision": "bf16", **distributed},
         }
     )
-    ds = deepspeed_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize("pin_memory", [True, False])
+def test_deepspeed_config_batch_arithmetic_and_precision(pin_memory: bool) -> None:
+    ds = deepspeed_config(_ds_cfg(), world_size=4, pin_memory=pin_memory)
     assert ds["train_batch_size"] == 3 * 5 * 4
     assert ds["bf16"] == {"enabled": True}
     assert "gradient_clipping" not in ds
-    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": pin_memory}
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_the_mounted_deepspeed_config_is_used_when_it_fits_the_world_size(tmp_path: Path) -> None:
+    cfg = _ds_cfg()
+    mounted = deepspeed_config(cfg, world_size=4, pin_memory=False)
+    mounted["wall_clock_breakdown"] = True  # something the trainer would not compute itself
+    path = tmp_path / "deepspeed.json"
+    path.write_text(json.dumps(mounted))
+    assert engine_deepspeed_config(cfg, 4, {DEEPSPEED_CONFIG_ENV: str(path)}) == mounted
+    # Named but absent (a local run): computed, as without the variable.
+    computed = engine_deepspeed_config(cfg, 4, {DEEPSPEED_CONFIG_ENV: str(tmp_path / "none.json")})
+    assert computed == engine_deepspeed_config(cfg, 4, {})
+    assert computed["wall_clock_breakdown"] is False
+
+
+def test_a_mounted_deepspeed_config_for_another_world_size_is_a_config_error(tmp_path: Path) -> None:
+    cfg = _ds_cfg()
+    path = tmp_path / "deepspeed.json"
+    path.write_text(json.dumps(deepspeed_config(cfg, world_size=16, pin_memory=True)))
+    with pytest.raises(ConfigError) as refused:
+        resolve_deepspeed_config(cfg, 4, pin_memory=False, environ={DEEPSPEED_CONFIG_ENV: str(path)})
+    message = str(refused.value)
+    assert str(path) in message
+    assert f"train_batch_size={3 * 5 * 16} does not fit this run: 4 ranks" in message, message
+    assert classify(refused.value) is ExitCode.CONFIG_ERROR
+    path.write_text("{not json")
+    with pytest.raises(ConfigError):
+        load_deepspeed_config(path, cfg, 4)
+
+
+def test_deepspeed_config_module_is_torch_free() -> None:
+    """The operator imports it to render the ConfigMap; it must not pull torch in."""
+    code = (
+        "import sys; import finetune_trainer.deepspeed_config; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_artifact_addresses_use_output_uri_when_set() -> None:
+    base = {"model": {"path": "/m"}, "data": {"source": "/d"}}
+    in_pod = parse_config({**base, "output": {"dir": "/workspace/output/model"}})
+    assert output_address(in_pod, "model") == "/workspace/output/model/model"
+    addressed = parse_config(
+        {**base, "output": {"dir": "/workspace/output/model", "uri": "pvc://job-checkpoints/output/model/"}}
+    )
+    assert output_address(addressed, "model") == "pvc://job-checkpoints/output/model/model"
+    assert output_address(addressed, "README.md") == "pvc://job-checkpoints/output/model/README.md"
 
 
 def _manager(root: Path, keep_last: int = 2) -> CheckpointManager:

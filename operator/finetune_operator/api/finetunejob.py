@@ -525,7 +525,8 @@ class Output(ApiModel):
     uri: Annotated[str, Field(pattern=OUTPUT_URI_PATTERN, max_length=2048)] | None = None
     """Copy the final model here (`pvc://claim/path`, `s3://bucket/prefix`, `file:///path`)."""
     path: RelativePath = "model"
-    """Directory on the checkpoint volume for the final model (always written)."""
+    """Directory for the final model and its model card, `output/<path>` on the checkpoint volume (always
+    written)."""
     merge_adapter: bool = False
     """Merge the LoRA adapter into the base weights (lora/qlora); the adapter alone otherwise."""
     model_name: DnsLabel | None = None
@@ -828,8 +829,8 @@ class Progress(StatusModel):
     """Training throughput over the whole gang, in examples per second."""
     tokens_per_second: Annotated[float, Field(ge=0.0)] | None = None
     """Training throughput over the whole gang, in tokens per second (text tasks)."""
-    stage: Literal["Preparing", "Training", "Evaluating", "Saving"] | None = None
-    """What the trainer is doing now."""
+    stage: Literal["Preparing", "Training", "Evaluating", "Saving", "Completed"] | None = None
+    """What the trainer is doing now; `Completed` once the outputs are written."""
     updated_at: datetime | None = None
     """When the trainer last wrote progress."""
 
@@ -874,9 +875,10 @@ class Artifact(StatusModel):
     """The trained model."""
 
     uri: str | None = None
-    """Where the final model is (`pvc://claim/path`, or `output.uri`)."""
+    """Where the final model is: `pvc://<checkpoint claim>/output/<output.path>/model` (`/adapter` for an
+    unmerged LoRA adapter)."""
     model_card: str | None = None
-    """Path of the model card (README.md) next to the model."""
+    """Where the model card is: `pvc://<checkpoint claim>/output/<output.path>/README.md`."""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     """Size of the model files."""
     format: Literal["full", "adapter", "merged"] | None = None

@@ -14,12 +14,15 @@ from finetune_operator.builders.common import (
     CONFIG_FILE,
     DEEPSPEED_FILE,
     OUTPUT_DIR,
+    WORKSPACE_DIR,
+    checkpoint_claim_name,
     child_metadata,
     config_map_name,
     job_name,
     namespace,
 )
 from finetune_trainer.config import TrainerConfig, parse_config
+from finetune_trainer.deepspeed_config import deepspeed_config
 
 SOURCE_MOUNT_ROOT = "/mnt/sources"
 """Claims named by `pvc://claim/path` sources are mounted read-only under here, one folder per claim."""
@@ -132,6 +135,12 @@ def _data_section(job: FineTuneJob) -> dict[str, Any]:
     return section
 
 
+def output_uri(job: FineTuneJob) -> str:
+    """How users address `output.dir`: the same folder on the checkpoint claim (mounted at the workspace)."""
+    on_claim = f"{OUTPUT_DIR}/{job.spec.output.path}".removeprefix(f"{WORKSPACE_DIR}/")
+    return f"pvc://{checkpoint_claim_name(job)}/{on_claim}"
+
+
 def _offload(job: FineTuneJob) -> str:
     deepspeed = job.spec.distributed.deepspeed
     if deepspeed is None or deepspeed.offload == "none":
@@ -171,7 +180,8 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
         "evaluation": {
             "everySteps": (evaluation.every_steps or 100) if evaluation else 0,
             "beforeTraining": evaluation is not None,
-            "maxBatches": evaluation.max_samples if evaluation else None,
+            "maxSamples": evaluation.max_samples if evaluation else None,
+            "generationSamples": evaluation.generation_samples if evaluation else 0,
         },
         "earlyStopping": {"enabled": False},
         "checkpointing": {
@@ -186,7 +196,11 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "precision": spec.distributed.precision,
             "shutdownTimeoutSeconds": shutdown_timeout_seconds,
         },
-        "output": {"dir": f"{OUTPUT_DIR}/{spec.output.path}", "mergeAdapter": spec.output.merge_adapter},
+        "output": {
+            "dir": f"{OUTPUT_DIR}/{spec.output.path}",
+            "uri": output_uri(job),
+            "mergeAdapter": spec.output.merge_adapter,
+        },
         "reporting": {"jobName": job_name(job), "namespace": namespace(job)},
         "seed": hp.seed,
     }
@@ -218,28 +232,11 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def build_deepspeed_config(job: FineTuneJob) -> dict[str, Any]:
-    """DeepSpeed JSON; batch sizes are `auto` so the trainer (HF integration) fills them consistently."""
+def build_deepspeed_config(job: FineTuneJob, config: TrainerConfig) -> dict[str, Any]:
+    """The trainer's own DeepSpeed JSON (`finetune_trainer.deepspeed_config`) for the rendered config and the
+    gang's world size; the trainer uses this file, after checking it against the world size it runs with."""
     distributed = job.spec.distributed
-    stage = distributed.deepspeed.zero_stage if distributed.deepspeed else 0
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    offload = _offload(job)
-    if offload in ("optimizer", "all"):
-        device = "nvme" if distributed.deepspeed and distributed.deepspeed.offload == "nvme" else "cpu"
-        zero["offload_optimizer"] = {"device": device, "pin_memory": True}
-        if offload == "all":
-            zero["offload_param"] = {"device": device, "pin_memory": True}
-    if stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": distributed.precision == "bf16"},
-        "fp16": {"enabled": distributed.precision == "fp16"},
-        "zero_optimization": zero,
-    }
+    return deepspeed_config(config, distributed.world_size, pin_memory=distributed.gpus_per_node > 0)
 
 
 def validated_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) -> TrainerConfig:
@@ -252,13 +249,13 @@ def build_trainer_configmap(job: FineTuneJob, *, shutdown_timeout_seconds: int) 
     (the trainer's defaults fill the rest, under the pinned `version`) and is validated by the trainer's
     own model first, so a config the trainer would refuse never reaches a pod."""
     rendered = render_trainer_config(job, shutdown_timeout_seconds=shutdown_timeout_seconds)
-    parse_config(rendered)
+    config = parse_config(rendered)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_metadata(job, config_map_name(job), "trainer-config"),
         "data": {
             CONFIG_FILE: yaml.safe_dump(rendered, sort_keys=True),
-            DEEPSPEED_FILE: json.dumps(build_deepspeed_config(job), indent=2, sort_keys=True) + "\n",
+            DEEPSPEED_FILE: json.dumps(build_deepspeed_config(job, config), indent=2, sort_keys=True) + "\n",
         },
     }

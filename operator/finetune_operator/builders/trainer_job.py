@@ -27,6 +27,7 @@ from finetune_operator.builders.common import (
 from finetune_operator.builders.trainer_config import SOURCE_MOUNT_ROOT, source_claims
 from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import Reporting
+from finetune_trainer.env import DEEPSPEED_CONFIG_ENV
 from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
 
 #: Rank 0's Prometheus endpoint: the trainer's default reporting.metricsPort (the operator keeps it).
@@ -121,7 +122,7 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
         {"name": "FTO_JOB_NAME", "value": job_name(job)},
         {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTO_ATTEMPT", "value": str(attempt)},
-        {"name": "FTO_DEEPSPEED_CONFIG", "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
+        {"name": DEEPSPEED_CONFIG_ENV, "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
     ]
 
 

@@ -292,6 +292,11 @@ class Output(ConfigSection):
     section_name = "output"
 
     dir: str = "/output"
+    uri: str | None = Field(
+        default=None,
+        description="How users address ``dir`` (e.g. ``pvc://claim/output/model``); the reported artifact "
+        "and model card are under it. The in-pod path is reported when unset.",
+    )
     merge_adapter: bool = Field(
         default=True,
         description="For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from finetune_trainer.config import Hyperparameters, LrScheduler, Offload, Precision, TrainerConfig
+from finetune_trainer.config import Hyperparameters, LrScheduler, Offload, TrainerConfig
+from finetune_trainer.deepspeed_config import resolve_deepspeed_config
 from finetune_trainer.env import TorchrunEnv
 from finetune_trainer.modeling import TORCH_DTYPES
 
@@ -79,34 +81,16 @@ def build_optimizer(model: nn.Module, hp: Hyperparameters, *, offload: bool) -> 
     return torch.optim.AdamW(groups, **kwargs)  # type: ignore[arg-type]
 
 
-def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
-    hp, dist = cfg.hyperparameters, cfg.distributed
-    zero: dict[str, Any] = {"stage": dist.zero_stage}
-    if dist.offload is not Offload.NONE:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if dist.offload is Offload.ALL:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if dist.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": hp.micro_batch_size,
-        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
-        "train_batch_size": hp.micro_batch_size * hp.gradient_accumulation_steps * world_size,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"tag_validation": "Fail"},
-    }
-    if hp.max_grad_norm > 0:
-        config["gradient_clipping"] = hp.max_grad_norm
-    if dist.precision is Precision.BF16:
-        config["bf16"] = {"enabled": True}
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-    elif dist.precision is Precision.FP16:
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return config
+def deepspeed_config(
+    cfg: TrainerConfig, world_size: int, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The operator's rendered DeepSpeed JSON (``FTO_DEEPSPEED_CONFIG``) when mounted, else computed."""
+    return resolve_deepspeed_config(
+        cfg,
+        world_size,
+        pin_memory=torch.cuda.is_available(),
+        environ=os.environ if environ is None else environ,
+    )
 
 
 class Engine(Protocol):

@@ -19,6 +19,9 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 #: A kubeconfig for status reporting outside a pod (tests, local runs). In a pod the ServiceAccount is used.
 STATUS_KUBECONFIG_ENV = "FTO_STATUS_KUBECONFIG"
 
+#: The DeepSpeed JSON the operator rendered (used when the file exists; computed by the trainer otherwise).
+DEEPSPEED_CONFIG_ENV = "FTO_DEEPSPEED_CONFIG"
+
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
     value = environ.get(name, "")

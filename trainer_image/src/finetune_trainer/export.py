@@ -53,6 +53,13 @@ def files_digest(directory: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def output_address(cfg: TrainerConfig, name: str) -> str:
+    """Where users find ``output.dir/name``: under ``output.uri`` when set, else the in-pod path."""
+    if cfg.output.uri:
+        return f"{cfg.output.uri.rstrip('/')}/{name}"
+    return str(Path(cfg.output.dir) / name)
+
+
 def _merge_adapter(cfg: TrainerConfig, adapter_dir: Path, model_dir: Path, dtype: torch.dtype) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -118,11 +125,11 @@ def _write(
             artifact_dir, artifact_format = model_dir, "merged"
     sha256, size = files_digest(artifact_dir)
     artifact = {
-        "uri": str(artifact_dir),
+        "uri": output_address(cfg, artifact_dir.name),
         "format": artifact_format,
         "sizeBytes": size,
         "sha256": sha256,
-        "modelCard": str(out / "README.md"),
+        "modelCard": output_address(cfg, "README.md"),
     }
     metrics = {
         "before": state.before,

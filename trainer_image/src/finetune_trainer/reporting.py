@@ -25,6 +25,8 @@ from finetune_trainer.env import STATUS_KUBECONFIG_ENV, in_cluster
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+#: Field manager of the trainer's status patches (`kubectl get ftj -o yaml --show-managed-fields`).
+FIELD_MANAGER = "finetune-trainer"
 
 
 def now_iso() -> str:
@@ -79,7 +81,13 @@ class StatusPatcher:
     def _send(self, status: dict[str, Any]) -> None:
         try:
             self.api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, {"status": status}
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                {"status": status},
+                field_manager=FIELD_MANAGER,
             )
             self.patches_sent += 1
         except Exception as exc:  # any API failure: log and keep training

@@ -223,7 +223,9 @@ class Trainer:
         if self.order.steps_per_epoch:
             progress["epoch"] = round(state.step / self.order.steps_per_epoch, 4)
         done = state.step - self.resumed_step
-        if done > 0 and state.step < state.total_steps:
+        if stage == "Completed":
+            progress["etaSeconds"] = 0  # a merge patch keeps older keys: don't leave a stale estimate
+        elif done > 0 and state.step < state.total_steps:
             progress["etaSeconds"] = int(elapsed / done * (state.total_steps - state.step))
         progress.update({k: v for k, v in metrics.items() if k in ("samplesPerSecond", "tokensPerSecond")})
         status_metrics = {k: v for k, v in metrics.items() if k not in progress}
@@ -235,6 +237,8 @@ class Trainer:
     def run(self) -> ExitCode:
         cfg = self.cfg
         check_cuda_requirements(cfg)
+        # The operator's rendered DeepSpeed JSON is checked against this world size before any work.
+        ds_config = deepspeed_config(cfg, self.dist.world_size) if uses_deepspeed(cfg, self.env) else None
         seed_everything(cfg.seed)
         from finetune_trainer.modeling import load_tokenizer
 
@@ -265,7 +269,6 @@ class Trainer:
         state.total_steps = hp.max_steps or hp.epochs * self.order.steps_per_epoch
         state.data_fingerprint = fingerprint(data.train)
 
-        ds_config = deepspeed_config(cfg, self.dist.world_size) if uses_deepspeed(cfg, self.env) else None
         model = load_model(cfg, device=self.dist.device, ds_config=ds_config)
         trainable, total = count_parameters(model)
         engine: Engine
@@ -541,14 +544,15 @@ class Trainer:
         samples = self._generation_samples()
         self._status("Saving", state)
         artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after, samples)
+        if artifact is not None:
+            self.reporter.status({"artifact": artifact})
+        # The last report: the outputs are written, so the run is complete (not still `Saving`).
         self._status(
-            "Saving",
+            "Completed",
             state,
             after=after["test"] or after["validation"],
             before=state.before.get("validation", {}),
         )
-        if artifact is not None:
-            self.reporter.status({"artifact": artifact})
         self.reporter.event("done", step=state.step, best_step=state.best_step, **_flat(after))
 
     def _generation_samples(self) -> list[dict[str, str]]:
