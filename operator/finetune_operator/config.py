@@ -36,7 +36,8 @@ class OperatorConfig(BaseModel):
     """How often a queued job looks at GPU capacity again (FTO_REQUEUE_SECONDS): pods of other workloads
     free GPUs without sending the operator an event."""
     drift_check_seconds: float = Field(default=300.0, gt=0)
-    """Interval of the idle drift-check timer on every FineTuneJob (FTO_DRIFT_CHECK_SECONDS)."""
+    """Every this many seconds all FineTuneJobs are reconciled again, spread over the interval, to repair
+    drift in their children (FTO_DRIFT_CHECK_SECONDS)."""
     workers: int = Field(default=16, ge=1)
     """Concurrent reconciles of different FineTuneJobs (FTO_WORKERS); never two of one job at once."""
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)

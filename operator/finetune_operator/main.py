@@ -5,6 +5,7 @@ Importing this module registers all handlers (via `finetune_operator.handlers`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,7 +19,10 @@ from finetune_operator.controllers.runtime import ReconcileQueue, Runtime
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
 
-FINALIZER = "finetune.dev/finalizer"
+#: kopf's own finalizer, for kinds where kopf handlers need one (ModelDeployment). FineTuneJobs carry
+#: ours (builders.common.FINALIZER), which the reconciler adds and removes itself: a different name, so
+#: kopf never strips it for lack of a kopf handler that needs it.
+KOPF_FINALIZER = "kopf.finetune.dev/finalizer"
 STORAGE_PREFIX = "kopf.finetune.dev"
 
 
@@ -32,7 +36,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STORAGE_PREFIX, key="last-handled-configuration"
@@ -67,6 +71,13 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
 
     runtime.queue = ReconcileQueue(reconcile, config.workers)
     runtime.queue.start()
+
+    async def resync_forever() -> None:
+        while True:
+            await asyncio.sleep(config.drift_check_seconds)
+            runtime.resync()
+
+    runtime.spawn(resync_forever())
     memo.runtime = runtime
     logger.info("finetune-operator started: %d workers, metrics on :%s", config.workers, config.metrics_port)
 
@@ -76,6 +87,8 @@ async def cleanup(*, memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is None:
         return
+    for task in list(runtime.background):
+        task.cancel()
     if runtime.queue is not None:
         await runtime.queue.stop()
     await runtime.client.close()

@@ -326,7 +326,9 @@ def test_deleting_a_job_removes_every_child_and_the_finalizer(
 ) -> None:
     cluster.apply(ftj("doomed"), namespace)
     body = wait_phase(cluster, namespace, "doomed", "Running")
-    assert "finetune.dev/finalizer" in body["metadata"]["finalizers"]
+    assert body["metadata"]["finalizers"] == ["finetune.dev/finalizer"]  # ours alone, no kopf finalizer
+    # kopf keeps no state on the object (no diff-base or progress annotations): GitOps sees only the user's.
+    assert not any(k.startswith("kopf.") for k in body["metadata"].get("annotations") or {})
     children = cluster.kubectl(
         "get", CHILD_KINDS, "-n", namespace, "-l", "finetune.dev/job=doomed", "-o", "name"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api.finetunejob import FineTuneJob
@@ -16,6 +17,8 @@ MANAGED_BY = {
     "app.kubernetes.io/name": "finetune-trainer",
 }
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Our finalizer on FineTuneJobs: the operator frees the job's GPU reservation before it goes away.
+FINALIZER = "finetune.dev/finalizer"
 TRAINER_CONTAINER = "trainer"
 
 CONFIG_DIR = "/etc/finetune"
@@ -82,3 +85,19 @@ def child_metadata(job: FineTuneJob, name: str, component: str, **labels: str) -
         "labels": {**child_labels(job, component), **labels},
         "ownerReferences": [owner_reference(job)],
     }
+
+
+def build_finalizer_intent(body: Mapping[str, Any], *, present: bool) -> dict[str, Any]:
+    """Server-side-apply intent that holds (or, applied without it, drops) our finalizer on `body`.
+
+    Only `metadata.finalizers` is ours: applying the same intent without it removes just our entry,
+    whatever other controllers keep there. The uid guards against a re-created object of the same name."""
+    meta = body["metadata"]
+    intent: dict[str, Any] = {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+    }
+    if present:
+        intent["metadata"]["finalizers"] = [FINALIZER]
+    return intent

@@ -28,7 +28,7 @@ from finetune_operator.api.finetunejob import (
     parse_finetunejob,
 )
 from finetune_operator.builders import build_children, build_trainer_job
-from finetune_operator.builders.common import checkpoint_claim_name
+from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
 from finetune_operator.controllers.admission import admission_decision, release
 from finetune_operator.controllers.children import (
     JobSummary,
@@ -225,8 +225,17 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         body = await client.get(API_VERSION, KIND, name, namespace)
         if body is not None:
             runtime.remember(body)
-    if body is None or body["metadata"].get("deletionTimestamp"):
+    if body is None:
         return None
+    finalizers = body["metadata"].get("finalizers") or []
+    if body["metadata"].get("deletionTimestamp"):
+        # Children go with their owner (ownerReferences + garbage collection); free its GPUs first.
+        release(runtime, key)
+        if FINALIZER in finalizers:
+            await client.apply(build_finalizer_intent(body, present=False))
+        return None
+    if FINALIZER not in finalizers:
+        runtime.remember(await client.apply(build_finalizer_intent(body, present=True)))
     now = datetime.now(UTC)
     writer = StatusWriter(runtime, body, now)
     status = body.get("status") or {}

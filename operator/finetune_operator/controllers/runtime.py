@@ -184,6 +184,17 @@ class Runtime:
         if self.queue is not None:
             self.queue.enqueue(key)
 
+    def resync(self) -> None:
+        """Re-apply children and re-read state of every known job, spread over the next interval: a
+        drift check (someone edited or deleted a child behind our back), like controller-runtime's
+        SyncPeriod. One loop for all jobs instead of a kopf timer per job (which would need a finalizer
+        and a diff-base on every object)."""
+        spread = self.config.drift_check_seconds
+        for key in list(self.bodies):
+            self.applied_generation.pop(key, None)
+            if self.queue is not None:
+                self.queue.enqueue_after(key, random.uniform(0, spread))
+
     def capacity_changed(self) -> None:
         """Demand or free GPUs changed: recompute the plan and wake every job still waiting."""
         self.capacity_generation += 1

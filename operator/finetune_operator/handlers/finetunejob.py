@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -11,12 +11,10 @@ import kopf
 from finetune_operator.api.common import GROUP, VERSION, InvalidResourceError
 from finetune_operator.api.finetunejob import PLURAL, parse_finetunejob
 from finetune_operator.builders.trainer_job import node_selector, pod_tolerations
-from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.admission import release
 from finetune_operator.controllers.conditions import derive_phase, is_terminal, is_true
 from finetune_operator.controllers.runtime import FtjSummary, Runtime
 
-_SETTINGS = OperatorConfig.from_env()
 INDEX_NAMES = ("finetunejobs", "trainer_jobs", "trainer_pods")
 
 
@@ -57,55 +55,34 @@ async def finetunejobs(
     return {"all": summary}
 
 
+def _needs_reconcile(previous: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
+    """New to us (created, or listed at start-up), its spec changed, or its deletion began.
+
+    Status writes (ours, or the trainer's progress every few seconds) are not a reason: the reconciler
+    reads them when something else wakes it."""
+    if previous is None:
+        return True
+    old, new = previous["metadata"], body["metadata"]
+    return (
+        old.get("uid") != new.get("uid")
+        or old.get("generation") != new.get("generation")
+        or bool(new.get("deletionTimestamp")) != bool(old.get("deletionTimestamp"))
+    )
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-    """Keep the latest body for the reconciler (no GET per reconcile); forget it once deleted."""
+    """The one trigger for FineTuneJobs: keep the latest body for the reconciler (no GET per reconcile)
+    and enqueue when it matters. No kopf change handlers or timers on this kind, so kopf writes nothing
+    to the object: no diff-base annotation, no kopf finalizer (ours is managed by the reconciler)."""
     runtime = runtime_of(memo, kwargs)
     key = f"{body.metadata.namespace}/{body.metadata.name}"
     if event["type"] == "DELETED":
-        runtime.bodies.pop(key, None)
+        release(runtime, key)
+        runtime.forget(key)
         return
+    previous = runtime.bodies.get(key)
     runtime.remember(dict(body))
-    if event["type"] == "ADDED":
-        # Start at once; kopf's create handler (after it has added the finalizer) enqueues it again,
-        # which the queue coalesces or turns into a cheap no-op reconcile.
-        runtime.capacity_changed()
+    if _needs_reconcile(previous, body):
+        runtime.capacity_changed()  # new or changed demand (size, priority, suspend)
         runtime.enqueue(key)
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def finetunejob_changed(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    runtime = runtime_of(memo, kwargs)
-    runtime.capacity_changed()  # new or changed demand (size, priority, suspend)
-    runtime.enqueue(f"{namespace}/{name}")
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-async def finetunejob_resumed(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    runtime_of(memo, kwargs).enqueue(f"{namespace}/{name}")
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def finetunejob_deleted(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    """Children go with the owner (ownerReferences + garbage collection); free its GPUs for others."""
-    runtime = runtime_of(memo, kwargs)
-    key = f"{namespace}/{name}"
-    release(runtime, key)
-    runtime.forget(key)
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=_SETTINGS.drift_check_seconds,
-    idle=60,
-    initial_delay=lambda **_: random.uniform(0, _SETTINGS.drift_check_seconds),
-)
-async def finetunejob_drift_check(*, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    """Re-apply children and re-read state now and then, in case something changed them behind our back."""
-    runtime = runtime_of(memo, kwargs)
-    key = f"{namespace}/{name}"
-    runtime.applied_generation.pop(key, None)
-    runtime.enqueue(key)
