@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from finetune_trainer.config import parse_config
+from finetune_trainer.deepspeed_config import deepspeed_config
+from finetune_trainer.env import DEEPSPEED_CONFIG_ENV
+from finetune_trainer.exit_codes import ExitCode
 from trainer_fixtures import make_config, make_task_data, make_tiny_model, run_trainer, write_config
 
 pytestmark = pytest.mark.slow
@@ -39,9 +43,21 @@ def _train(
         "evaluation": {"everySteps": 10, "batchSize": 8, "generationSamples": 2, "maxNewTokens": 4},
     }
     config = make_config(tmp, *tiny, **overrides)  # type: ignore[arg-type]
+    if env:
+        # As in a pod: the DeepSpeed JSON rendered for the gang's world size is mounted and used.
+        env = {DEEPSPEED_CONFIG_ENV: str(_mounted_deepspeed(tmp, config, world_size=2)), **env}
     result = run_trainer(write_config(tmp, config), **env)
     assert result.returncode == 0, result.stderr[-5000:]
+    if env:
+        assert f"DeepSpeed config from {DEEPSPEED_CONFIG_ENV}=" in result.stderr, result.stderr[-3000:]
     return json.loads((tmp / "out" / "metrics.json").read_text())  # type: ignore[no-any-return]
+
+
+def _mounted_deepspeed(tmp: Path, config: dict[str, object], world_size: int) -> Path:
+    """The file the operator renders into the ConfigMap (the same function, for `world_size` ranks)."""
+    path = tmp / "deepspeed.json"
+    path.write_text(json.dumps(deepspeed_config(parse_config(config), world_size, pin_memory=False)))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +101,22 @@ def test_two_ranks_zero_train_and_export_the_single_process_layout(
     # Same global batch, same data order, same seed: two ranks follow the single process closely.
     single = json.loads((single_process / "metrics.json").read_text())
     assert after["loss"] == pytest.approx(single["after"]["test"]["loss"], rel=0.05)
+
+
+def test_a_deepspeed_config_rendered_for_another_world_size_is_refused_before_any_work(
+    tmp_path: Path, tiny: tuple[Path, Path]
+) -> None:
+    distributed = {"zeroStage": 2, "precision": "fp32"}
+    config = make_config(tmp_path, *tiny, distributed=distributed, hyperparameters={"microBatchSize": 4})
+    mounted = _mounted_deepspeed(tmp_path, config, world_size=4)  # the gang has 2 ranks
+    result = run_trainer(
+        write_config(tmp_path, config), PET_NPROC_PER_NODE="2", **{DEEPSPEED_CONFIG_ENV: str(mounted)}
+    )
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-5000:]
+    # micro-batch 4 x accumulation 1 x 4 ranks, refused by a gang of 2, with the reason.
+    reason = f"{DEEPSPEED_CONFIG_ENV}={mounted}: train_batch_size={4 * 1 * 4} does not fit this run: 2 ranks"
+    assert reason in result.stderr, result.stderr[-5000:]
+    assert not (tmp_path / "out" / "data_report.json").exists()  # refused before data preparation
 
 
 def test_sigterm_to_one_rank_makes_all_ranks_save_the_same_step(

@@ -8,12 +8,15 @@ batch sizes against the actual world size) and computes the same function itself
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import ConfigError, Offload, Precision, TrainerConfig
 from finetune_trainer.env import DEEPSPEED_CONFIG_ENV
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(cfg: TrainerConfig, world_size: int, *, pin_memory: bool) -> dict[str, Any]:
@@ -79,5 +82,13 @@ def resolve_deepspeed_config(
     """The file named by ``FTO_DEEPSPEED_CONFIG`` when it exists (checked), else computed here."""
     named = environ.get(DEEPSPEED_CONFIG_ENV)
     if named and Path(named).is_file():
-        return load_deepspeed_config(Path(named), cfg, world_size)
+        loaded = load_deepspeed_config(Path(named), cfg, world_size)
+        log.info(
+            "DeepSpeed config from %s=%s (train_batch_size %s)",
+            DEEPSPEED_CONFIG_ENV,
+            named,
+            loaded["train_batch_size"],
+        )
+        return loaded
+    log.info("DeepSpeed config computed for %d ranks (no file at %s)", world_size, DEEPSPEED_CONFIG_ENV)
     return deepspeed_config(cfg, world_size, pin_memory=pin_memory)
