@@ -202,7 +202,12 @@ def show_result(demo: Demo, pod: dict[str, Any]) -> None:
 
 
 def local_path(demo: Demo, pod: dict[str, Any], container_path: str) -> Path | None:
-    """A path inside the trainer pod as a path on this machine (via its volume's PersistentVolume)."""
+    """A path inside the trainer pod, or a `pvc://claim/path` URI (what status.artifact reports), as a path
+    on this machine (via the claim's PersistentVolume)."""
+    if container_path.startswith("pvc://"):
+        claim_name, _, rest = container_path.removeprefix("pvc://").partition("/")
+        pvc = demo.kube.get("pvc", claim_name, NAMESPACE)
+        return Path(demo.kube.get("pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"]) / rest
     [container] = pod["spec"]["containers"]
     mounts = [
         m for m in container["volumeMounts"] if container_path.startswith(m["mountPath"].rstrip("/") + "/")
