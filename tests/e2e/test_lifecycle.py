@@ -222,7 +222,9 @@ def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
 def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
     cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
 ) -> None:
-    steps = 60
+    # Long enough that the kill lands well before the end even on a fast, idle machine (a tiny model
+    # trains hundreds of steps a second); the checkpoint is watched closely for the same reason.
+    steps = 600
     manifest = finetunejob("resume", tiny.model_dir, tiny.data_path, max_steps=steps)
     manifest["spec"]["scheduling"] = {"maxRestarts": 2, "backoffSeconds": 1}
     cluster.apply(manifest, namespace)
@@ -242,7 +244,12 @@ def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
         )
     )
     runner.start()
-    wait_for(lambda: any(checkpoints.glob("step-*/COMPLETE")), 300, "a complete checkpoint of attempt 1")
+    wait_for(
+        lambda: any(checkpoints.glob("step-*/COMPLETE")),
+        300,
+        "a complete checkpoint of attempt 1",
+        interval=0.02,
+    )
     containers[0].signal(signal.SIGKILL)
     runner.join(120)
     [killed] = runs

@@ -232,10 +232,19 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
         # Children go with their owner (ownerReferences + garbage collection); free its GPUs first.
         release(runtime, key)
         if FINALIZER in finalizers:
-            await client.apply(build_finalizer_intent(body, present=False))
+            try:
+                await client.apply(build_finalizer_intent(body, present=False))
+            except ApiError as exc:
+                if exc.status not in (404, 409):  # gone already (409: uid of a deleted object)
+                    raise
         return None
     if FINALIZER not in finalizers:
-        runtime.remember(await client.apply(build_finalizer_intent(body, present=True)))
+        try:
+            runtime.remember(await client.apply(build_finalizer_intent(body, present=True)))
+        except ApiError as exc:
+            if exc.status in (404, 409):  # deleted meanwhile; the watch brings the rest
+                return None
+            raise
     now = datetime.now(UTC)
     writer = StatusWriter(runtime, body, now)
     status = body.get("status") or {}
