@@ -40,10 +40,10 @@ def _api_client(environ: dict[str, str] | None = None) -> Any | None:
 
     kubeconfig = env.get(STATUS_KUBECONFIG_ENV)
     if kubeconfig:
-        api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        api_client = config.new_client_from_config(config_file=kubeconfig)
         return client.CustomObjectsApi(api_client)
     if in_cluster(env):
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config()
         return client.CustomObjectsApi()
     return None
 
