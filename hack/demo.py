@@ -238,11 +238,12 @@ def cluster_up() -> Path:
 
 def main() -> int:
     print("finetune-operator demo: a FineTuneJob from `kubectl apply` to a trained model, on this machine")
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+    why_not = pod_runner.cannot_run_pods()
+    if why_not is not None:
         # Checked first, not after minutes of setup: the trainer pod is run in a private mount namespace.
         print(
-            "demo: running the trainer pod here needs root and util-linux `unshare` (see docs/demo.md); "
-            "`make test` and `make cluster-up` do not",
+            f"demo: can't run the trainer pod here: {why_not} (see docs/demo.md); "
+            "`make test` and `make cluster-up` do not need this",
             file=sys.stderr,
         )
         return 1

@@ -46,6 +46,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -534,6 +535,28 @@ def _pick_container(pod: Mapping[str, Any], name: str | None) -> dict[str, Any]:
     raise PodRunnerError(f"the pod has no container {name!r}")
 
 
+@functools.cache
+def cannot_run_pods() -> str | None:
+    """Why pods can't be run on this machine (None: they can). Root alone is not enough in some
+    containers, so the namespaces are tried once."""
+    if os.geteuid() != 0:
+        return (
+            "the pod runner needs root to give the process the pod's mounts in a private mount namespace "
+            "(run as root, e.g. in the dev container or CI)"
+        )
+    if not shutil.which("unshare"):
+        return "`unshare` (util-linux) is needed to run a pod"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--uts", "--pid", "--fork", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"this machine refuses private mount/PID namespaces: {probe.stderr.strip()}"
+    return None
+
+
 def run_pod(
     kube: Kube,
     namespace: str,
@@ -551,13 +574,9 @@ def run_pod(
 
     Output goes to `log_path` (default: a temporary file) and, line by line, to `echo` when given.
     `on_start` gets the running `Container` (e.g. to kill it as an out-of-memory kill would)."""
-    if os.geteuid() != 0:
-        raise PodRunnerError(
-            "the pod runner needs root to give the process the pod's mounts in a private mount namespace "
-            "(run as root, e.g. in the dev container or CI)"
-        )
-    if not shutil.which("unshare"):
-        raise PodRunnerError("`unshare` (util-linux) is needed to run a pod")
+    reason = cannot_run_pods()
+    if reason is not None:
+        raise PodRunnerError(reason)
     pod = wait_running(kube, namespace, name, running_timeout)
     spec = _pick_container(pod, container)
     objects = ObjectCache(kube, namespace)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hack import pod_runner
 
 from tests.kube_helpers import Cluster, kubectl_json
 
@@ -17,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the pod runner needs root (private mount namespace)"),
+    pytest.mark.skipif(pod_runner.cannot_run_pods() is not None, reason=str(pod_runner.cannot_run_pods())),
 ]
 
 

@@ -7,7 +7,6 @@ A tiny Llama-style model and a small generated task (hack/make_tiny_model.py) ke
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ from tests.kube_helpers import Cluster, OperatorProcess, kubectl_json, wait_for
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the pod runner needs root (private mount namespace)"),
+    pytest.mark.skipif(pod_runner.cannot_run_pods() is not None, reason=str(pod_runner.cannot_run_pods())),
 ]
 
 MAX_STEPS = 30

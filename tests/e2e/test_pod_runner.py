@@ -4,7 +4,6 @@ ends the pod with the real exit code."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from tests.kube_helpers import Cluster, get_pod, kubectl_json, wait_for, wait_fo
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the pod runner needs root (private mount namespace)"),
+    pytest.mark.skipif(pod_runner.cannot_run_pods() is not None, reason=str(pod_runner.cannot_run_pods())),
 ]
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
