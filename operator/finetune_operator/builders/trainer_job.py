@@ -70,7 +70,8 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def _tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+def pod_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
+    """The user's tolerations, plus one for the GPU taint when the pods request GPUs."""
     tolerations = [dict(t) for t in job.spec.resources.tolerations]
     resource = job.spec.resources.gpu_resource_name
     if job.spec.distributed.gpus_per_node > 0 and not any(t.get("key") == resource for t in tolerations):
@@ -84,10 +85,6 @@ def node_selector(job: FineTuneJob) -> dict[str, str]:
     if job.spec.resources.gpu_product:
         selector[GPU_PRODUCT_LABEL] = job.spec.resources.gpu_product
     return selector
-
-
-def pod_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
-    return _tolerations(job)
 
 
 def _resources(job: FineTuneJob) -> dict[str, Any]:
@@ -197,7 +194,7 @@ def build_trainer_job(
     selector = node_selector(job)
     if selector:
         pod_spec["nodeSelector"] = selector
-    tolerations = _tolerations(job)
+    tolerations = pod_tolerations(job)
     if tolerations:
         pod_spec["tolerations"] = tolerations
     affinity: dict[str, Any] = {}

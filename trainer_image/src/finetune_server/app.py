@@ -7,12 +7,11 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from finetune_server.config import ServerConfig
-from finetune_server.errors import UnauthorizedError, error_body, install_error_handlers
+from finetune_server.errors import UnauthorizedError, install_error_handlers
 from finetune_server.metrics import ServerMetrics
 from finetune_server.model import TextGenerationModel
 from finetune_server.protocol import health, openai
@@ -35,29 +34,26 @@ def create_app(
 ) -> FastAPI:
     metrics = metrics or ServerMetrics()
     keys = read_api_keys(config.api_keys_file)
-    app = FastAPI(title="finetune-server", version="v1")
+
+    async def require_api_key(request: Request) -> None:
+        """Every route but probes and metrics needs a Bearer key (when keys are configured); the refusal
+        goes through the one error-to-status mapping in errors.py."""
+        if not keys or request.url.path in OPEN_PATHS:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
+            raise UnauthorizedError("missing or invalid API key")
+
+    app = FastAPI(title="finetune-server", version="v1", dependencies=[Depends(require_api_key)])
     install_error_handlers(app)
     app.include_router(health.build_router(model))
     app.include_router(openai.build_router(model, config.max_new_tokens, config.default_max_new_tokens))
 
-    def authorized(request: Request) -> bool:
-        if not keys or request.url.path in OPEN_PATHS:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and any(hmac.compare_digest(token, k) for k in keys)
-
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
+        response = await call_next(request)
         route = request.url.path
-        if not authorized(request):
-            response: Response = JSONResponse(
-                error_body("missing or invalid API key", UnauthorizedError.error_type, None),
-                401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        else:
-            response = await call_next(request)
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - started)
         tokens = getattr(request.state, "completion_tokens", 0)
