@@ -284,6 +284,8 @@ def test_suspend_deletes_pods_keeps_pvc_and_resume_starts_a_new_attempt(
     assert condition(suspended, "Suspended")["status"] == "True"
     assert condition(suspended, "Admitted")["status"] == "False"
     wait_for(lambda: not trainer_pods(cluster, namespace, "pausable"), 60, "pods deleted on suspend")
+    # The finalizer guards running gangs only (like Kueue's resource-in-use): a suspended job has none.
+    wait_for(lambda: not finalizers(cluster, namespace, "pausable"), 30, "finalizer dropped on suspend")
     assert (
         kubectl_json(cluster, "get", "pvc", "pausable-checkpoints", "-n", namespace)["metadata"]["uid"]
         == pvc_uid
@@ -296,6 +298,12 @@ def test_suspend_deletes_pods_keeps_pvc_and_resume_starts_a_new_attempt(
     assert condition(resumed, "Suspended")["status"] == "False"
     assert condition(resumed, "Suspended")["reason"] == "Resumed"
     running_pods(cluster, namespace, "pausable", 2, 1)
+    assert finalizers(cluster, namespace, "pausable") == ["finetune.dev/finalizer"]
+
+
+def finalizers(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    body = kubectl_json(cluster, "get", "finetunejob", name, "-n", namespace)
+    return list(body["metadata"].get("finalizers") or [])
 
 
 def test_active_deadline_fails_the_job(cluster: Cluster, namespace: str, operator: Any) -> None:
@@ -303,6 +311,7 @@ def test_active_deadline_fails_the_job(cluster: Cluster, namespace: str, operato
     failed = wait_phase(cluster, namespace, "slow", "Failed", 60)
     assert condition(failed, "Failed")["reason"] == "DeadlineExceeded"
     wait_for(lambda: not trainer_pods(cluster, namespace, "slow"), 60, "pods gone after the deadline")
+    wait_for(lambda: not finalizers(cluster, namespace, "slow"), 30, "finalizer dropped once finished")
 
 
 def test_ttl_deletes_the_finished_job_and_its_children(
@@ -356,6 +365,7 @@ def test_trainer_service_account_may_only_patch_its_own_status(
     cluster.apply([ftj("mine", gpus=0), ftj("theirs", gpus=0, suspend=True)], namespace)
     wait_phase(cluster, namespace, "mine", "Running")
     wait_phase(cluster, namespace, "theirs", "Suspended")
+    assert finalizers(cluster, namespace, "theirs") == []  # never ran: no finalizer write at all
     user = f"--as=system:serviceaccount:{namespace}:mine-trainer"
 
     def can(*args: str) -> bool:

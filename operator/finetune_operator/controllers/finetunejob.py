@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "finetune.dev/v1alpha1"
 KIND = "FineTuneJob"
+RELEASED_PHASES = ("Succeeded", "Failed", "Suspended")
+"""Phases in which no pod of the job runs, so our finalizer is dropped."""
 OWNED_STATUS_FIELDS = (
     "phase",
     "observedGeneration",
@@ -219,10 +221,9 @@ def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | 
 
 
 async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> float | None:
-    client, config = runtime.client, runtime.config
     body = runtime.bodies.get(key)
     if body is None:  # not seen by the watch yet (or forgotten): read it
-        body = await client.get(API_VERSION, KIND, name, namespace)
+        body = await runtime.client.get(API_VERSION, KIND, name, namespace)
         if body is not None:
             runtime.remember(body)
     if body is None:
@@ -231,22 +232,44 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
     if body["metadata"].get("deletionTimestamp"):
         # Children go with their owner (ownerReferences + garbage collection); free its GPUs first.
         release(runtime, key)
-        if FINALIZER in finalizers:
-            try:
-                await client.apply(build_finalizer_intent(body, present=False))
-            except ApiError as exc:
-                if exc.status not in (404, 409):  # gone already (409: uid of a deleted object)
-                    raise
+        await _hold_finalizer(runtime, body, present=False)
         return None
-    if FINALIZER not in finalizers:
-        try:
-            runtime.remember(await client.apply(build_finalizer_intent(body, present=True)))
-        except ApiError as exc:
-            if exc.status in (404, 409):  # deleted meanwhile; the watch brings the rest
-                return None
-            raise
-    now = datetime.now(UTC)
-    writer = StatusWriter(runtime, body, now)
+    writer = StatusWriter(runtime, body, datetime.now(UTC))
+    requeue = await _step(runtime, key, body, writer)
+    if FINALIZER in finalizers and writer.fields.get("phase") in RELEASED_PHASES:
+        await _hold_finalizer(runtime, body, present=False)  # nothing runs any more: nothing to guard
+    return requeue
+
+
+async def _hold_finalizer(runtime: Runtime, body: dict[str, Any], *, present: bool) -> bool:
+    """Add (or drop) our finalizer unless it is already so; False if the job is gone meanwhile.
+
+    The finalizer guards GPUs in use, like Kueue's `resource-in-use`: it is added when a gang is about
+    to start and dropped once the job is finished or suspended. A job that never runs (queued, created
+    suspended, invalid) costs no finalizer write, and its deletion needs no cleanup from us."""
+    if (FINALIZER in (body["metadata"].get("finalizers") or [])) == present:
+        return True
+    try:
+        runtime.remember(await runtime.client.apply(build_finalizer_intent(body, present=present)))
+    except ApiError as exc:
+        if exc.status in (404, 409):  # deleted meanwhile (409: the uid of a deleted object)
+            return False
+        raise
+    return True
+
+
+async def _start_attempt(
+    runtime: Runtime, body: dict[str, Any], job: FineTuneJob, attempt: int, placement: Sequence[str] = ()
+) -> None:
+    """Create the Job of `attempt`, holding our finalizer first (its pods will hold GPUs)."""
+    if await _hold_finalizer(runtime, body, present=True):
+        await runtime.client.create(build_trainer_job(job, attempt, runtime.config, placement))
+
+
+async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: StatusWriter) -> float | None:
+    """One reconcile step of a live (not deleting) job; returns seconds until the next, or None."""
+    namespace = body["metadata"]["namespace"]
+    config, now = runtime.config, writer.now
     status = body.get("status") or {}
     jobs: list[JobSummary] = _index(runtime, "trainer_jobs", key)
     pods: list[PodSummary] = _index(runtime, "trainer_pods", key)
@@ -335,7 +358,7 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
             await writer.commit()
         current = next((j for j in jobs if j.attempt == attempt), None)
         if current is None:
-            await client.create(build_trainer_job(job, attempt, config))
+            await _start_attempt(runtime, body, job, attempt)
         if current is None or current.suspended:
             writer.set(
                 CONDITION_ADMITTED,
@@ -392,7 +415,7 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
             writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
             writer.set(CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt}")
             await writer.commit()  # the attempt is recorded before its Job exists: a crash can't lose it
-            await client.create(build_trainer_job(job, attempt, config, placement))
+            await _start_attempt(runtime, body, job, attempt, placement)
             return deadline_in
 
     # --- restarting: old gang gone, backoff over → next attempt ----------------------------------------
@@ -415,14 +438,14 @@ async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> f
             CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt} from the newest checkpoint"
         )
         await writer.commit()
-        await client.create(build_trainer_job(job, attempt, config))
+        await _start_attempt(runtime, body, job, attempt)
         return deadline_in
 
     # --- the current attempt ---------------------------------------------------------------------------
     current_job = next((j for j in jobs if j.attempt == attempt), None)
     current_pods = of_attempt(pods, attempt)
     if current_job is None and not current_pods:
-        await client.create(build_trainer_job(job, attempt, config))
+        await _start_attempt(runtime, body, job, attempt)
     nodes = job.spec.distributed.nodes
 
     succeeded_ranks = {p.rank for p in current_pods if p.phase == "Succeeded"}
