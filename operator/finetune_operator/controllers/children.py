@@ -11,6 +11,11 @@ from finetune_operator.scheduling.capacity import pod_gpu_request
 
 _EXIT_CODE_RE = re.compile(r"exit code (\d+)")
 
+#: Set by Kubernetes on a pod it is taking away; reasons (k8s.io/api/core/v1 `PodReason*`):
+#: EvictionByEvictionAPI (`kubectl drain`), PreemptionByScheduler, DeletionByTaintManager (NoExecute
+#: taint, e.g. an unreachable node), DeletionByPodGC (its node was deleted), TerminationByKubelet.
+DISRUPTION_CONDITION = "DisruptionTarget"
+
 
 class JobSummary(NamedTuple):
     name: str
@@ -37,7 +42,10 @@ class PodSummary(NamedTuple):
 
     @property
     def failed(self) -> bool:
-        return self.phase == "Failed"
+        """The pod failed on its own (its trainer exited non-zero). A pod that Kubernetes took away
+        (eviction, preemption, node loss) ends in phase Failed too, but is `disrupted` instead: its exit
+        code is SIGTERM's (or missing, when its node is gone) and says nothing about the training."""
+        return self.phase == "Failed" and not self.disrupted
 
     @property
     def terminated(self) -> bool:
@@ -87,26 +95,30 @@ def summarize_pod(body: Mapping[str, Any]) -> PodSummary:
         if terminated:
             exit_code = int(terminated.get("exitCode", 0))
             message = str(terminated.get("message") or terminated.get("reason") or message)
-    disrupted = any(
-        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
-    if disrupted and not message:
-        message = next(
-            str(c.get("message") or c.get("reason"))
+    phase = str(status.get("phase") or "Pending")
+    # A pod that had already completed when Kubernetes came to take it away was not disrupted.
+    disruption = next(
+        (
+            c
             for c in status.get("conditions") or []
-            if c.get("type") == "DisruptionTarget"
-        )
+            if c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True" and phase != "Succeeded"
+        ),
+        None,
+    )
+    if disruption is not None:
+        # The cause, in Kubernetes' words (`DeletionByPodGC: PodGC: node no longer exists`), not the
+        # container's SIGTERM exit that followed it.
+        message = ": ".join(str(disruption[k]) for k in ("reason", "message") if disruption.get(k))
     return PodSummary(
         name=str(meta.get("name")),
         attempt=_attempt(meta.get("labels") or {}),
         rank=str((meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index", "")),
-        phase=str(status.get("phase") or "Pending"),
+        phase=phase,
         node=str((body.get("spec") or {}).get("nodeName") or ""),
         gpus=pod_gpu_request(body),
         exit_code=exit_code,
         message=message.strip()[-500:],
-        disrupted=disrupted,
+        disrupted=disruption is not None,
         deleting=bool(meta.get("deletionTimestamp")),
     )
 
