@@ -523,7 +523,11 @@ class Output(ApiModel):
     """Where the trained model goes."""
 
     uri: Annotated[str, Field(pattern=OUTPUT_URI_PATTERN, max_length=2048)] | None = None
-    """Copy the final model here (`pvc://claim/path`, `s3://bucket/prefix`, `file:///path`)."""
+    """After training, copy the outputs (model, adapter, metrics, model card) here: `pvc://claim/path` (a
+    PersistentVolumeClaim in the job's namespace, mounted read-write; ReadWriteMany for multi-node jobs),
+    `s3://bucket/prefix` (credentials from the trainer's `AWS_*` environment) or `file:///path` (inside the
+    trainer pod). `COMPLETE` is written there last; `status.artifact` then points at the copy. A failed copy
+    fails the attempt (retried like any other failure)."""
     path: RelativePath = "model"
     """Directory for the final model and its model card, `output/<path>` on the checkpoint volume (always
     written)."""
@@ -875,10 +879,14 @@ class Artifact(StatusModel):
     """The trained model."""
 
     uri: str | None = None
-    """Where the final model is: `pvc://<checkpoint claim>/output/<output.path>/model` (`/adapter` for an
-    unmerged LoRA adapter)."""
+    """Where the final model is: `<spec.output.uri>/model` when the outputs were copied, else
+    `pvc://<checkpoint claim>/output/<output.path>/model` (`/adapter` for an unmerged LoRA adapter)."""
     model_card: str | None = None
-    """Where the model card is: `pvc://<checkpoint claim>/output/<output.path>/README.md`."""
+    """Where the model card is: `<spec.output.uri>/README.md`, else
+    `pvc://<checkpoint claim>/output/<output.path>/README.md`."""
+    claim_uri: str | None = None
+    """The final model on the checkpoint claim, `pvc://<checkpoint claim>/output/<output.path>/model`: always
+    kept there, also when `spec.output.uri` copied it elsewhere."""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     """Size of the model files."""
     format: Literal["full", "adapter", "merged"] | None = None

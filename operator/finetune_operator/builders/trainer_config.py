@@ -40,16 +40,46 @@ def source_claims(job: FineTuneJob) -> list[str]:
     claims: list[str] = []
     for uri in uris:
         if uri and uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            claim, _ = _claim_and_path(uri)
             if claim not in claims:
                 claims.append(claim)
     return claims
 
 
+OUTPUT_MOUNT = "/mnt/output"
+"""The claim of a `pvc://claim/path` `spec.output.uri` is mounted read-write here (unless it is the job's own
+checkpoint claim, which is mounted at the workspace already)."""
+
+
+def _claim_and_path(uri: str) -> tuple[str, str]:
+    claim, _, rest = uri.removeprefix("pvc://").partition("/")
+    return claim, rest
+
+
+def output_copy_claim(job: FineTuneJob) -> str | None:
+    """The claim that a `pvc://` `spec.output.uri` names, when the pods must mount it for the copy."""
+    uri = job.spec.output.uri
+    if uri is None or not uri.startswith("pvc://"):
+        return None
+    claim, _ = _claim_and_path(uri)
+    return None if claim == checkpoint_claim_name(job) else claim
+
+
+def output_copy_target(job: FineTuneJob) -> str | None:
+    """Where the trainer writes the copy that `spec.output.uri` asks for (the trainer's `output.copyTo`):
+    a path in the pod for `pvc://` (the mounted claim), the URI itself for `s3://` and `file://`."""
+    uri = job.spec.output.uri
+    if uri is None or not uri.startswith("pvc://"):
+        return uri
+    _, rest = _claim_and_path(uri)
+    base = OUTPUT_MOUNT if output_copy_claim(job) else WORKSPACE_DIR
+    return f"{base}/{rest}".rstrip("/")
+
+
 def _local_path(uri: str) -> str:
     """What the trainer opens for a source URI: pvc:// becomes the mounted path; others pass through."""
     if uri.startswith("pvc://"):
-        claim, _, rest = uri.removeprefix("pvc://").partition("/")
+        claim, rest = _claim_and_path(uri)
         return f"{SOURCE_MOUNT_ROOT}/{claim}/{rest}".rstrip("/")
     return uri
 
@@ -200,6 +230,8 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "dir": f"{OUTPUT_DIR}/{spec.output.path}",
             "uri": output_uri(job),
             "mergeAdapter": spec.output.merge_adapter,
+            "copyTo": output_copy_target(job),
+            "copyToUri": spec.output.uri,
         },
         "reporting": {"jobName": job_name(job), "namespace": namespace(job)},
         "seed": hp.seed,

@@ -24,7 +24,12 @@ from finetune_operator.builders.common import (
     service_name,
     trainer_name,
 )
-from finetune_operator.builders.trainer_config import SOURCE_MOUNT_ROOT, source_claims
+from finetune_operator.builders.trainer_config import (
+    OUTPUT_MOUNT,
+    SOURCE_MOUNT_ROOT,
+    output_copy_claim,
+    source_claims,
+)
 from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import Reporting
 from finetune_trainer.env import DEEPSPEED_CONFIG_ENV
@@ -159,13 +164,23 @@ def build_trainer_job(
         {"name": "workspace", "mountPath": WORKSPACE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    for index, claim in enumerate(source_claims(job)):
-        volumes.append(
-            {"name": f"source-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        )
+    output_claim = output_copy_claim(job)
+    sources = source_claims(job)
+    for index, claim in enumerate(sources):
+        # A claim that is both a source and the copy's destination: one volume, a read-only and a
+        # read-write mount.
+        claim_ref = {"claimName": claim} if claim == output_claim else {"claimName": claim, "readOnly": True}
+        volumes.append({"name": f"source-{index}", "persistentVolumeClaim": claim_ref})
         mounts.append(
             {"name": f"source-{index}", "mountPath": f"{SOURCE_MOUNT_ROOT}/{claim}", "readOnly": True}
         )
+        if claim == output_claim:
+            mounts.append({"name": f"source-{index}", "mountPath": OUTPUT_MOUNT})
+    if output_claim is not None and output_claim not in sources:
+        # spec.output.uri: pvc://claim/path. Every pod of the gang mounts it (one pod template), so a
+        # multi-node gang needs a ReadWriteMany claim; only rank 0 writes.
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": output_claim}})
+        mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import posixpath
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal, Self
 
 import yaml
@@ -301,6 +302,53 @@ class Output(ConfigSection):
         default=True,
         description="For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.",
     )
+    copy_to: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "After the final export, rank 0 copies everything in ``dir`` here: ``s3://bucket/prefix`` (s3fs, "
+            "credentials and endpoint from the standard ``AWS_*`` variables), ``file:///path`` or a local "
+            "(mounted) path. ``COMPLETE`` is written last. The reported artifact then points at the copy."
+        ),
+    )
+    copy_to_uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "How users address ``copyTo`` (e.g. ``pvc://claim/path`` when ``copyTo`` is that claim's mount); "
+            "``copyTo`` itself when unset."
+        ),
+    )
+    copy_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Tries per file for transient copy errors (1 s, 2 s, 4 s... between them).",
+    )
+
+    @model_validator(mode="after")
+    def _copy_outside_dir(self) -> Self:
+        if self.copy_to is None:
+            return self
+        local = local_copy_path(self.copy_to)
+        if local is not None:
+            out, dest = PurePosixPath(posixpath.normpath(self.dir)), PurePosixPath(posixpath.normpath(local))
+            if dest == out or out in dest.parents:
+                raise ValueError(
+                    f"output.copyTo {self.copy_to!r} is inside output.dir {self.dir!r}: the copy would "
+                    "overwrite or nest in the outputs it copies (spec.output.uri points at the job's own "
+                    "output folder)"
+                )
+        return self
+
+
+def local_copy_path(uri: str) -> str | None:
+    """The local path of a ``file://`` URI or a plain path; None for remote URLs (``s3://``...)."""
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    if "://" not in uri:
+        return uri
+    return None
 
 
 class Reporting(ConfigSection):

@@ -12,6 +12,9 @@ Layout of ``output.dir`` (the contract with the inference server and the operato
     provenance.json      from data preparation, plus the trainer's own record (trainer_provenance.json)
     trainer_config.json  the config this run used
     metrics.jsonl        the metrics log
+
+With ``output.copyTo`` set, rank 0 then copies all of it there (finetune_trainer.output_copy) and the
+artifact's ``uri`` and ``modelCard`` point at the copy; ``claimUri`` keeps the exported folder's address.
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ def output_address(cfg: TrainerConfig, name: str) -> str:
     if cfg.output.uri:
         return f"{cfg.output.uri.rstrip('/')}/{name}"
     return str(Path(cfg.output.dir) / name)
+
+
+def copy_address(cfg: TrainerConfig, name: str) -> str | None:
+    """Where users find the copy of ``output.dir/name`` (``output.copyToUri``, else ``output.copyTo``), or
+    None when the outputs are not copied."""
+    base = cfg.output.copy_to_uri or cfg.output.copy_to
+    return f"{base.rstrip('/')}/{name}" if base else None
+
+
+def artifact_address(cfg: TrainerConfig, name: str) -> str:
+    """What the reported artifact points at: the copy when ``output.copyTo`` is set, else ``output.dir``."""
+    return copy_address(cfg, name) or output_address(cfg, name)
 
 
 def _merge_adapter(cfg: TrainerConfig, adapter_dir: Path, model_dir: Path, dtype: torch.dtype) -> None:
@@ -125,11 +140,13 @@ def _write(
             artifact_dir, artifact_format = model_dir, "merged"
     sha256, size = files_digest(artifact_dir)
     artifact = {
-        "uri": output_address(cfg, artifact_dir.name),
+        "uri": artifact_address(cfg, artifact_dir.name),
         "format": artifact_format,
         "sizeBytes": size,
         "sha256": sha256,
-        "modelCard": output_address(cfg, "README.md"),
+        "modelCard": artifact_address(cfg, "README.md"),
+        # The export itself stays where it was written (the checkpoint claim), also when it was copied.
+        "claimUri": output_address(cfg, artifact_dir.name),
     }
     metrics = {
         "before": state.before,

@@ -41,6 +41,7 @@ from finetune_trainer.engine import (
 from finetune_trainer.env import TorchrunEnv
 from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, ExitCode
 from finetune_trainer.modeling import ModelError, check_cuda_requirements, count_parameters, load_model
+from finetune_trainer.output_copy import OutputCopyError
 from finetune_trainer.reporting import Reporter, now_iso
 
 log = logging.getLogger("finetune_trainer")
@@ -545,6 +546,8 @@ class Trainer:
         self._status("Saving", state)
         artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after, samples)
         if artifact is not None:
+            if self.cfg.output.copy_to:
+                self._copy_outputs(artifact)
             self.reporter.status({"artifact": artifact})
         # The last report: the outputs are written, so the run is complete (not still `Saving`).
         self._status(
@@ -554,6 +557,24 @@ class Trainer:
             before=state.before.get("validation", {}),
         )
         self.reporter.event("done", step=state.step, best_step=state.best_step, **_flat(after))
+
+    def _copy_outputs(self, artifact: dict[str, Any]) -> None:
+        """Rank 0, after the export: copy output.dir to output.copyTo (spec.output.uri). Raises
+        OutputCopyError (exit RETRYABLE) on failure; the artifact is reported only once the copy is whole."""
+        from finetune_trainer.output_copy import copy_outputs
+
+        out = self.cfg.output
+        assert out.copy_to is not None
+        address = out.copy_to_uri or out.copy_to
+        self.reporter.event("copy", destination=address)
+        result = copy_outputs(
+            self.output_dir,
+            out.copy_to,
+            address=address,
+            attempts=out.copy_attempts,
+            extra_marker={"artifact": artifact},
+        )
+        self.reporter.event("copied", destination=address, files=result.files, bytes=result.bytes)
 
     def _generation_samples(self) -> list[dict[str, str]]:
         """Greedy completions of the first validation prompts (every rank generates: ZeRO-3 needs it)."""
@@ -632,7 +653,7 @@ def run_worker(config_path: str | Path) -> int:
         code = classify(exc)
         message = f"{type(exc).__name__}: {exc}"
         log.error("rank %d failed (exit code %d): %s", env.rank, int(code), message)
-        if code is ExitCode.RETRYABLE:
+        if code is ExitCode.RETRYABLE and not isinstance(exc, OutputCopyError):
             traceback.print_exc()
         write_exit_code(code, message)
         return int(code)

@@ -1,0 +1,205 @@
+"""Copy the finished outputs to ``output.copyTo`` (the FineTuneJob's ``spec.output.uri``).
+
+Rank 0 calls :func:`copy_outputs` once, after the final export has written the model, the adapter, the
+metrics and the model card into ``output.dir``. Destinations go through fsspec, like the dataset reader:
+``s3://bucket/prefix`` with s3fs (credentials and a non-AWS endpoint from the standard ``AWS_*`` variables,
+``AWS_ENDPOINT_URL`` included), ``file:///path`` or a plain path (a mounted claim for ``pvc://claim/path``).
+
+Commit protocol — a reader never takes a half-written copy for a complete one:
+
+1. an earlier copy's ``COMPLETE`` at the destination is removed first;
+2. every file of ``output.dir`` except the model card is copied (local destinations through a temporary
+   name and a rename per file; an S3 object only appears once its upload completed);
+3. every copied file is checked to be there with its size;
+4. the model card ``README.md`` is copied;
+5. ``COMPLETE`` is written last: JSON with every file's size, the artifact digest and the time.
+
+So a copy is complete when ``COMPLETE`` exists; the model card alone also means every model file is there.
+Nothing at the destination is deleted except our own ``COMPLETE``.
+
+Each file operation is tried up to ``output.copyAttempts`` times on transient errors (connection reset,
+throttling, timeouts), waiting 1 s, 2 s, 4 s... in between. A missing bucket or folder and refused access
+are not retried here (they won't heal in seconds) but, like every copy failure, end the run with the
+retryable exit code: the operator restarts the gang, which resumes from the final checkpoint, exports again
+and copies again — time for someone to fix the bucket. Torch-free.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+#: Written last at the destination; a copy without it is incomplete.
+MARKER = "COMPLETE"
+#: Copied after every other file, just before the marker.
+MODEL_CARD = "README.md"
+#: Errors that retrying within seconds cannot fix (s3fs maps NoSuchBucket / AccessDenied onto the first two).
+PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+T = TypeVar("T")
+
+
+class OutputCopyError(RuntimeError):
+    """The copy to ``spec.output.uri`` failed; the trainer exits with ExitCode.RETRYABLE."""
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    destination: str
+    files: int
+    bytes: int
+
+
+def copy_order(source_dir: Path) -> list[str]:
+    """Relative paths of the files to copy, the model card last (a stale marker is never copied)."""
+    names = sorted(
+        p.relative_to(source_dir).as_posix()
+        for p in source_dir.rglob("*")
+        if p.is_file() and p.relative_to(source_dir).as_posix() != MARKER
+    )
+    if MODEL_CARD in names:
+        names.remove(MODEL_CARD)
+        names.append(MODEL_CARD)
+    return names
+
+
+class _Destination:
+    """One fsspec filesystem and root, with retries and the per-file commit for local targets."""
+
+    def __init__(self, url: str, address: str, attempts: int, backoff: float, sleep: Callable[[float], None]):
+        import fsspec.core  # lazy: only runs that copy need it
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.address, self.attempts, self.backoff, self.sleep = address, attempts, backoff, sleep
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except ImportError as exc:
+            raise self.error(
+                f"the filesystem for this URL is not installed ({exc}); s3:// needs s3fs"
+            ) from exc
+        except ValueError as exc:
+            raise self.error(f"not a usable URL ({exc})") from exc
+        self.root = str(root).rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def error(self, message: str) -> OutputCopyError:
+        return OutputCopyError(f"spec.output.uri: copying the outputs to {self.address} failed: {message}")
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.root else name
+
+    def retry(self, what: str, operation: Callable[[], T]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return operation()
+            except PERMANENT as exc:
+                raise self.error(f"{what}: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # transient until proven otherwise: connection, throttling, timeouts
+                if attempt == self.attempts:
+                    raise self.error(
+                        f"{what}: {type(exc).__name__}: {exc} (after {self.attempts} attempts)"
+                    ) from exc
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.warning("%s failed (%s), retrying in %.0f s", what, exc, delay)
+                self.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def put(self, source: Path, name: str) -> None:
+        target = self.path(name)
+        if not self.local:
+            self.fs.put_file(str(source), target)
+            return
+        # Local (or mounted claim): a temporary name, fsync, rename: a file is either whole or absent.
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(target)}.{os.getpid()}.partial")
+        self.fs.put_file(str(source), tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+
+    def write_text(self, name: str, text: str) -> None:
+        if not self.local:
+            self.fs.pipe_file(self.path(name), text.encode())
+            return
+        target = self.path(name)
+        tmp = f"{target}.{os.getpid()}.partial"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        _fsync(os.path.dirname(target) or ".")
+
+    def remove_marker(self) -> None:
+        marker = self.path(MARKER)
+        self.fs.invalidate_cache()
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)
+
+    def size(self, name: str) -> int:
+        self.fs.invalidate_cache()
+        return int(self.fs.size(self.path(name)))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_outputs(
+    source_dir: Path,
+    destination: str,
+    *,
+    address: str | None = None,
+    attempts: int = 4,
+    backoff_seconds: float = 1.0,
+    extra_marker: dict[str, Any] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CopyResult:
+    """Copy every file of ``source_dir`` to ``destination`` with the commit protocol of this module.
+
+    ``address`` is how users know the destination (``pvc://claim/path``), used in messages and the result;
+    ``destination`` by default. Raises :class:`OutputCopyError` naming ``spec.output.uri``."""
+    address = address or destination
+    dest = _Destination(destination, address, attempts, backoff_seconds, sleep)
+    names = copy_order(source_dir)
+    if not names:
+        raise dest.error(f"{source_dir} has no files to copy")
+    if dest.local:
+        dest.retry(f"creating {dest.root}", lambda: os.makedirs(dest.root or ".", exist_ok=True))
+    dest.retry(f"removing the previous {MARKER}", dest.remove_marker)
+    sizes = {name: (source_dir / name).stat().st_size for name in names}
+    body = [name for name in names if name != MODEL_CARD]
+    for name in body:
+        dest.retry(f"uploading {name}", functools.partial(dest.put, source_dir / name, name))
+    # Every file must be there, whole, before the model card and the marker say the copy is complete.
+    for name in body:
+        found = dest.retry(f"checking {name}", functools.partial(dest.size, name))
+        if found != sizes[name]:
+            raise dest.error(f"{name} has {found} bytes at the destination, {sizes[name]} here")
+    if MODEL_CARD in sizes:
+        dest.retry(
+            f"uploading {MODEL_CARD}", functools.partial(dest.put, source_dir / MODEL_CARD, MODEL_CARD)
+        )
+    marker = {
+        "files": sizes,
+        "bytes": sum(sizes.values()),
+        "completedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **(extra_marker or {}),
+    }
+    dest.retry(f"writing {MARKER}", lambda: dest.write_text(MARKER, json.dumps(marker, indent=1) + "\n"))
+    log.info("copied %d files (%d bytes) to %s", len(names), marker["bytes"], address)
+    return CopyResult(destination=address, files=len(names), bytes=int(marker["bytes"]))
