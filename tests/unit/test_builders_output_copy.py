@@ -100,3 +100,10 @@ def test_a_source_claim_that_is_also_the_destination_is_one_volume_mounted_twice
         sum(1 for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "datasets")
         == 1
     )
+
+
+def test_the_credentials_secret_becomes_the_trainers_environment() -> None:
+    [container] = pod_spec(credentialsSecret="s3-credentials", output={"uri": "s3://models/v1"})["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    [plain] = pod_spec()["containers"]
+    assert "envFrom" not in plain

@@ -656,6 +656,10 @@ class FineTuneJobSpec(ApiModel):
     """Licence checks (none when omitted)."""
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Trainer container image, overriding the operator's default."""
+    credentials_secret: DnsLabel | None = None
+    """Secret in the job's namespace whose keys become the trainer's environment variables (`envFrom`):
+    `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` and `AWS_ENDPOINT_URL` for `s3://`
+    model and dataset sources and `output.uri`; `HF_TOKEN` for `hf://`. The operator never reads it."""
 
     immutable_fields = ("task", "model", "dataset", "method")
 

@@ -128,6 +128,12 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
     ]
 
 
+def _env_from(job: FineTuneJob) -> dict[str, Any]:
+    """`spec.credentialsSecret` as the container's `envFrom` (the kubelet reads it; our variables win)."""
+    secret = job.spec.credentials_secret
+    return {"envFrom": [{"secretRef": {"name": secret}}]} if secret else {}
+
+
 def trainer_args() -> list[str]:
     return ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
 
@@ -195,6 +201,7 @@ def build_trainer_job(
                 "command": list(TRAINER_COMMAND),
                 "args": trainer_args(),
                 "env": _env(job, attempt, config),
+                **_env_from(job),
                 "ports": [
                     {"name": "rendezvous", "containerPort": config.master_port, "protocol": "TCP"},
                     {"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"},
