@@ -31,14 +31,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _config(tmp_path: Path, tiny: tuple[Path, Path], **overrides: Any) -> Path:
-    config = make_config(
-        tmp_path,
-        *tiny,
-        hyperparameters={"maxSteps": 6},
-        evaluation={"everySteps": 0, "batchSize": 16, "maxSamples": 16},
+    sections: dict[str, Any] = {
+        "hyperparameters": {"maxSteps": 6},
+        "evaluation": {"everySteps": 0, "batchSize": 16, "maxSamples": 16},
         **overrides,
-    )
-    return write_config(tmp_path, config)
+    }
+    return write_config(tmp_path, make_config(tmp_path, *tiny, **sections))
 
 
 def _check_copy(copy: Path, out: Path, artifact_uri: str, card_uri: str) -> dict[str, Any]:
@@ -136,3 +134,35 @@ def test_a_failed_copy_exits_retryable_naming_the_field_and_the_restart_copies(
     assert [e["event"] for e in events].count("resume") == 1
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="not-created-yet")["Contents"]}
     assert {"runs/v1/model/model.safetensors", "runs/v1/README.md", f"runs/v1/{MARKER}"} <= keys
+
+
+def test_two_ranks_rank_zero_copies_and_its_failure_comes_out_of_torchrun(
+    tmp_path: Path, tiny: tuple[Path, Path]
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    two_ranks = {"distributed": {"zeroStage": 2, "precision": "fp32", "shutdownTimeoutSeconds": 30}}
+    failing = _config(
+        tmp_path,
+        tiny,
+        hyperparameters={"maxSteps": 6, "microBatchSize": 4},
+        output={"copyTo": str(blocker / "v1")},
+        **two_ranks,
+    )
+    result = run_trainer(failing, PET_NPROC_PER_NODE="2")
+    # Rank 1 ended cleanly after the export; rank 0's copy failed: the launcher re-raises rank 0's code.
+    assert result.returncode == ExitCode.RETRYABLE, result.stderr[-4000:]
+    assert "trainer failed: exit code 11: OutputCopyError: spec.output.uri" in result.stderr
+
+    published = tmp_path / "published"
+    fixed = _config(
+        tmp_path,
+        tiny,
+        hyperparameters={"maxSteps": 6, "microBatchSize": 4},
+        output={"copyTo": str(published)},
+        **two_ranks,
+    )
+    again = run_trainer(fixed, PET_NPROC_PER_NODE="2")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert (published / MARKER).is_file()
+    assert json.loads((published / "metrics.json").read_text())["artifact"]["uri"] == f"{published}/model"
