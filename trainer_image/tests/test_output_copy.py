@@ -176,3 +176,15 @@ def test_a_copy_into_the_output_folder_is_a_config_error(copy_to: str) -> None:
 )
 def test_copies_elsewhere_are_accepted(copy_to: str) -> None:
     assert _config({"dir": "/workspace/output/model", "copyTo": copy_to}).output.copy_to == copy_to
+
+
+def test_a_destination_no_filesystem_can_reach_is_refused_before_training(tmp_path: Path) -> None:
+    from finetune_trainer.exit_codes import ExitCode
+    from trainer_fixtures import make_config, make_task_data, make_tiny_model, run_trainer, write_config
+
+    model, data = make_tiny_model(tmp_path / "model"), make_task_data(tmp_path / "data.jsonl", rows=40)
+    config = make_config(tmp_path, model, data, output={"copyTo": "nosuch://bucket/v1"})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    assert "output.copyTo 'nosuch://bucket/v1' (spec.output.uri): Protocol not known: nosuch" in result.stderr
+    assert not (tmp_path / "ckpt").exists()  # refused by the pre-flight: nothing trained

@@ -1,7 +1,8 @@
 """The pod entrypoint: ``python -m finetune_trainer --config PATH``.
 
 1. Pre-flight: parse and validate the config (exit ``CONFIG_ERROR`` before any GPU work), check that a local
-   model exists (``MODEL_ERROR``) and that QLoRA has CUDA (``CONFIG_ERROR``).
+   model exists (``MODEL_ERROR``), that QLoRA has CUDA and that ``output.copyTo`` has an installed
+   filesystem (``CONFIG_ERROR``).
 2. On multi-node pods, wait until ``PET_MASTER_ADDR`` resolves (``FTO_MASTER_WAIT_SECONDS``, default 300;
    ``RETRYABLE`` when it never does).
 3. Start ``torchrun --max-restarts=0 --shutdown-timeout=S -m finetune_trainer.train --config PATH`` as a
@@ -83,6 +84,12 @@ def preflight(config_path: str) -> TrainerConfig:
 
     check_model_source(cfg.model)
     check_cuda_requirements(cfg)
+    if cfg.output.copy_to:
+        from finetune_trainer.output_copy import check_destination
+
+        problem = check_destination(cfg.output.copy_to)
+        if problem:
+            raise ConfigError(problem)
     return cfg
 
 

@@ -151,6 +151,21 @@ class _Destination:
         return int(self.fs.size(self.path(name)))
 
 
+def check_destination(url: str) -> str | None:
+    """Why ``url`` can't be copied to by this trainer (unknown scheme, s3fs missing), or None. Called before
+    training, so a destination that can never work fails in seconds, not after the run."""
+    import fsspec.core
+
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        return f"output.copyTo {url!r} (spec.output.uri): {protocol}:// is not installed ({exc})"
+    except ValueError as exc:
+        return f"output.copyTo {url!r} (spec.output.uri): {exc}"
+    return None
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
