@@ -120,9 +120,8 @@ class _Destination:
             self.fs.put_file(str(source), target)
             return
         # Local (or mounted claim): a temporary name, fsync, rename: a file is either whole or absent.
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(target)}.{os.getpid()}.partial")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = _partial(target)
         self.fs.put_file(str(source), tmp)
         _fsync(tmp)
         os.replace(tmp, target)
@@ -132,7 +131,7 @@ class _Destination:
             self.fs.pipe_file(self.path(name), text.encode())
             return
         target = self.path(name)
-        tmp = f"{target}.{os.getpid()}.partial"
+        tmp = _partial(target)
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -164,6 +163,11 @@ def check_destination(url: str) -> str | None:
     except ValueError as exc:
         return f"output.copyTo {url!r} (spec.output.uri): {exc}"
     return None
+
+
+def _partial(target: str) -> str:
+    """A hidden temporary name next to ``target`` (renamed onto it once whole)."""
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.partial")
 
 
 def _fsync(path: str) -> None:
