@@ -4,7 +4,8 @@ children (ServiceAccount, Role, RoleBinding, ConfigMap, Service, PVC) and a stat
 
 Against the dev cluster (`hack/devcluster.py up`; started here if needed) or $KUBECONFIG with
 FTO_USE_EXISTING_CLUSTER=1. The same run also times a plain client creating the same children directly
-(same builders, same concurrency as the operator's workers), so the ratio shows the operator's overhead.
+(same builders, as many jobs at a time as the operator has workers, each job's children in parallel as the
+operator writes them), so the ratio shows the operator's overhead.
 Prints one JSON line: p50_s, p99_s, total_s, direct_total_s, ratio, operator_peak_rss_mb, and context.
 """
 
@@ -135,8 +136,10 @@ async def operator_run(
 
     async def watch(api_version: str, kind: str) -> None:
         """List, then watch from the list's version; again whenever the server ends the stream (it does
-        when a CRD is re-applied, e.g. by tests running at the same time)."""
-        selector = None if kind == "FineTuneJob" else "finetune.dev/job"
+        when a CRD is re-applied, e.g. by tests running at the same time). Children are watched as
+        metadata only: the measuring costs the API server and this process as little as it can."""
+        child = kind != "FineTuneJob"
+        selector = "finetune.dev/job" if child else None
         path = resource_path(api_version, kind, namespace)
         while True:
             page = await client.request("GET", path, params={"labelSelector": selector} if selector else None)
@@ -145,7 +148,12 @@ async def operator_run(
             version = page["metadata"]["resourceVersion"]
             with contextlib.suppress(ApiError):
                 async for event in client.watch(
-                    api_version, kind, namespace, label_selector=selector, resource_version=version
+                    api_version,
+                    kind,
+                    namespace,
+                    label_selector=selector,
+                    resource_version=version,
+                    metadata_only=child,
                 ):
                     if event.get("type") in ("ADDED", "MODIFIED"):
                         observe(kind, event["object"])
@@ -175,18 +183,21 @@ async def operator_run(
     return [done[name] - created[name] for name in created], total
 
 
-async def direct_run(client: KubeClient, namespace: str, count: int, concurrency: int) -> float:
+async def direct_run(client: KubeClient, namespace: str, count: int, workers: int) -> float:
+    """The same children from a plain client, the way the operator's workers write them: `workers` jobs at
+    a time, each job's children applied (server-side apply) in parallel."""
     config = OperatorConfig.from_env()
 
     async def create_children(index: int) -> None:
         body = manifest(f"bench-{index:04d}")
         body["metadata"].update(namespace=namespace, uid=f"00000000-0000-4000-8000-{index:012d}")
-        for child in build_children(parse_finetunejob(body), config):
+        children = build_children(parse_finetunejob(body), config)
+        for child in children:
             child["metadata"].pop("ownerReferences")  # no owner exists here; GC would remove them
-            await client.apply(child)
+        await asyncio.gather(*(client.apply(child) for child in children))
 
     started = time.perf_counter()
-    await bounded(concurrency, [create_children(i) for i in range(count)])
+    await bounded(workers, [create_children(i) for i in range(count)])
     return time.perf_counter() - started
 
 
@@ -233,14 +244,18 @@ def start_operator(namespace: str, log_path: str, workers: int) -> subprocess.Po
         time.sleep(0.5)
 
 
-async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int) -> dict[str, Any]:
+async def measure(
+    args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int, workers: int
+) -> dict[str, Any]:
     info = kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
-    client = KubeClient.from_connection_info(info, pool=args.concurrency * 2)
+    client = KubeClient.from_connection_info(info, pool=args.concurrency + workers * len(CHILD_KINDS))
     try:
+        cpu_before, own_before = cpu_seconds(pid), cpu_seconds(os.getpid())
         latencies, total = await operator_run(client, ns_op, args.count, args.concurrency)
         rss = peak_rss_mb(pid)
-        cpu = cpu_seconds(pid)
-        direct_total = await direct_run(client, ns_direct, args.count, args.concurrency)
+        cpu = cpu_seconds(pid) - cpu_before
+        own_cpu = cpu_seconds(os.getpid()) - own_before
+        direct_total = await direct_run(client, ns_direct, args.count, workers)
     finally:
         await client.close()
     latencies.sort()
@@ -248,6 +263,7 @@ async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int
         "benchmark": "operator_scale",
         "count": args.count,
         "concurrency": args.concurrency,
+        "operator_workers": workers,
         "p50_s": round(statistics.median(latencies), 3),
         "p99_s": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
         "max_s": round(latencies[-1], 3),
@@ -256,6 +272,7 @@ async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int
         "ratio": round(total / direct_total, 3),
         "operator_peak_rss_mb": round(rss, 1),
         "operator_cpu_s": round(cpu, 1),
+        "benchmark_client_cpu_s": round(own_cpu, 1),
         "cpus": os.cpu_count(),
         "children_per_job": len(CHILD_KINDS),
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -264,14 +281,15 @@ async def measure(args: argparse.Namespace, ns_op: str, ns_direct: str, pid: int
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["KUBECONFIG"] = kubeconfig()
-    kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     suffix = secrets.token_hex(3)
     ns_op, ns_direct = f"bench-operator-{suffix}", f"bench-direct-{suffix}"
     for ns in (ns_op, ns_direct):
         kubectl("create", "namespace", ns)
-    operator = start_operator(ns_op, args.operator_log, args.concurrency)
+    workers = args.workers or OperatorConfig.from_env().workers
+    operator = start_operator(ns_op, args.operator_log, workers)
     try:
-        return asyncio.run(measure(args, ns_op, ns_direct, operator.pid))
+        return asyncio.run(measure(args, ns_op, ns_direct, operator.pid, workers))
     finally:
         if not args.keep:
             # The operator is still up, so it releases its finalizers while the namespaces go.
@@ -287,8 +305,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="FineTuneJobs to create")
+    parser.add_argument("--concurrency", type=int, default=16, help="parallel FineTuneJob creates")
     parser.add_argument(
-        "--concurrency", type=int, default=16, help="parallel creates; also the operator's workers"
+        "--workers",
+        type=int,
+        default=0,
+        help="the operator's workers (FTO_WORKERS) and the plain client's jobs at a time (default: the "
+        "operator's default)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the namespaces afterwards")
     parser.add_argument("--operator-log", default="/tmp/operator_scale.log", help="operator output")

@@ -42,6 +42,7 @@ _PLURALS: dict[tuple[str, str], str] = {
     ("finetune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("finetune.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
 }
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 _CLUSTER_SCOPED = frozenset({"Node", "Namespace"})
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
@@ -202,17 +203,21 @@ class KubeClient:
         label_selector: str | None = None,
         resource_version: str | None = None,
         timeout_seconds: int = 600,
+        metadata_only: bool = False,
     ) -> AsyncIterator[Obj]:
         """Watch events (`{"type": ..., "object": ...}`) after `resource_version` (default: from now on)
-        until the server closes the stream, which it may do at any time (e.g. when a CRD changes)."""
+        until the server closes the stream, which it may do at any time (e.g. when a CRD changes).
+        `metadata_only` asks for PartialObjectMetadata (no spec, data or status), as controller-runtime's
+        metadata-only watches do: far less to encode, send and parse."""
         params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout_seconds)}
+        headers = {"Accept": METADATA_ONLY} if metadata_only else {}
         if label_selector:
             params["labelSelector"] = label_selector
         if resource_version:
             params["resourceVersion"] = resource_version
         url = self._server + resource_path(api_version, kind, namespace)
         timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
-        async with self._session.get(url, params=params, timeout=timeout) as response:
+        async with self._session.get(url, params=params, timeout=timeout, headers=headers) as response:
             if response.status >= 400:
                 raise ApiError(response.status, str(response.reason), (await response.read())[:300].decode())
             # Objects can exceed aiohttp's line limit (managed fields, kopf's diff-base): split ourselves.

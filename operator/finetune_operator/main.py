@@ -60,7 +60,10 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
     info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.PermanentError("no credentials: neither a ServiceAccount token nor $KUBECONFIG")
-    client = KubeClient.from_connection_info(info, timeout_seconds=config.request_timeout_seconds)
+    # Each worker writes a job's children in parallel (six at once): enough connections for all of them.
+    client = KubeClient.from_connection_info(
+        info, timeout_seconds=config.request_timeout_seconds, pool=max(64, config.workers * 8)
+    )
     metrics = OperatorMetrics()
     if config.metrics_port:
         metrics.serve(config.metrics_port)

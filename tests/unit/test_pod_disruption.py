@@ -94,3 +94,12 @@ def test_a_false_disruption_condition_and_a_plain_failure_are_not_disruptions() 
     failure = _failure(None, [summary])
     assert failure is not None
     assert failure[0] == 1
+
+
+def test_the_disrupted_pod_is_the_cause_not_its_gang_mate_deleted_with_the_job() -> None:
+    victim = summarize_pod(trainer_pod("Failed", SIGTERM, EVICTED))
+    running = summarize_pod(trainer_pod("Running", {"running": {}}))
+    mate = running._replace(name="ftj-a1-1-fghij", deleting=True)
+    failure = _failure(None, [mate, victim])
+    assert failure is not None
+    assert "ftj-a1-0-abcde" in failure[1]

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "finetune.dev/v1alpha1"
 KIND = "FineTuneJob"
+WAITING_FOR = " - waiting for the old gang's pods to go: "
 RELEASED_PHASES = ("Succeeded", "Failed", "Suspended")
 """Phases in which no pod of the job runs, so our finalizer is dropped."""
 OWNED_STATUS_FIELDS = (
@@ -196,8 +197,11 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
 
 
 def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
-    """(exit code, description) of the current attempt's failure, preferring a non-retryable code."""
+    """(exit code, description) of the current attempt's failure, preferring a non-retryable code, then a
+    cause (a pod that failed or was disrupted) over its consequences (gang-mates being deleted with the
+    Job, the Job's own failure)."""
     found: list[tuple[int | None, str]] = []
+    deleted: list[tuple[int | None, str]] = []
     for pod in pods:
         where = f"pod {pod.name} (node rank {pod.rank or '?'}{', on ' + pod.node if pod.node else ''})"
         if pod.failed:
@@ -207,7 +211,8 @@ def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | 
         elif pod.disrupted:
             found.append((None, f"{where} was disrupted (eviction, preemption or node loss): {pod.message}"))
         elif pod.deleting and not pod.terminated:
-            found.append((None, f"{where} was deleted while training (eviction or node loss)"))
+            deleted.append((None, f"{where} was deleted while training (eviction or node loss)"))
+    found += deleted
     if job is not None and job.failed:
         found.append(
             (exit_code_from_message(job.message), f"Job {job.name} failed ({job.reason}): {job.message}")
@@ -424,6 +429,10 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
         leftovers = [p for p in pods if p.attempt <= attempt]
         if leftovers:
+            # Say what the restart waits for: a pod on an unreachable node can stay Terminating for long.
+            waiting = ", ".join(sorted(p.name + (f" on {p.node}" if p.node else "") for p in leftovers))
+            message = str(running.get("message") or "").split(WAITING_FOR)[0]
+            writer.set(CONDITION_RUNNING, False, REASON_RESTARTING, f"{message}{WAITING_FOR}{waiting}")
             await writer.commit()
             return 5.0  # pod deletions wake us sooner
         changed_at = parse_time(running.get("lastTransitionTime")) or now
@@ -496,6 +505,18 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
     if len(live) >= nodes:
         placed = ", ".join(sorted({p.node for p in live}))
         writer.set(CONDITION_RUNNING, True, "AllPodsRunning", f"{nodes} of {nodes} pods running on {placed}")
+        admission = writer.fields.get("admission")
+        if admission:  # where this attempt actually runs (a restart after a node loss lands elsewhere)
+            actual = [
+                {
+                    "rank": int(p.rank) if p.rank.isdigit() else i,
+                    "node": p.node,
+                    "gpus": job.spec.distributed.gpus_per_node,
+                }
+                for i, p in enumerate(sorted(live, key=lambda p: p.rank.zfill(6)))
+            ]
+            if admission.get("placement") != actual:
+                writer.fields["admission"] = {**admission, "placement": actual}
     else:
         writer.set(
             CONDITION_RUNNING, False, "Starting", f"{len(live)} of {nodes} pods of attempt {attempt} running"

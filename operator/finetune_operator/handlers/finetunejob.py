@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 
@@ -26,14 +26,53 @@ def runtime_of(memo: Any, kwargs: dict[str, Any]) -> Runtime:
     return runtime
 
 
+class _Demand(NamedTuple):
+    """The spec half of an `FtjSummary`: what admission needs from the spec."""
+
+    priority: int
+    nodes: int
+    gpus_per_node: int
+    node_selector: tuple[tuple[str, str], ...]
+    tolerations: tuple[Mapping[str, Any], ...]
+    queue_name: str | None
+    suspend: bool
+
+
+#: uid -> (generation, demand): the spec is parsed once per generation, not on every status write (the
+#: trainer's progress reports are most of a running job's events). Entries go with the job's DELETED event.
+_demands: dict[str, tuple[int, _Demand | None]] = {}
+
+
+def _demand(body: kopf.Body) -> _Demand | None:
+    uid, generation = str(body.metadata.uid), int(body.metadata.get("generation") or 0)
+    known = _demands.get(uid)
+    if known is not None and known[0] == generation:
+        return known[1]
+    try:
+        job = parse_finetunejob(body)
+    except InvalidResourceError:
+        demand = None
+    else:
+        demand = _Demand(
+            priority=job.spec.scheduling.priority,
+            nodes=job.spec.distributed.nodes,
+            gpus_per_node=job.spec.distributed.gpus_per_node,
+            node_selector=tuple(sorted(node_selector(job).items())),
+            tolerations=tuple(pod_tolerations(job)),
+            queue_name=job.spec.scheduling.queue_name,
+            suspend=job.spec.scheduling.suspend,
+        )
+    _demands[uid] = (generation, demand)
+    return demand
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 async def finetunejobs(
     *, body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[str, FtjSummary] | None:
     """All FineTuneJobs under one key, as the small facts that GPU admission needs."""
-    try:
-        job = parse_finetunejob(body)
-    except InvalidResourceError:
+    demand = _demand(body)
+    if demand is None:
         return None
     conditions = list((body.get("status") or {}).get("conditions") or [])
     created = datetime.fromisoformat(str(body.metadata["creationTimestamp"]).replace("Z", "+00:00"))
@@ -41,13 +80,7 @@ async def finetunejobs(
         key=f"{namespace}/{name}",
         namespace=str(namespace),
         created=created,
-        priority=job.spec.scheduling.priority,
-        nodes=job.spec.distributed.nodes,
-        gpus_per_node=job.spec.distributed.gpus_per_node,
-        node_selector=tuple(sorted(node_selector(job).items())),
-        tolerations=tuple(pod_tolerations(job)),
-        queue_name=job.spec.scheduling.queue_name,
-        suspend=job.spec.scheduling.suspend,
+        **demand._asdict(),
         terminal=is_terminal(conditions),
         admitted=is_true(conditions, "Admitted"),
         phase=derive_phase(conditions),
@@ -78,6 +111,7 @@ async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, 
     runtime = runtime_of(memo, kwargs)
     key = f"{body.metadata.namespace}/{body.metadata.name}"
     if event["type"] == "DELETED":
+        _demands.pop(str(body.metadata.uid), None)
         release(runtime, key)
         runtime.forget(key)
         return
