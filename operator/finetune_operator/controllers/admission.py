@@ -38,7 +38,7 @@ def _demands(runtime: Runtime) -> list[GangDemand]:
     pods_index = runtime.indexes.get("trainer_pods")
     demands = []
     for summary in _summaries(runtime):
-        if summary.terminal or summary.suspend or summary.queue_name:
+        if summary.terminal or summary.spec.suspend or summary.spec.queue_name:
             continue
         admitted = runtime.admitted_override.get(summary.key, summary.admitted)
         bound: tuple[str, ...] = ()
@@ -56,12 +56,12 @@ def _demands(runtime: Runtime) -> list[GangDemand]:
             GangDemand(
                 key=summary.key,
                 namespace=summary.namespace,
-                nodes=summary.nodes,
-                gpus_per_node=summary.gpus_per_node,
-                priority=summary.priority,
+                nodes=summary.spec.nodes,
+                gpus_per_node=summary.spec.gpus_per_node,
+                priority=summary.spec.priority,
                 created=summary.created,
-                node_selector=dict(summary.node_selector),
-                tolerations=summary.tolerations,
+                node_selector=dict(summary.spec.node_selector),
+                tolerations=summary.spec.tolerations,
                 admitted=admitted,
                 bound_nodes=bound,
             )

@@ -109,12 +109,9 @@ class ReconcileQueue:
                     self.enqueue(key)
 
 
-class FtjSummary(NamedTuple):
-    """What admission needs to know about one FineTuneJob (a kopf index value)."""
+class SpecDemand(NamedTuple):
+    """What admission needs from a FineTuneJob's spec (parsed once per generation)."""
 
-    key: str
-    namespace: str
-    created: datetime
     priority: int
     nodes: int
     gpus_per_node: int
@@ -122,6 +119,15 @@ class FtjSummary(NamedTuple):
     tolerations: tuple[Mapping[str, Any], ...]
     queue_name: str | None
     suspend: bool
+
+
+class FtjSummary(NamedTuple):
+    """What admission needs to know about one FineTuneJob (a kopf index value)."""
+
+    key: str
+    namespace: str
+    created: datetime
+    spec: SpecDemand
     terminal: bool
     admitted: bool
     phase: str

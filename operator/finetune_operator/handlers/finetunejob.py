@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import kopf
 
@@ -13,7 +13,7 @@ from finetune_operator.api.finetunejob import PLURAL, parse_finetunejob
 from finetune_operator.builders.trainer_job import node_selector, pod_tolerations
 from finetune_operator.controllers.admission import release
 from finetune_operator.controllers.conditions import derive_phase, is_terminal, is_true
-from finetune_operator.controllers.runtime import FtjSummary, Runtime
+from finetune_operator.controllers.runtime import FtjSummary, Runtime, SpecDemand
 
 INDEX_NAMES = ("finetunejobs", "trainer_jobs", "trainer_pods")
 
@@ -26,24 +26,12 @@ def runtime_of(memo: Any, kwargs: dict[str, Any]) -> Runtime:
     return runtime
 
 
-class _Demand(NamedTuple):
-    """The spec half of an `FtjSummary`: what admission needs from the spec."""
-
-    priority: int
-    nodes: int
-    gpus_per_node: int
-    node_selector: tuple[tuple[str, str], ...]
-    tolerations: tuple[Mapping[str, Any], ...]
-    queue_name: str | None
-    suspend: bool
-
-
 #: uid -> (generation, demand): the spec is parsed once per generation, not on every status write (the
 #: trainer's progress reports are most of a running job's events). Entries go with the job's DELETED event.
-_demands: dict[str, tuple[int, _Demand | None]] = {}
+_demands: dict[str, tuple[int, SpecDemand | None]] = {}
 
 
-def _demand(body: kopf.Body) -> _Demand | None:
+def _demand(body: kopf.Body) -> SpecDemand | None:
     uid, generation = str(body.metadata.uid), int(body.metadata.get("generation") or 0)
     known = _demands.get(uid)
     if known is not None and known[0] == generation:
@@ -53,7 +41,7 @@ def _demand(body: kopf.Body) -> _Demand | None:
     except InvalidResourceError:
         demand = None
     else:
-        demand = _Demand(
+        demand = SpecDemand(
             priority=job.spec.scheduling.priority,
             nodes=job.spec.distributed.nodes,
             gpus_per_node=job.spec.distributed.gpus_per_node,
@@ -80,7 +68,7 @@ async def finetunejobs(
         key=f"{namespace}/{name}",
         namespace=str(namespace),
         created=created,
-        **demand._asdict(),
+        spec=demand,
         terminal=is_terminal(conditions),
         admitted=is_true(conditions, "Admitted"),
         phase=derive_phase(conditions),
