@@ -26,6 +26,9 @@ venv: $(STAMP) ## the Python environment only
 tools: ## build (or find cached) the dev-cluster binaries
 	@hack/build-tools.sh >/dev/null
 
+kueue: ## build (or find cached) Kueue's manager, for the Kueue tests (tests/cluster/test_kueue.py)
+	@hack/build-tools.sh kueue >/dev/null
+
 setup: venv tools ## venv with pinned deps + the dev-cluster binaries
 
 cluster-up: setup ## start the dev cluster (idempotent)
@@ -58,10 +61,10 @@ lint: venv ## ruff, mypy (strict), import contracts, CRD drift, chart lint
 unit: venv ## fast tests, no cluster
 	$(PY) -m pytest -m "not cluster and not e2e" -q
 
-cluster-test: setup ## tests against the dev cluster
+cluster-test: setup kueue ## tests against the dev cluster
 	$(PY) -m pytest -m "cluster or e2e" -q
 
-test: setup lint ## everything: lint, unit, cluster and e2e tests
+test: setup kueue lint ## everything: lint, unit, cluster and e2e tests
 	$(PY) -m pytest -q
 
 bench: setup ## run benchmarks/, one JSON line each
@@ -70,4 +73,4 @@ bench: setup ## run benchmarks/, one JSON line each
 demo: setup ## dev cluster → CRDs → operator → example FineTuneJob → ModelDeployment → a request answered
 	@$(PY) hack/demo.py
 
-.PHONY: help venv tools setup cluster-up cluster-down kubeconfig install-crds run crds lint unit cluster-test test bench demo
+.PHONY: help venv tools kueue setup cluster-up cluster-down kubeconfig install-crds run crds lint unit cluster-test test bench demo

@@ -3,6 +3,11 @@
 # kwok, helm) from the Go module proxy into a versioned cache folder outside the repository.
 # Rebuilds only what is missing. Prints the bin folder on the last line of stdout.
 #
+#   hack/build-tools.sh          the dev-cluster binaries (above)
+#   hack/build-tools.sh kueue    Kueue's manager, in its own cache folder (tools-kueue-VERSION/bin/kueue, with
+#                                Kueue's CRDs copied from the module source into tools-kueue-VERSION/crds/);
+#                                prints that bin folder instead
+#
 # Versions are fixed by the tools modules under hack/tools/ (go.mod / go.sum are committed).
 set -euo pipefail
 
@@ -12,9 +17,14 @@ STAGING_VERSION="v0.36.3"
 ETCD_VERSION="v3.6.16"
 KWOK_VERSION="v0.8.0"
 HELM_VERSION="v3.22.0"
+KUEUE_VERSION="v0.17.0"  # must match hack/tools/kueue/go.mod
 
 CACHE_ROOT="${FTO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}"
-BIN="$CACHE_ROOT/tools-k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}/bin"
+case "${1:-k8s}" in
+  k8s) BIN="$CACHE_ROOT/tools-k8s-${K8S_VERSION}-etcd-${ETCD_VERSION}-kwok-${KWOK_VERSION}-helm-${HELM_VERSION}/bin" ;;
+  kueue) BIN="$CACHE_ROOT/tools-kueue-${KUEUE_VERSION}/bin" ;;
+  *) echo "usage: $0 [k8s|kueue]" >&2; exit 2 ;;
+esac
 mkdir -p "$BIN"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-buildvcs=false
@@ -33,13 +43,47 @@ need_go() {
 }
 
 # One build at a time per cache folder (several test sessions or make targets may ask at once).
-if ! have etcd kwok helm kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+lock_and_stage() {
   exec 9>"$BIN/../.build.lock"
   if ! flock -n 9; then
     log "another build of the tools is running; waiting for it"
     flock 9
   fi
   rm -rf "$STAGE"; mkdir -p "$STAGE"
+}
+
+# Kueue's manager, in its own module (Kueue pins its own k8s.io/* versions) and its own cache folder, so
+# that a Kueue upgrade never invalidates the dev-cluster binaries. Its CRDs (config/components/crd/bases in
+# the module source) are copied next to it: tests apply them from there, nothing is vendored.
+if [ "${1:-k8s}" = kueue ]; then
+  KUEUE_CRDS="$BIN/../crds"
+  if ! have kueue; then
+    lock_and_stage
+  fi
+  if ! have kueue; then
+    log "building Kueue $KUEUE_VERSION (cold: ~8 min on 2 cores, downloads ~550 MB of modules)"
+    need_go
+    start=$(date +%s)
+    # Downloads the module (and so its source, for the CRDs) and checks the cache folder's name.
+    (cd "$HERE/tools/kueue" && go mod download sigs.k8s.io/kueue)
+    read -r pinned src < <(cd "$HERE/tools/kueue" && go list -m -f '{{.Version}} {{.Dir}}' sigs.k8s.io/kueue)
+    [ "$pinned" = "$KUEUE_VERSION" ] || { log "hack/tools/kueue/go.mod pins Kueue $pinned, this script $KUEUE_VERSION"; exit 1; }
+    (cd "$HERE/tools/kueue" && go build -trimpath \
+        -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+        -o "$STAGE/kueue" sigs.k8s.io/kueue/cmd/kueue)
+    rm -rf "$STAGE/crds"; mkdir -p "$STAGE/crds"
+    cp "$src"/config/components/crd/bases/*.yaml "$STAGE/crds/"
+    chmod u+w "$STAGE"/crds/*.yaml  # the module cache is read-only
+    rm -rf "$KUEUE_CRDS"; mv "$STAGE/crds" "$KUEUE_CRDS"
+    publish kueue  # last: a kueue binary means its CRDs are there too
+    log "Kueue ready in $BIN ($(( $(date +%s) - start ))s)"
+  fi
+  echo "$BIN"
+  exit 0
+fi
+
+if ! have etcd kwok helm kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+  lock_and_stage
 fi
 
 build_k8s() {

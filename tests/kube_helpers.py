@@ -127,6 +127,31 @@ def finish_pod(
     return wait_for_pod_phase(cluster, namespace, pod, "Succeeded" if exit_code == 0 else "Failed", timeout)
 
 
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """GET `url` on loopback (no proxy): True on 200, False while nothing (or an error) answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return int(resp.status) == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+    """End a process this test started: SIGTERM, then SIGKILL after `timeout`. Its exit code (None: never
+    started)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -164,12 +189,7 @@ class OperatorProcess:
             raise AssertionError(
                 f"the operator exited ({self._exit_code()}) before it was healthy:\n{self.logs()}"
             )
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(self.health_url, timeout=2.0) as resp:
-                return int(resp.status) == 200
-        except (OSError, urllib.error.URLError):
-            return False
+        return http_ok(self.health_url)
 
     def _exit_code(self) -> int | None:
         return self.process.returncode if self.process else None
@@ -201,16 +221,7 @@ class OperatorProcess:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (kopf finishes its handlers), then SIGKILL after `timeout`. Returns the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL: the operator dies mid-work, as in a node failure."""
