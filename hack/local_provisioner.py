@@ -41,62 +41,72 @@ class Provisioner:
     def volume_path(self, pv_name: str) -> Path:
         return self.volumes_dir / pv_name
 
-    def on_claim(self, pvc: Any) -> None:
-        spec, meta = pvc.spec, pvc.metadata
-        if spec.storage_class_name != self.storage_class or spec.volume_name or meta.deletion_timestamp:
+    def on_claim(self, pvc: dict[str, Any]) -> None:
+        spec, meta = pvc.get("spec") or {}, pvc["metadata"]
+        if (
+            spec.get("storageClassName") != self.storage_class
+            or spec.get("volumeName")
+            or meta.get("deletionTimestamp")
+        ):
             return
-        pv_name = f"pvc-{meta.uid}"
+        pv_name = f"pvc-{meta['uid']}"
         path = self.volume_path(pv_name)
         path.mkdir(parents=True, exist_ok=True)
-        pv = client.V1PersistentVolume(
-            metadata=client.V1ObjectMeta(name=pv_name, annotations={PROVISIONED_BY: self.name}),
-            spec=client.V1PersistentVolumeSpec(
-                capacity={"storage": spec.resources.requests["storage"]},
-                access_modes=spec.access_modes,
-                volume_mode=spec.volume_mode or "Filesystem",
-                storage_class_name=self.storage_class,
-                persistent_volume_reclaim_policy="Delete",
-                claim_ref=client.V1ObjectReference(
-                    api_version="v1",
-                    kind="PersistentVolumeClaim",
-                    namespace=meta.namespace,
-                    name=meta.name,
-                    uid=meta.uid,
-                ),
-                host_path=client.V1HostPathVolumeSource(path=str(path), type="DirectoryOrCreate"),
-            ),
-        )
+        pv = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name, "annotations": {PROVISIONED_BY: self.name}},
+            "spec": {
+                "capacity": {"storage": spec["resources"]["requests"]["storage"]},
+                "accessModes": spec.get("accessModes"),
+                "volumeMode": spec.get("volumeMode") or "Filesystem",
+                "storageClassName": self.storage_class,
+                "persistentVolumeReclaimPolicy": "Delete",
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": meta["namespace"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+                "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
+            },
+        }
         try:
             self.core.create_persistent_volume(pv)
         except ApiException as err:
             if err.status != 409:  # already provisioned for this claim
                 raise
             return
-        log(f"provisioned {pv_name} at {path} for {meta.namespace}/{meta.name}")
+        log(f"provisioned {pv_name} at {path} for {meta['namespace']}/{meta['name']}")
 
-    def on_volume(self, pv: Any) -> None:
-        annotations = pv.metadata.annotations or {}
-        if annotations.get(PROVISIONED_BY) != self.name or pv.metadata.deletion_timestamp:
+    def on_volume(self, pv: dict[str, Any]) -> None:
+        meta, spec = pv["metadata"], pv.get("spec") or {}
+        if (meta.get("annotations") or {}).get(PROVISIONED_BY) != self.name or meta.get("deletionTimestamp"):
             return
-        if pv.status.phase != "Released" or pv.spec.persistent_volume_reclaim_policy != "Delete":
+        if (pv.get("status") or {}).get("phase") != "Released" or spec.get(
+            "persistentVolumeReclaimPolicy"
+        ) != "Delete":
             return
-        path = Path(pv.spec.host_path.path)
+        path = Path(spec["hostPath"]["path"])
         if path.parent == self.volumes_dir:  # never remove anything outside our folder
             shutil.rmtree(path, ignore_errors=True)
         try:
-            self.core.delete_persistent_volume(pv.metadata.name)
+            self.core.delete_persistent_volume(meta["name"])
         except ApiException as err:
             if err.status != 404:
                 raise
-        log(f"deleted released volume {pv.metadata.name}")
+        log(f"deleted released volume {meta['name']}")
 
 
-def watch_forever(list_func: Callable[..., Any], handle: Callable[[Any], None], what: str) -> None:
-    """Watch from the current state (existing objects arrive as ADDED); start again after any error."""
+def watch_forever(list_func: Callable[..., Any], handle: Callable[[dict[str, Any]], None], what: str) -> None:
+    """Watch from the current state (existing objects arrive as ADDED); start again after any error.
+    Objects arrive as plain JSON dicts (`deserialize=False`): the client's model classes cost ~1.5 ms of
+    CPU an event, which a burst of hundreds of claims (the operator benchmark) would spend here."""
     while True:
         try:
             for event in watch.Watch().stream(  # type: ignore[no-untyped-call]
-                list_func, timeout_seconds=WATCH_TIMEOUT_S
+                list_func, timeout_seconds=WATCH_TIMEOUT_S, deserialize=False
             ):
                 if event["type"] in ("ADDED", "MODIFIED"):
                     try:
