@@ -459,3 +459,27 @@ def test_namespace_gpu_quota_keeps_a_job_waiting_although_gpus_are_free(
     (pod,) = trainer_pods(cluster, namespace, "within", 1)
     finish_pod(cluster, namespace, pod["metadata"]["name"], 0)
     wait_phase(cluster, namespace, "over", "Running")
+
+
+def test_a_job_naming_a_missing_claim_waits_with_the_field_then_runs_once_it_exists(
+    cluster: Cluster, namespace: str, operator: Any
+) -> None:
+    body = ftj("needs-data", gpus=0)
+    body["spec"]["dataset"]["source"] = "pvc://corpus/train.jsonl"
+    cluster.apply(body, namespace)
+    waiting = wait_phase(cluster, namespace, "needs-data", "Queued")
+    admitted = condition(waiting, "Admitted")
+    assert admitted["reason"] == "ClaimNotFound"
+    assert admitted["message"] == (
+        f"spec.dataset.source: PersistentVolumeClaim 'corpus' not found in namespace '{namespace}'"
+    )
+    assert not trainer_pods(cluster, namespace, "needs-data")  # no pod stuck Pending on a missing claim
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "corpus"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    cluster.apply(claim, namespace)
+    running = wait_phase(cluster, namespace, "needs-data", "Running", 60)
+    assert condition(running, "Admitted")["status"] == "True"

@@ -271,6 +271,38 @@ async def _start_attempt(
         await runtime.client.create(build_trainer_job(job, attempt, runtime.config, placement))
 
 
+def claims_named(job: FineTuneJob) -> list[tuple[str, str]]:
+    """(field, claim) for every PersistentVolumeClaim that the spec names and the pods will mount."""
+    spec = job.spec
+    uris = [
+        ("spec.model.source", spec.model.source),
+        ("spec.dataset.source", spec.dataset.source),
+        ("spec.dataset.split.validationSource", spec.dataset.split.validation_source),
+        ("spec.dataset.split.testSource", spec.dataset.split.test_source),
+        ("spec.output.uri", spec.output.uri),
+    ]
+    named = [(f, u.removeprefix("pvc://").partition("/")[0]) for f, u in uris if u and u.startswith("pvc://")]
+    if spec.checkpointing.storage.existing_claim:
+        named.append(("spec.checkpointing.storage.existingClaim", spec.checkpointing.storage.existing_claim))
+    return named
+
+
+async def _missing_claims(runtime: Runtime, job: FineTuneJob) -> list[str]:
+    """One message per named claim that doesn't exist (yet): the job waits for it, as its pods would."""
+    named = claims_named(job)
+    if not named:
+        return []
+    namespace = str(job.metadata["namespace"])
+    found = await asyncio.gather(
+        *(runtime.client.get("v1", "PersistentVolumeClaim", claim, namespace) for _, claim in named)
+    )
+    return [
+        f"{field}: PersistentVolumeClaim {claim!r} not found in namespace {namespace!r}"
+        for (field, claim), body in zip(named, found, strict=True)
+        if body is None
+    ]
+
+
 async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: StatusWriter) -> float | None:
     """One reconcile step of a live (not deleting) job; returns seconds until the next, or None."""
     namespace = body["metadata"]["namespace"]
@@ -356,6 +388,13 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             return await _ttl(runtime, job, writer)
 
     # --- admission -------------------------------------------------------------------------------------
+    if not admitted_condition and not runtime.admitted_override.get(key):
+        missing = await _missing_claims(runtime, job)
+        if missing:  # its pods would wait in Pending for the claim, saying nothing here
+            writer.set(CONDITION_ADMITTED, False, "ClaimNotFound", "; ".join(missing))
+            writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
+            await writer.commit()
+            return config.requeue_seconds
     if scheduling.queue_name:
         if attempt == 0:
             attempt = 1
