@@ -132,16 +132,30 @@ def queues(
             print(f"----- Kueue log ({kueue.log_path}) -----\n{kueue.logs()[-20000:]}")
 
 
-def trainer_job(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
-    """The FineTuneJob's one batch Job (attempt 1), once the operator has created it."""
+def release(cluster: Cluster, queues: Queues) -> None:
+    """Let the (held) ClusterQueue admit."""
+    cluster.kubectl(
+        "patch", "clusterqueue", queues.cluster_queue, "--type=merge", "-p", '{"spec":{"stopPolicy":"None"}}'
+    )
+
+
+def trainer_job(cluster: Cluster, namespace: str, name: str, attempt: int = 1) -> dict[str, Any]:
+    """The FineTuneJob's batch Job of `attempt`, once the operator has created it."""
+    selector = f"finetune.dev/job={name},finetune.dev/attempt={attempt}"
 
     def created() -> dict[str, Any] | None:
-        items = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", f"finetune.dev/job={name}")[
-            "items"
-        ]
+        items = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", selector)["items"]
         return items[0] if items else None
 
-    job: dict[str, Any] = wait_for(created, 60, f"the batch Job of FineTuneJob {name}")
+    try:
+        job: dict[str, Any] = wait_for(created, 60, f"the batch Job of FineTuneJob {name}, attempt {attempt}")
+    except AssertionError as err:
+        jobs = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", f"finetune.dev/job={name}")[
+            "items"
+        ]
+        seen = [(j["metadata"]["name"], j["metadata"].get("creationTimestamp"), j["status"]) for j in jobs]
+        status = get_ftj(cluster, namespace, name).get("status")
+        raise AssertionError(f"{err}; its Jobs: {seen}; FineTuneJob status: {status}") from None
     return job
 
 
@@ -179,7 +193,9 @@ def wait_workload_condition(
         raise AssertionError(f"{err}; its status: {last.get('status')}") from None
 
 
-def wait_admitted_by_kueue(cluster: Cluster, namespace: str, name: str, job: str) -> dict[str, Any]:
+def wait_admitted_by_kueue(
+    cluster: Cluster, namespace: str, name: str, job: str, attempt: int = 1
+) -> dict[str, Any]:
     wait_for(
         lambda: not job_suspended(cluster, namespace, job), 60, f"Kueue to unsuspend Job {job} of {name}"
     )
@@ -188,7 +204,7 @@ def wait_admitted_by_kueue(cluster: Cluster, namespace: str, name: str, job: str
     assert (admitted["status"], admitted["reason"]) == ("True", "AdmittedByKueue"), (
         f"FineTuneJob {name}'s Admitted condition once Kueue unsuspended its Job: {admitted}"
     )
-    running_pods(cluster, namespace, name, 1, 1)
+    running_pods(cluster, namespace, name, attempt, 1)
     return body
 
 
@@ -239,9 +255,7 @@ def test_kueue_admits_queued_finetunejobs_and_the_operator_does_not(
     assert_waiting_for_kueue(cluster, ns, "kueue-a", name_a)
 
     # Kueue may admit: A gets the ClusterQueue's 8 GPUs, its Job is unsuspended, the FineTuneJob runs.
-    cluster.kubectl(
-        "patch", "clusterqueue", queues.cluster_queue, "--type=merge", "-p", '{"spec":{"stopPolicy":"None"}}'
-    )
+    release(cluster, queues)
     wait_admitted_by_kueue(cluster, ns, "kueue-a", name_a)
     admitted_a = wait_workload_condition(cluster, ns, name_a, "Admitted", "True")
     admission = admitted_a["status"]["admission"]
