@@ -19,6 +19,7 @@ from hack import devcluster
 from tests.cluster.test_finetunejob import (
     H100,
     condition,
+    end_pod,
     ftj,
     get_ftj,
     gpu_pool_free,
@@ -286,3 +287,30 @@ def test_kueue_admits_queued_finetunejobs_and_the_operator_does_not(
     wait_workload_condition(cluster, ns, name_a, "Finished", "True")
     wait_admitted_by_kueue(cluster, ns, "kueue-b", name_b)
     wait_workload_condition(cluster, ns, name_b, "Admitted", "True")
+
+
+def test_a_failed_attempt_restarts_the_gang_through_kueue(
+    cluster: Cluster, namespace: str, operator: Any, queues: Queues
+) -> None:
+    gpu_pool_free(cluster)
+    release(cluster, queues)
+    cluster.apply(ftj("kueue-r", queueName=queues.local_queue, maxRestarts=1), namespace)
+    first = trainer_job(cluster, namespace, "kueue-r", 1)["metadata"]["name"]
+    wait_admitted_by_kueue(cluster, namespace, "kueue-r", first)
+    (pod,) = running_pods(cluster, namespace, "kueue-r", 1, 1)
+    end_pod(cluster, namespace, pod, 1)
+
+    # The whole gang restarts as attempt 2: a new Job, again suspended and labelled, admitted by Kueue.
+    second = trainer_job(cluster, namespace, "kueue-r", 2)
+    assert second["metadata"]["labels"].get(QUEUE_LABEL) == queues.local_queue, (
+        f"attempt 2's Job carries {QUEUE_LABEL}: {second['metadata']['labels']}"
+    )
+    body = wait_admitted_by_kueue(cluster, namespace, "kueue-r", second["metadata"]["name"], attempt=2)
+    assert (body["status"]["attempt"], body["status"]["restarts"]) == (2, 1), (
+        f"FineTuneJob kueue-r's attempt and restarts after one failed attempt: {body['status']}"
+    )
+    wait_workload_condition(cluster, namespace, second["metadata"]["name"], "Admitted", "True")
+    jobs = kubectl_json(cluster, "get", "jobs", "-n", namespace, "-l", "finetune.dev/job=kueue-r")["items"]
+    assert [j["metadata"]["name"] for j in jobs] == [second["metadata"]["name"]], (
+        "attempt 1's Job is gone and not created again; only attempt 2's is left"
+    )

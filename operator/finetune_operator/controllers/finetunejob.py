@@ -395,7 +395,11 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
             await writer.commit()
             return config.requeue_seconds
-    if scheduling.queue_name:
+    running = find(writer.conditions, CONDITION_RUNNING)
+    restarting = bool(
+        running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING
+    )
+    if scheduling.queue_name and not restarting:
         if attempt == 0:
             attempt = 1
             writer.fields["attempt"] = 1
@@ -419,7 +423,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             )
             writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
             writer.fields["queuedSince"] = None
-    else:
+    elif not scheduling.queue_name:
         admitted = runtime.admitted_override.get(key, admitted_condition)
         if not admitted:
             decision = await admission_decision(runtime, key)
