@@ -5,7 +5,10 @@ children (ServiceAccount, Role, RoleBinding, ConfigMap, Service, PVC) and a stat
 Against the dev cluster (`hack/devcluster.py up`; started here if needed) or $KUBECONFIG with
 FTO_USE_EXISTING_CLUSTER=1. The same run also times a plain client creating the same children directly
 (same builders, as many jobs at a time as the operator has workers, each job's children in parallel as the
-operator writes them), so the ratio shows the operator's overhead.
+operator writes them), so the ratio shows the operator's overhead. The claims use a WaitForFirstConsumer
+StorageClass (as kind's and most clouds' defaults do): with the dev cluster's Immediate default, each claim
+also costs ~4 writes of volume provisioning and binding by other controllers, which overlap the operator's
+run but mostly land after the plain client's.
 Prints one JSON line: p50_s, p99_s, total_s, direct_total_s, ratio, operator_peak_rss_mb, and context.
 """
 
@@ -70,8 +73,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def manifest(name: str) -> dict[str, Any]:
-    return {
+def manifest(name: str, storage_class: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
         "metadata": {"name": name},
@@ -83,6 +86,9 @@ def manifest(name: str) -> dict[str, Any]:
             "scheduling": {"suspend": True},
         },
     }
+    if storage_class:
+        body["spec"]["checkpointing"] = {"storage": {"storageClassName": storage_class}}
+    return body
 
 
 def cpu_seconds(pid: int) -> float:
@@ -108,7 +114,7 @@ async def bounded(concurrency: int, coros: list[Any]) -> None:
 
 
 async def operator_run(
-    client: KubeClient, namespace: str, count: int, concurrency: int
+    client: KubeClient, namespace: str, count: int, concurrency: int, storage_class: str | None
 ) -> tuple[list[float], float]:
     created: dict[str, float] = {}
     done: dict[str, float] = {}
@@ -164,7 +170,8 @@ async def operator_run(
     async def create(name: str) -> None:
         started = time.perf_counter()
         created[name] = started
-        await client.create({**manifest(name), "metadata": {"name": name, "namespace": namespace}})
+        body = manifest(name, storage_class)
+        await client.create({**body, "metadata": {"name": name, "namespace": namespace}})
         check(name)
 
     started = time.perf_counter()
@@ -183,13 +190,15 @@ async def operator_run(
     return [done[name] - created[name] for name in created], total
 
 
-async def direct_run(client: KubeClient, namespace: str, count: int, workers: int) -> float:
+async def direct_run(
+    client: KubeClient, namespace: str, count: int, workers: int, storage_class: str | None
+) -> float:
     """The same children from a plain client, the way the operator's workers write them: `workers` jobs at
     a time, each job's children applied (server-side apply) in parallel."""
     config = OperatorConfig.from_env()
 
     async def create_children(index: int) -> None:
-        body = manifest(f"bench-{index:04d}")
+        body = manifest(f"bench-{index:04d}", storage_class)
         body["metadata"].update(namespace=namespace, uid=f"00000000-0000-4000-8000-{index:012d}")
         children = build_children(parse_finetunejob(body), config)
         for child in children:
@@ -251,11 +260,11 @@ async def measure(
     client = KubeClient.from_connection_info(info, pool=args.concurrency + workers * len(CHILD_KINDS))
     try:
         cpu_before, own_before = cpu_seconds(pid), cpu_seconds(os.getpid())
-        latencies, total = await operator_run(client, ns_op, args.count, args.concurrency)
+        latencies, total = await operator_run(client, ns_op, args.count, args.concurrency, args.storage_class)
         rss = peak_rss_mb(pid)
         cpu = cpu_seconds(pid) - cpu_before
         own_cpu = cpu_seconds(os.getpid()) - own_before
-        direct_total = await direct_run(client, ns_direct, args.count, workers)
+        direct_total = await direct_run(client, ns_direct, args.count, workers, args.storage_class)
     finally:
         await client.close()
     latencies.sort()
@@ -275,6 +284,7 @@ async def measure(
         "benchmark_client_cpu_s": round(own_cpu, 1),
         "cpus": os.cpu_count(),
         "children_per_job": len(CHILD_KINDS),
+        "storage_class": args.storage_class,
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -312,6 +322,13 @@ def main() -> None:
         default=0,
         help="the operator's workers (FTO_WORKERS) and the plain client's jobs at a time (default: the "
         "operator's default)",
+    )
+    parser.add_argument(
+        "--storage-class",
+        default=None if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1" else "standard-wffc",
+        help="StorageClass of the checkpoint claims (default: the dev cluster's WaitForFirstConsumer class, "
+        "as kind's and most clouds' default classes are, so a suspended job's claim isn't provisioned; on "
+        "an existing cluster, its default class)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the namespaces afterwards")
     parser.add_argument("--operator-log", default="/tmp/operator_scale.log", help="operator output")

@@ -58,6 +58,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 STORAGE_CLASS = "standard"
+WAIT_STORAGE_CLASS = "standard-wffc"
 PROVISIONER_NAME = "finetune.dev/local-hostpath"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
@@ -655,6 +656,7 @@ def component_args(layout: Layout, state: State, etcd_peer_port: int) -> dict[st
             f"--kubeconfig={kubeconfig}",
             f"--volumes-dir={layout.volumes}",
             f"--storage-class={STORAGE_CLASS}",
+            f"--storage-class={WAIT_STORAGE_CLASS}",
             f"--provisioner-name={PROVISIONER_NAME}",
         ],
     }
@@ -674,18 +676,24 @@ def wait_until(what: str, check: Callable[[], bool], state: State, timeout: floa
         time.sleep(0.25)
 
 
-def storage_class() -> dict[str, Any]:
-    return {
-        "apiVersion": "storage.k8s.io/v1",
-        "kind": "StorageClass",
-        "metadata": {
-            "name": STORAGE_CLASS,
-            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
-        },
-        "provisioner": PROVISIONER_NAME,
-        "reclaimPolicy": "Delete",
-        "volumeBindingMode": "Immediate",
-    }
+def storage_classes() -> list[dict[str, Any]]:
+    """The default class binds at once (tests write into a claim before any pod uses it); the second one
+    waits for the first pod, like kind's default class and most clouds' (a queued or suspended job's claim
+    is then not provisioned until its gang is scheduled)."""
+    return [
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": name, "annotations": annotations},
+            "provisioner": PROVISIONER_NAME,
+            "reclaimPolicy": "Delete",
+            "volumeBindingMode": mode,
+        }
+        for name, mode, annotations in (
+            (STORAGE_CLASS, "Immediate", {"storageclass.kubernetes.io/is-default-class": "true"}),
+            (WAIT_STORAGE_CLASS, "WaitForFirstConsumer", {}),
+        )
+    ]
 
 
 def cluster_ready(api: Api, node_names: Sequence[str]) -> Callable[[], bool]:
@@ -772,7 +780,8 @@ def up(layout: Layout, started_by: str) -> tuple[State, bool]:
     for name in ("kube-controller-manager", "kube-scheduler", "kwok", "local-provisioner"):
         spawn(layout, state, name, args[name])
     log("started kube-controller-manager, kube-scheduler, kwok, local-provisioner")
-    api.create_or_update("/apis/storage.k8s.io/v1/storageclasses", storage_class())
+    for storage_class in storage_classes():
+        api.create_or_update("/apis/storage.k8s.io/v1/storageclasses", storage_class)
     names = ensure_nodes(api, shape)
     log(f"created nodes {', '.join(names)}; waiting for them to be Ready and for default/default")
     wait_until("Ready nodes and the default ServiceAccount", cluster_ready(api, names), state)

@@ -12,6 +12,7 @@ the real process locally finds the volume's contents.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import threading
@@ -24,6 +25,8 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+SELECTED_NODE = "volume.kubernetes.io/selected-node"
+"""Set on a claim by the scheduler when a pod using it (WaitForFirstConsumer) has been given a node."""
 WATCH_TIMEOUT_S = 300
 
 
@@ -32,23 +35,38 @@ def log(message: str) -> None:
 
 
 class Provisioner:
-    def __init__(self, core: Any, volumes_dir: Path, storage_class: str, name: str) -> None:
+    def __init__(
+        self, core: Any, storage: Any, volumes_dir: Path, storage_classes: list[str], name: str
+    ) -> None:
         self.core = core
+        self.storage = storage
         self.volumes_dir = volumes_dir
-        self.storage_class = storage_class
+        self.storage_classes = storage_classes
         self.name = name
+        self._waits: dict[str, bool] = {}
+
+    def waits_for_consumer(self, storage_class: str) -> bool:
+        """Whether the class binds only once a pod uses the claim (read once per class)."""
+        if storage_class not in self._waits:
+            body = self.storage.read_storage_class(storage_class, _preload_content=False)
+            mode = json.loads(body.data).get("volumeBindingMode")
+            self._waits[storage_class] = mode == "WaitForFirstConsumer"
+        return self._waits[storage_class]
 
     def volume_path(self, pv_name: str) -> Path:
         return self.volumes_dir / pv_name
 
     def on_claim(self, pvc: dict[str, Any]) -> None:
         spec, meta = pvc.get("spec") or {}, pvc["metadata"]
+        storage_class = spec.get("storageClassName")
         if (
-            spec.get("storageClassName") != self.storage_class
+            storage_class not in self.storage_classes
             or spec.get("volumeName")
             or meta.get("deletionTimestamp")
         ):
             return
+        if self.waits_for_consumer(storage_class) and not (meta.get("annotations") or {}).get(SELECTED_NODE):
+            return  # WaitForFirstConsumer: the scheduler names a node once a pod uses the claim
         pv_name = f"pvc-{meta['uid']}"
         path = self.volume_path(pv_name)
         path.mkdir(parents=True, exist_ok=True)
@@ -60,7 +78,7 @@ class Provisioner:
                 "capacity": {"storage": spec["resources"]["requests"]["storage"]},
                 "accessModes": spec.get("accessModes"),
                 "volumeMode": spec.get("volumeMode") or "Filesystem",
-                "storageClassName": self.storage_class,
+                "storageClassName": storage_class,
                 "persistentVolumeReclaimPolicy": "Delete",
                 "claimRef": {
                     "apiVersion": "v1",
@@ -122,15 +140,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--volumes-dir", required=True, type=Path)
-    parser.add_argument("--storage-class", default="standard")
+    parser.add_argument(
+        "--storage-class", action="append", required=True, help="a StorageClass to serve (repeatable)"
+    )
     parser.add_argument("--provisioner-name", default="finetune.dev/local-hostpath")
     args = parser.parse_args()
     config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
     core = client.CoreV1Api()
     volumes_dir = args.volumes_dir.resolve()
     volumes_dir.mkdir(parents=True, exist_ok=True)
-    provisioner = Provisioner(core, volumes_dir, args.storage_class, args.provisioner_name)
-    log(f"serving StorageClass {args.storage_class!r}; volumes under {volumes_dir}")
+    storage = client.StorageV1Api()
+    provisioner = Provisioner(core, storage, volumes_dir, args.storage_class, args.provisioner_name)
+    log(f"serving StorageClasses {', '.join(args.storage_class)}; volumes under {volumes_dir}")
     threading.Thread(
         target=watch_forever,
         args=(core.list_persistent_volume, provisioner.on_volume, "volumes"),

@@ -282,6 +282,33 @@ def pvc(name: str, size: str = "1Gi") -> dict[str, Any]:
     }
 
 
+@pytest.mark.skipif(EXISTING_CLUSTER, reason="standard-wffc is a dev-cluster StorageClass")
+def test_a_wait_for_first_consumer_claim_binds_only_once_a_pod_uses_it(
+    cluster: Cluster, namespace: str
+) -> None:
+    claim = pvc("later")
+    claim["spec"]["storageClassName"] = "standard-wffc"
+    cluster.apply(claim, namespace)
+    user = pod("consumer", volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "later"}}])
+    user["spec"]["containers"][0]["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+
+    def phase() -> str:
+        return str(kubectl_json(cluster, "get", "pvc", "later", "-n", namespace)["status"].get("phase"))
+
+    # No consumer yet: the provisioner leaves it alone (the PV controller waits for the scheduler too).
+    wait_for(
+        lambda: "WaitForFirstConsumer" in cluster.kubectl("describe", "pvc", "later", "-n", namespace).stdout,
+        30,
+        "the WaitForFirstConsumer event",
+    )
+    assert phase() == "Pending"
+    cluster.apply(user, namespace)
+    node = wait_for_pod_phase(cluster, namespace, "consumer", "Running")["spec"]["nodeName"]
+    bound = kubectl_json(cluster, "get", "pvc", "later", "-n", namespace)
+    assert bound["status"]["phase"] == "Bound"
+    assert bound["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] == node
+
+
 def test_pvc_binds_and_a_pod_using_it_runs(cluster: Cluster, namespace: str) -> None:
     cluster.apply(pvc("data", "2Gi"), namespace)
 
