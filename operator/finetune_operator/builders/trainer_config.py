@@ -28,22 +28,37 @@ SOURCE_MOUNT_ROOT = "/mnt/sources"
 """Claims named by `pvc://claim/path` sources are mounted read-only under here, one folder per claim."""
 
 
+def _source_uris(job: FineTuneJob) -> list[tuple[str, str | None]]:
+    """(field, URI) of every model and data source."""
+    spec = job.spec
+    return [
+        ("spec.model.source", spec.model.source),
+        ("spec.dataset.source", spec.dataset.source),
+        ("spec.dataset.split.validationSource", spec.dataset.split.validation_source),
+        ("spec.dataset.split.testSource", spec.dataset.split.test_source),
+    ]
+
+
 def source_claims(job: FineTuneJob) -> list[str]:
     """Claims that `pvc://` model and data sources name, in order of first use."""
-    spec = job.spec
-    uris = [
-        spec.model.source,
-        spec.dataset.source,
-        spec.dataset.split.validation_source,
-        spec.dataset.split.test_source,
-    ]
     claims: list[str] = []
-    for uri in uris:
+    for _, uri in _source_uris(job):
         if uri and uri.startswith("pvc://"):
             claim, _ = _claim_and_path(uri)
             if claim not in claims:
                 claims.append(claim)
     return claims
+
+
+def named_claims(job: FineTuneJob) -> list[tuple[str, str]]:
+    """(field, claim) for every PersistentVolumeClaim the spec names (`pvc://` sources and output,
+    `checkpointing.storage.existingClaim`): the pods mount them all."""
+    uris = [*_source_uris(job), ("spec.output.uri", job.spec.output.uri)]
+    named = [(field, _claim_and_path(uri)[0]) for field, uri in uris if uri and uri.startswith("pvc://")]
+    existing = job.spec.checkpointing.storage.existing_claim
+    if existing:
+        named.append(("spec.checkpointing.storage.existingClaim", existing))
+    return named
 
 
 OUTPUT_MOUNT = "/mnt/output"

@@ -29,6 +29,7 @@ from finetune_operator.api.finetunejob import (
 )
 from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
+from finetune_operator.builders.trainer_config import named_claims
 from finetune_operator.controllers.admission import admission_decision, release
 from finetune_operator.controllers.children import (
     JobSummary,
@@ -271,25 +272,9 @@ async def _start_attempt(
         await runtime.client.create(build_trainer_job(job, attempt, runtime.config, placement))
 
 
-def claims_named(job: FineTuneJob) -> list[tuple[str, str]]:
-    """(field, claim) for every PersistentVolumeClaim that the spec names and the pods will mount."""
-    spec = job.spec
-    uris = [
-        ("spec.model.source", spec.model.source),
-        ("spec.dataset.source", spec.dataset.source),
-        ("spec.dataset.split.validationSource", spec.dataset.split.validation_source),
-        ("spec.dataset.split.testSource", spec.dataset.split.test_source),
-        ("spec.output.uri", spec.output.uri),
-    ]
-    named = [(f, u.removeprefix("pvc://").partition("/")[0]) for f, u in uris if u and u.startswith("pvc://")]
-    if spec.checkpointing.storage.existing_claim:
-        named.append(("spec.checkpointing.storage.existingClaim", spec.checkpointing.storage.existing_claim))
-    return named
-
-
 async def _missing_claims(runtime: Runtime, job: FineTuneJob) -> list[str]:
     """One message per named claim that doesn't exist (yet): the job waits for it, as its pods would."""
-    named = claims_named(job)
+    named = named_claims(job)
     if not named:
         return []
     namespace = str(job.metadata["namespace"])
