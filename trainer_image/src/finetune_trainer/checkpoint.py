@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from finetune_trainer.distributed import Distributed, rng_state
+from finetune_trainer.durable import fsync_path, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +66,6 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:
@@ -133,8 +117,8 @@ class CheckpointManager:
             if final.exists():  # re-saving a step (resumed run, or best == last): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _write_atomic(final / MARKER, f"{step}\n")
-            _fsync_dir(self.root)
+            write_text_atomically(final / MARKER, f"{step}\n")
+            fsync_path(self.root)
         self.dist.barrier()
         return Checkpoint(step, final)
 

@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from finetune_trainer.durable import fsync_path, partial_path, write_text_atomically
+
 log = logging.getLogger(__name__)
 
 #: Written last at the destination; a copy without it is incomplete.
@@ -121,9 +123,9 @@ class _Destination:
             return
         # Local (or mounted claim): a temporary name, fsync, rename: a file is either whole or absent.
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = _partial(target)
+        tmp = partial_path(target)
         self.fs.put_file(str(source), tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, target)
 
     def write_text(self, name: str, text: str) -> None:
@@ -131,13 +133,8 @@ class _Destination:
             self.fs.pipe_file(self.path(name), text.encode())
             return
         target = self.path(name)
-        tmp = _partial(target)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        _fsync(os.path.dirname(target) or ".")
+        write_text_atomically(target, text)
+        fsync_path(os.path.dirname(target) or ".")
 
     def remove_marker(self) -> None:
         marker = self.path(MARKER)
@@ -163,19 +160,6 @@ def check_destination(url: str) -> str | None:
     except ValueError as exc:
         return f"output.copyTo {url!r} (spec.output.uri): {exc}"
     return None
-
-
-def _partial(target: str) -> str:
-    """A hidden temporary name next to ``target`` (renamed onto it once whole)."""
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.partial")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_outputs(
