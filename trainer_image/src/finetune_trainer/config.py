@@ -326,6 +326,11 @@ class Output(ConfigSection):
         description="Tries per file for transient copy errors (1 s, 2 s, 4 s... between them).",
     )
 
+    @property
+    def copy_address(self) -> str | None:
+        """How users address the copy: ``copyToUri``, else ``copyTo``; None when nothing is copied."""
+        return self.copy_to_uri or self.copy_to
+
     @model_validator(mode="after")
     def _copy_outside_dir(self) -> Self:
         if self.copy_to is None:

@@ -66,7 +66,7 @@ def output_address(cfg: TrainerConfig, name: str) -> str:
 def copy_address(cfg: TrainerConfig, name: str) -> str | None:
     """Where users find the copy of ``output.dir/name`` (``output.copyToUri``, else ``output.copyTo``), or
     None when the outputs are not copied."""
-    base = cfg.output.copy_to_uri or cfg.output.copy_to
+    base = cfg.output.copy_address
     return f"{base.rstrip('/')}/{name}" if base else None
 
 

@@ -565,7 +565,7 @@ class Trainer:
 
         out = self.cfg.output
         assert out.copy_to is not None
-        address = out.copy_to_uri or out.copy_to
+        address = out.copy_address
         self.reporter.event("copy", destination=address)
         result = copy_outputs(
             self.output_dir,
