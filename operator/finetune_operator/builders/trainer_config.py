@@ -86,8 +86,8 @@ def output_copy_target(job: FineTuneJob) -> str | None:
     uri = job.spec.output.uri
     if uri is None or not uri.startswith("pvc://"):
         return uri
-    _, rest = _claim_and_path(uri)
-    base = OUTPUT_MOUNT if output_copy_claim(job) else WORKSPACE_DIR
+    claim, rest = _claim_and_path(uri)
+    base = WORKSPACE_DIR if claim == checkpoint_claim_name(job) else OUTPUT_MOUNT
     return f"{base}/{rest}".rstrip("/")
 
 
