@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import pytest
 from hack import devcluster
 
-from tests.cluster.test_finetunejob import ftj, get_ftj, running_pods, wait_phase
-from tests.kube_helpers import Cluster, kubectl_json, wait_for
+from tests.cluster.test_finetunejob import ftj, running_pods, wait_attempt_running, wait_phase
+from tests.kube_helpers import Cluster, kubectl_json, terminate, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -86,9 +86,7 @@ class Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
+        terminate(self.process, 10)
 
     def events(self) -> list[dict[str, Any]]:
         text = self.log.read_text(errors="replace")
@@ -138,15 +136,6 @@ def evict(cluster: Cluster, namespace: str, pod: str) -> None:
     )
 
 
-def attempt_running(cluster: Cluster, namespace: str, name: str, attempt: int) -> Any:
-    def reached() -> dict[str, Any] | None:
-        body = get_ftj(cluster, namespace, name)
-        status = body.get("status") or {}
-        return body if status.get("attempt") == attempt and status.get("phase") == "Running" else None
-
-    return reached
-
-
 def gang_restarts(operator: Any) -> dict[str, float]:
     """finetune_operator_gang_restarts_total by reason, from the operator's /metrics."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -180,7 +169,7 @@ def test_an_evicted_pod_costs_the_attempt_and_the_next_one_resumes_on_the_same_c
     ):
         evict(cluster, namespace, pod)
         wait_for(pod_watch.deleted, 60, f"the evicted pod {pod} to be gone")
-        body = wait_for(attempt_running(cluster, namespace, "drained", 2), 90, "attempt 2 to run")
+        body = wait_attempt_running(cluster, namespace, "drained", 2)
         wait_for(lambda: job_watch.objects()[-1]["status"].get("attempt") == 2, 30, "the watch to catch up")
 
     disruption = disruption_of(pod_watch.objects())
@@ -215,11 +204,7 @@ def test_losing_the_node_restarts_the_job_on_a_spare_node(
     with Watch(cluster, "pod", pod, namespace, tmp_path / "pod.json") as pod_watch:
         cluster.kubectl("delete", "node", lost)
         # Nothing stops the pod's containers (its kubelet went with the node): PodGC fails and deletes it.
-        body = wait_for(
-            attempt_running(cluster, namespace, "stranded", 2),
-            NODE_LOSS_TIMEOUT_S,
-            "attempt 2 after the node loss",
-        )
+        body = wait_attempt_running(cluster, namespace, "stranded", 2, NODE_LOSS_TIMEOUT_S)
         wait_for(pod_watch.deleted, 60, f"pod {pod} of the lost node to be gone")
 
     disruption = disruption_of(pod_watch.objects())
@@ -245,7 +230,7 @@ def test_evicting_one_pod_of_a_two_node_gang_replaces_the_whole_gang(
 
     with Watch(cluster, "pod", victim, namespace, tmp_path / "victim.json") as victim_watch:
         evict(cluster, namespace, victim)
-        body = wait_for(attempt_running(cluster, namespace, "pair", 2), 90, "attempt 2 of the gang to run")
+        body = wait_attempt_running(cluster, namespace, "pair", 2)
         wait_for(victim_watch.deleted, 30, f"the evicted pod {victim} to be gone")
 
     assert disruption_of(victim_watch.objects()).get("reason") == "EvictionByEvictionAPI"

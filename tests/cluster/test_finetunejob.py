@@ -92,6 +92,19 @@ def gpu_pool_free(cluster: Cluster) -> None:
     wait_for(free, 300, "every fake GPU to be free (other tests finish)", interval=2)
 
 
+def wait_attempt_running(
+    cluster: Cluster, namespace: str, name: str, attempt: int, timeout: float = 90
+) -> dict[str, Any]:
+    """Wait until the FineTuneJob runs attempt `attempt`; return its body."""
+
+    def reached() -> dict[str, Any] | None:
+        body = get_ftj(cluster, namespace, name)
+        status = body.get("status") or {}
+        return body if status.get("attempt") == attempt and status.get("phase") == "Running" else None
+
+    return wait_for(reached, timeout, f"FineTuneJob {name} to run attempt {attempt}")
+
+
 def end_pod(cluster: Cluster, namespace: str, pod: dict[str, Any], exit_code: int) -> None:
     """Make kwok end the pod with `exit_code`, without waiting: the operator may delete it at once."""
     name = pod["metadata"]["name"]
@@ -215,11 +228,7 @@ def test_pod_failure_restarts_the_gang_on_the_same_pvc_until_max_restarts(
     first = running_pods(cluster, namespace, "flaky", 1, 2)
     end_pod(cluster, namespace, first[0], 1)
 
-    def second_attempt_running() -> dict[str, Any] | None:
-        body = get_ftj(cluster, namespace, "flaky")
-        return body if body["status"].get("attempt") == 2 and body["status"]["phase"] == "Running" else None
-
-    body = wait_for(second_attempt_running, 90, "attempt 2 to run")
+    body = wait_attempt_running(cluster, namespace, "flaky", 2)
     assert body["status"]["restarts"] == 1
     assert "exit code 1" in body["status"]["lastFailure"]
     assert not trainer_pods(cluster, namespace, "flaky", 1), "the whole first gang is gone"
@@ -431,12 +440,7 @@ def test_a_pod_deleted_under_the_gang_counts_as_a_failed_attempt(
     wait_phase(cluster, namespace, "evicted", "Running")
     victim = running_pods(cluster, namespace, "evicted", 1, 2)[1]
     cluster.kubectl("delete", "pod", victim["metadata"]["name"], "-n", namespace, "--wait=false")
-
-    def second_attempt_running() -> dict[str, Any] | None:
-        body = get_ftj(cluster, namespace, "evicted")
-        return body if body["status"].get("attempt") == 2 and body["status"]["phase"] == "Running" else None
-
-    body = wait_for(second_attempt_running, 90, "attempt 2 after the pod was deleted")
+    body = wait_attempt_running(cluster, namespace, "evicted", 2)
     assert body["status"]["restarts"] == 1
     assert body["status"]["lastFailure"]
     running_pods(cluster, namespace, "evicted", 2, 2)
