@@ -27,7 +27,6 @@ from hack import devcluster
 
 from tests.kube_helpers import REPO_ROOT, Cluster, _free_port, http_ok, terminate, wait_for
 
-BUILD_TOOLS = REPO_ROOT / "hack" / "build-tools.sh"
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_API = f"{KUEUE_GROUP}/v1beta2"
 QUEUE_LABEL = f"{KUEUE_GROUP}/queue-name"
@@ -40,7 +39,7 @@ def kueue_bin_dir() -> Path:
     """The folder with the `kueue` binary (built on first use: minutes; cached afterwards). Its CRDs are in
     `../crds`. Fails, never skips, when it cannot be built."""
     result = subprocess.run(
-        [str(BUILD_TOOLS), "kueue"], stdout=subprocess.PIPE, text=True, check=False, cwd=REPO_ROOT
+        [str(devcluster.BUILD_TOOLS), "kueue"], stdout=subprocess.PIPE, text=True, check=False, cwd=REPO_ROOT
     )
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:

@@ -38,8 +38,7 @@ from tests.kueue_helpers import (
 
 pytestmark = pytest.mark.cluster
 
-GPU = "nvidia.com/gpu"
-GPU_TAINT = {"key": GPU, "value": "present", "effect": "NoSchedule"}  # the fake GPU nodes' taint
+GPU = devcluster.GPU_RESOURCE
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,10 @@ def queues(
                 "apiVersion": KUEUE_API,
                 "kind": "ResourceFlavor",
                 "metadata": {"name": q.flavor},
-                "spec": {"nodeLabels": {"nvidia.com/gpu.product": H100}, "nodeTaints": [GPU_TAINT]},
+                "spec": {
+                    "nodeLabels": {"nvidia.com/gpu.product": H100},
+                    "nodeTaints": [dict(devcluster.GPU_TAINT)],
+                },
             },
             {
                 "apiVersion": KUEUE_API,
