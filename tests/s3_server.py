@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
+
+from tests.kube_helpers import _free_port, http_ok, terminate, wait_for
 
 
 @pytest.fixture
 def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real S3-compatible HTTP server (moto's), with credentials and endpoint taken from the environment
     the way the trainer pod gets them (AWS_* variables from a Secret)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     import s3fs
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -29,15 +25,12 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, "moto server exited"
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
+
+        def up() -> bool:
+            assert proc.poll() is None, "moto server exited"
+            return http_ok(f"{endpoint}/moto-api/", timeout=1)
+
+        wait_for(up, 60, "the moto server to answer", interval=0.2)
         for key, value in {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "test",
@@ -50,5 +43,4 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield endpoint
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
-        proc.terminate()
-        proc.wait(timeout=10)
+        terminate(proc, 10)
