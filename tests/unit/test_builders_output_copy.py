@@ -68,8 +68,8 @@ def test_a_pvc_destination_is_mounted_read_write_and_the_trainer_copies_to_the_m
 
 
 def test_the_checkpoint_claim_as_destination_needs_no_second_mount() -> None:
-    job = finetunejob(output={"uri": "pvc://llama-sft-checkpoints/exports/v1"})
-    pod = build_trainer_job(job, 1, CONFIG)["spec"]["template"]["spec"]
+    output = {"uri": "pvc://llama-sft-checkpoints/exports/v1"}
+    pod = pod_spec(output=output)
     assert claims_mounted_at(pod, OUTPUT_MOUNT) == []
     assert [
         v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
@@ -77,7 +77,7 @@ def test_the_checkpoint_claim_as_destination_needs_no_second_mount() -> None:
         "llama-sft-checkpoints",
         "datasets",
     ]
-    config = validated_trainer_config(job, shutdown_timeout_seconds=60)
+    config = validated_trainer_config(finetunejob(output=output), shutdown_timeout_seconds=60)
     workspace = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "workspace")
     assert config.output.copy_to == f"{workspace['mountPath']}/exports/v1"
 
