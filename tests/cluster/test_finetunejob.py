@@ -54,6 +54,10 @@ def get_ftj(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     return body
 
 
+def finalizers(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    return list(get_ftj(cluster, namespace, name)["metadata"].get("finalizers") or [])
+
+
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
     for item in (body.get("status") or {}).get("conditions") or []:
         if item["type"] == type_:
@@ -308,11 +312,6 @@ def test_suspend_deletes_pods_keeps_pvc_and_resume_starts_a_new_attempt(
     assert condition(resumed, "Suspended")["reason"] == "Resumed"
     running_pods(cluster, namespace, "pausable", 2, 1)
     assert finalizers(cluster, namespace, "pausable") == ["finetune.dev/finalizer"]
-
-
-def finalizers(cluster: Cluster, namespace: str, name: str) -> list[str]:
-    body = kubectl_json(cluster, "get", "finetunejob", name, "-n", namespace)
-    return list(body["metadata"].get("finalizers") or [])
 
 
 def test_active_deadline_fails_the_job(cluster: Cluster, namespace: str, operator: Any) -> None:
