@@ -12,7 +12,6 @@ the real process locally finds the volume's contents.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import threading
@@ -48,8 +47,7 @@ class Provisioner:
     def waits_for_consumer(self, storage_class: str) -> bool:
         """Whether the class binds only once a pod uses the claim (read once per class)."""
         if storage_class not in self._waits:
-            body = self.storage.read_storage_class(storage_class, _preload_content=False)
-            mode = json.loads(body.data).get("volumeBindingMode")
+            mode = self.storage.read_storage_class(storage_class).volume_binding_mode
             self._waits[storage_class] = mode == "WaitForFirstConsumer"
         return self._waits[storage_class]
 

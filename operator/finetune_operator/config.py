@@ -40,8 +40,8 @@ class OperatorConfig(BaseModel):
     drift in their children (FTO_DRIFT_CHECK_SECONDS)."""
     workers: int = Field(default=32, ge=1)
     """Concurrent reconciles of different FineTuneJobs (FTO_WORKERS); never two of one job at once. Like
-    Argo Workflows' 32 workflow workers: a burst of new jobs keeps pace with their creation (the
-    operator_scale benchmark: p99 9.5 s with 16, about 5 s with 32 on 2 cores), at ~30 MB more RSS."""
+    Argo Workflows' 32 workflow workers: a burst of new jobs keeps pace with their creation (figures in
+    benchmarks/README.md)."""
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)
     """Optional GPU quota per namespace, e.g. `team-a=16,team-b=8` (FTO_GPU_QUOTA_PER_NAMESPACE);
     admitted jobs' GPUs count against it. Namespaces not listed are unlimited."""

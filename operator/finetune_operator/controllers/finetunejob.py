@@ -272,6 +272,11 @@ async def _start_attempt(
         await runtime.client.create(build_trainer_job(job, attempt, runtime.config, placement))
 
 
+def _placement_status(nodes: Sequence[str], gpus_per_node: int) -> list[dict[str, Any]]:
+    """`status.admission.placement`: the node of each rank, in rank order."""
+    return [{"rank": rank, "node": node, "gpus": gpus_per_node} for rank, node in enumerate(nodes)]
+
+
 async def _missing_claims(runtime: Runtime, job: FineTuneJob) -> list[str]:
     """One message per named claim that doesn't exist (yet): the job waits for it, as its pods would."""
     named = named_claims(job)
@@ -380,11 +385,14 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
             await writer.commit()
             return config.requeue_seconds
+    # The Running condition while a gang restart is under way (its lastTransitionTime starts the backoff).
     running = find(writer.conditions, CONDITION_RUNNING)
-    restarting = bool(
-        running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING
+    restarting = (
+        running
+        if running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING
+        else None
     )
-    if scheduling.queue_name and not restarting:
+    if scheduling.queue_name and restarting is None:
         if attempt == 0:
             attempt = 1
             writer.fields["attempt"] = 1
@@ -436,10 +444,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             writer.fields["admission"] = {
                 "admittedAt": rfc3339(now),
                 "gpus": spec.nodes * spec.gpus_per_node,
-                "placement": [
-                    {"rank": rank, "node": node, "gpus": spec.gpus_per_node}
-                    for rank, node in enumerate(placement)
-                ],
+                "placement": _placement_status(placement, spec.gpus_per_node),
             }
             queued_since = parse_time(writer.fields.get("queuedSince"))
             if queued_since:
@@ -452,18 +457,17 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             return deadline_in
 
     # --- restarting: old gang gone, backoff over → next attempt ----------------------------------------
-    running = find(writer.conditions, CONDITION_RUNNING)
-    if running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING:
+    if restarting is not None:
         await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
         leftovers = [p for p in pods if p.attempt <= attempt]
         if leftovers:
             # Say what the restart waits for: a pod on an unreachable node can stay Terminating for long.
             waiting = ", ".join(sorted(p.name + (f" on {p.node}" if p.node else "") for p in leftovers))
-            message = str(running.get("message") or "").split(WAITING_FOR)[0]
+            message = str(restarting.get("message") or "").split(WAITING_FOR)[0]
             writer.set(CONDITION_RUNNING, False, REASON_RESTARTING, f"{message}{WAITING_FOR}{waiting}")
             await writer.commit()
             return 5.0  # pod deletions wake us sooner
-        changed_at = parse_time(running.get("lastTransitionTime")) or now
+        changed_at = parse_time(restarting.get("lastTransitionTime")) or now
         delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
         wait = (changed_at + timedelta(seconds=delay) - now).total_seconds()
         if wait > 0:
@@ -535,14 +539,8 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         writer.set(CONDITION_RUNNING, True, "AllPodsRunning", f"{nodes} of {nodes} pods running on {placed}")
         admission = writer.fields.get("admission")
         if admission:  # where this attempt actually runs (a restart after a node loss lands elsewhere)
-            actual = [
-                {
-                    "rank": int(p.rank) if p.rank.isdigit() else i,
-                    "node": p.node,
-                    "gpus": job.spec.distributed.gpus_per_node,
-                }
-                for i, p in enumerate(sorted(live, key=lambda p: p.rank.zfill(6)))
-            ]
+            ranked = sorted(live, key=lambda p: int(p.rank) if p.rank.isdigit() else 0)
+            actual = _placement_status([p.node for p in ranked], job.spec.distributed.gpus_per_node)
             if admission.get("placement") != actual:
                 writer.fields["admission"] = {**admission, "placement": actual}
     else:

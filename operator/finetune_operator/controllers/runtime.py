@@ -158,6 +158,9 @@ class Runtime:
     cache: it never goes back to an older resourceVersion, so a reconcile sees at least its own writes)."""
     gpus: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(requested, admitted) GPUs per job, for the gauges."""
+    demands: dict[str, tuple[str, int, SpecDemand | None]] = field(default_factory=dict)
+    """(uid, generation, demand) per job: the spec is parsed once per generation, not on every status
+    write (the trainer's progress reports are most of a running job's events); None if invalid."""
 
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     """Fire-and-forget work (Events): referenced until done so it isn't garbage-collected mid-flight."""
@@ -215,6 +218,7 @@ class Runtime:
         self.phases.pop(key, None)
         self.gpus.pop(key, None)
         self.bodies.pop(key, None)
+        self.demands.pop(key, None)
         if self.queue is not None:
             self.queue.forget(key)
         self.update_gauges()

@@ -26,16 +26,12 @@ def runtime_of(memo: Any, kwargs: dict[str, Any]) -> Runtime:
     return runtime
 
 
-#: uid -> (generation, demand): the spec is parsed once per generation, not on every status write (the
-#: trainer's progress reports are most of a running job's events). Entries go with the job's DELETED event.
-_demands: dict[str, tuple[int, SpecDemand | None]] = {}
-
-
-def _demand(body: kopf.Body) -> SpecDemand | None:
+def _demand(runtime: Runtime, key: str, body: kopf.Body) -> SpecDemand | None:
+    """What admission needs from the spec, parsed again only when the object or its generation changed."""
     uid, generation = str(body.metadata.uid), int(body.metadata.get("generation") or 0)
-    known = _demands.get(uid)
-    if known is not None and known[0] == generation:
-        return known[1]
+    known = runtime.demands.get(key)
+    if known is not None and known[:2] == (uid, generation):
+        return known[2]
     try:
         job = parse_finetunejob(body)
     except InvalidResourceError:
@@ -50,16 +46,16 @@ def _demand(body: kopf.Body) -> SpecDemand | None:
             queue_name=job.spec.scheduling.queue_name,
             suspend=job.spec.scheduling.suspend,
         )
-    _demands[uid] = (generation, demand)
+    runtime.demands[key] = (uid, generation, demand)
     return demand
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
 async def finetunejobs(
-    *, body: kopf.Body, namespace: str | None, name: str, **_: Any
+    *, body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwargs: Any
 ) -> dict[str, FtjSummary] | None:
     """All FineTuneJobs under one key, as the small facts that GPU admission needs."""
-    demand = _demand(body)
+    demand = _demand(runtime_of(memo, kwargs), f"{namespace}/{name}", body)
     if demand is None:
         return None
     conditions = list((body.get("status") or {}).get("conditions") or [])
@@ -99,7 +95,6 @@ async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, 
     runtime = runtime_of(memo, kwargs)
     key = f"{body.metadata.namespace}/{body.metadata.name}"
     if event["type"] == "DELETED":
-        _demands.pop(str(body.metadata.uid), None)
         release(runtime, key)
         runtime.forget(key)
         return
