@@ -7,8 +7,8 @@ FTO_USE_EXISTING_CLUSTER=1. The same run also times a plain client creating the 
 (same builders, as many jobs at a time as the operator has workers, each job's children in parallel as the
 operator writes them), so the ratio shows the operator's overhead. The claims use a WaitForFirstConsumer
 StorageClass (as kind's and most clouds' defaults do): with the dev cluster's Immediate default, each claim
-also costs ~4 writes of volume provisioning and binding by other controllers, which overlap the operator's
-run but mostly land after the plain client's.
+also costs ~4 writes of volume provisioning and binding by other controllers (counted in the API server's
+request metrics), work that is neither the operator's nor the plain client's.
 Prints one JSON line: p50_s, p99_s, total_s, direct_total_s, ratio, operator_peak_rss_mb, and context.
 """
 
