@@ -127,12 +127,30 @@ def test_names_subresource_and_printer_columns(resource: crdgen.Resource) -> Non
         assert field in declared or field == ".metadata.creationTimestamp", json_path
 
 
-def test_nested_defaults_are_written_out_and_satisfy_the_rules() -> None:
+def test_optional_objects_are_not_written_out_but_their_fields_default() -> None:
+    """An omitted nested object stays omitted (every stored field costs each write of the object); once
+    given, its fields' defaults apply. Empty lists and maps aren't defaults; a non-empty one is."""
     spec = _root("finetunejobs.finetune.dev")["properties"]["spec"]["properties"]
-    distributed = spec["distributed"]["default"]
-    assert distributed == {"nodes": 1, "gpusPerNode": 1, "precision": "bf16"}
-    assert spec["resources"]["default"]["gpuResourceName"] == "nvidia.com/gpu"
-    assert spec["scheduling"]["default"]["maxRestarts"] == 3
+    for name in ("distributed", "resources", "scheduling", "hyperparameters", "checkpointing", "output"):
+        assert "default" not in spec[name], name
+    assert spec["distributed"]["properties"]["gpusPerNode"]["default"] == 1
+    assert spec["scheduling"]["properties"]["maxRestarts"]["default"] == 3
+    assert "default" not in spec["resources"]["properties"]["tolerations"]
+    assert spec["evaluation"]["properties"]["metrics"]["default"] == ["loss"]
+
+
+def test_rules_over_optional_objects_read_the_python_default_when_absent() -> None:
+    rules = [
+        r["rule"]
+        for r in _root("finetunejobs.finetune.dev")["properties"]["spec"]["x-kubernetes-validations"]
+    ]
+    assert (
+        "self.method != 'qlora' || (has(self.distributed) ? self.distributed.gpusPerNode : 1) >= 1" in rules
+    )
+    for rule in rules:
+        for optional in ("distributed", "hyperparameters", "output", "resources"):
+            # every read of an optional object's field is guarded by has()
+            assert rule.count(f"self.{optional}.") <= rule.count(f"has(self.{optional})") * 2, rule
 
 
 def test_conditions_are_a_map_keyed_by_type() -> None:

@@ -8,6 +8,7 @@ Cross-field rules are declared once, as `CelRule`s: the CRD generator emits them
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,19 @@ class CelRule:
         if self.field_path:
             out["fieldPath"] = self.field_path
         return out
+
+
+def cel_field(path: str, default: Any) -> str:
+    """CEL for `self.<path>` where the path's first part is an optional object the API server leaves out
+    when it is omitted (nested objects' defaults aren't written out): the field's value when the object is
+    there (the server fills the field's own default), else `default`, the value the Python model uses.
+
+    >>> cel_field("distributed.gpusPerNode", 1)
+    '(has(self.distributed) ? self.distributed.gpusPerNode : 1)'
+    """
+    parent = path.split(".", 1)[0]
+    value = json.dumps(default)
+    return f"(has(self.{parent}) ? self.{path} : {value})"
 
 
 def immutable_message(alias: str) -> str:

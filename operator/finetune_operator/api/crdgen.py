@@ -8,7 +8,9 @@ Pydantic's JSON schema is turned into a structural OpenAPI v3 schema as the API 
 references inlined, `anyOf [X, null]` reduced to X (the API server drops nulls of non-nullable fields),
 `[integer, string]` to `x-kubernetes-int-or-string`, exclusive bounds in the OpenAPI 3.0 form, integer
 formats, titles and `additionalProperties: false` removed (unknown fields are refused by kubectl's strict
-field validation and pruned otherwise), and defaults of nested objects written out in full.
+field validation and pruned otherwise), and defaults of fields only: an optional nested object that is
+left out stays out of the stored object (the operator's models fill in its defaults), which keeps every
+write of the resource cheaper for the API server.
 """
 
 from __future__ import annotations
@@ -99,11 +101,14 @@ class _CrdJsonSchema(GenerateJsonSchema):
         if factory is None or schema.get("default_factory_takes_data"):
             return super().get_default_value(schema)
         if isinstance(factory, type) and issubclass(factory, BaseModel):
-            # The whole defaulted object, not `{}`: the API server checks a default against the CEL rules
-            # of its schema without applying the nested defaults first.
-            return factory().model_dump(mode="json", by_alias=True, exclude_none=True)
+            # An optional nested object isn't written out when left out: its fields' own defaults apply
+            # once it is given, and the operator's models fill in the rest. Every stored field costs the API
+            # server on each write of the object (decoding, validation, managed fields, watch events).
+            return NoDefault
         value = factory()  # type: ignore[call-arg]
-        return value if isinstance(value, list | dict) else NoDefault
+        # Empty lists and maps are what an absent field means already; a non-empty one (the default
+        # evaluation metrics) is a real default.
+        return value if isinstance(value, list | dict) and value else NoDefault
 
 
 def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +313,10 @@ def render_reference() -> str:
         "",
         "Generated from `operator/finetune_operator/api/` by `python -m finetune_operator.api.crdgen"
         " --docs docs/api.md`; the same text is in the CRDs (`kubectl explain ftj.spec.distributed`).",
+        "",
+        "Defaults apply to the fields of objects you give: an optional object you leave out (say"
+        " `spec.hyperparameters`) is not written into the stored resource, and every field in it takes the"
+        " default listed here. `kubectl get -o yaml` shows what you wrote plus those fields' defaults.",
         "",
     ]
     for resource in RESOURCES:

@@ -24,6 +24,7 @@ from finetune_operator.api.common import (
     ResourceObject,
     StatusModel,
     VolumeClaim,
+    cel_field,
     parse_resource,
 )
 
@@ -665,7 +666,8 @@ class FineTuneJobSpec(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="self.method != 'qlora' || self.distributed.gpusPerNode >= 1",
+            rule="self.method != 'qlora'"
+            f" || {cel_field('distributed.gpusPerNode', Distributed().gpus_per_node)} >= 1",
             message="method qlora needs GPUs: set distributed.gpusPerNode to at least 1",
             holds=lambda s: s.method != "qlora" or s.distributed.gpus_per_node >= 1,
             field_path=".distributed.gpusPerNode",
@@ -744,20 +746,21 @@ class FineTuneJobSpec(ApiModel):
             field_path=".dataset.augmentation.text",
         ),
         CelRule(
-            rule="self.hyperparameters.labelSmoothing == 0.0"
+            rule=f"{cel_field('hyperparameters.labelSmoothing', Hyperparameters().label_smoothing)} == 0.0"
             f" || self.task in {_cel_list(CLASSIFICATION_TASKS)}",
             message="hyperparameters.labelSmoothing is for classification tasks only",
             holds=lambda s: s.hyperparameters.label_smoothing == 0.0 or s.task in CLASSIFICATION_TASKS,
             field_path=".hyperparameters.labelSmoothing",
         ),
         CelRule(
-            rule="!self.output.mergeAdapter || self.method != 'full'",
+            rule=f"!{cel_field('output.mergeAdapter', Output().merge_adapter)} || self.method != 'full'",
             message="output.mergeAdapter needs method lora or qlora",
             holds=lambda s: not s.output.merge_adapter or s.method != "full",
             field_path=".output.mergeAdapter",
         ),
         CelRule(
-            rule="!has(self.resources.gpuProduct) || self.distributed.gpusPerNode >= 1",
+            rule="!has(self.resources) || !has(self.resources.gpuProduct)"
+            f" || {cel_field('distributed.gpusPerNode', Distributed().gpus_per_node)} >= 1",
             message="resources.gpuProduct needs distributed.gpusPerNode of at least 1",
             holds=lambda s: s.resources.gpu_product is None or s.distributed.gpus_per_node >= 1,
             field_path=".resources.gpuProduct",

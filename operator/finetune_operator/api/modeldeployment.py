@@ -24,6 +24,7 @@ from finetune_operator.api.common import (
     SecretKeyRef,
     StatusModel,
     VolumeClaim,
+    cel_field,
     parse_resource,
 )
 from finetune_operator.api.finetunejob import SourceUri, Task
@@ -293,19 +294,22 @@ class ModelDeploymentSpec(ApiModel):
             field_path=".autoscaling",
         ),
         CelRule(
-            rule="self.quantization.method != 'nf4' || self.resources.gpus >= 1",
+            rule=f"{cel_field('quantization.method', Quantization().method)} != 'nf4'"
+            f" || {cel_field('resources.gpus', ServingResources().gpus)} >= 1",
             message="quantization nf4 needs GPUs: set resources.gpus to at least 1",
             holds=lambda s: s.quantization.method != "nf4" or s.resources.gpus >= 1,
             field_path=".quantization.method",
         ),
         CelRule(
-            rule="self.quantization.method != 'int8-dynamic' || self.resources.gpus == 0",
+            rule=f"{cel_field('quantization.method', Quantization().method)} != 'int8-dynamic'"
+            f" || {cel_field('resources.gpus', ServingResources().gpus)} == 0",
             message="quantization int8-dynamic runs on CPU: set resources.gpus to 0",
             holds=lambda s: s.quantization.method != "int8-dynamic" or s.resources.gpus == 0,
             field_path=".quantization.method",
         ),
         CelRule(
-            rule="!has(self.resources.gpuProduct) || self.resources.gpus >= 1",
+            rule="!has(self.resources) || !has(self.resources.gpuProduct)"
+            f" || {cel_field('resources.gpus', ServingResources().gpus)} >= 1",
             message="resources.gpuProduct needs resources.gpus of at least 1",
             holds=lambda s: s.resources.gpu_product is None or s.resources.gpus >= 1,
             field_path=".resources.gpuProduct",

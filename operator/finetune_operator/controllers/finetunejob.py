@@ -95,8 +95,8 @@ class StatusWriter:
         self.original = {k: copy.deepcopy(status.get(k)) for k in OWNED_STATUS_FIELDS}
         self.fields: dict[str, Any] = copy.deepcopy(self.original)
         self.fields["conditions"] = list(self.fields.get("conditions") or [])
-        distributed = (body.get("spec") or {}).get("distributed") or {}
-        self.gpus = int(distributed.get("nodes") or 1) * int(distributed.get("gpusPerNode") or 0)
+        self.gpus = 0
+        """GPUs the job asks for, for the operator's metrics; set once the spec is parsed."""
 
     @property
     def conditions(self) -> list[dict[str, Any]]:
@@ -303,6 +303,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
 
     try:
         job = parse_finetunejob(body)
+        writer.gpus = job.spec.gpus_total
     except InvalidResourceError as exc:
         if not is_terminal(writer.conditions):
             writer.fail("InvalidSpec", str(exc))
