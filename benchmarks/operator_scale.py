@@ -113,101 +113,136 @@ async def bounded(concurrency: int, coros: list[Any]) -> None:
     await asyncio.gather(*(run(c) for c in coros))
 
 
-async def operator_run(
-    client: KubeClient, namespace: str, count: int, concurrency: int, storage_class: str | None
-) -> tuple[list[float], float]:
-    created: dict[str, float] = {}
-    done: dict[str, float] = {}
-    seen: dict[str, set[str]] = {}
-    suspended: set[str] = set()
-    all_done = asyncio.Event()
+class Observer:
+    """Watches a namespace's FineTuneJobs (full objects) and our children (metadata only) and notes when
+    each job is complete: all six children seen and, when `needs_status`, phase Suspended. Both runs are
+    timed by the same observer, so each carries the same cost of being watched."""
 
-    def check(owner: str) -> None:
-        if owner in done or owner not in created:
+    def __init__(self, client: KubeClient, namespace: str, count: int, needs_status: bool) -> None:
+        self.client, self.namespace, self.count, self.needs_status = client, namespace, count, needs_status
+        self.started: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.suspended: set[str] = set()
+        self.all_done = asyncio.Event()
+        self.watchers: list[asyncio.Task[None]] = []
+
+    def start(self, name: str) -> None:
+        self.started[name] = time.perf_counter()
+        self.check(name)
+
+    def check(self, owner: str) -> None:
+        if owner in self.done or owner not in self.started:
             return
-        if owner in suspended and len(seen.get(owner, ())) == len(CHILD_KINDS):
-            done[owner] = time.perf_counter()
-            if len(done) == count:
-                all_done.set()
+        if len(self.seen.get(owner, ())) == len(CHILD_KINDS) and (
+            owner in self.suspended or not self.needs_status
+        ):
+            self.done[owner] = time.perf_counter()
+            if len(self.done) == self.count:
+                self.all_done.set()
 
-    def observe(kind: str, obj: dict[str, Any]) -> None:
+    def observe(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "FineTuneJob":
             owner = obj["metadata"]["name"]
             if (obj.get("status") or {}).get("phase") == "Suspended":
-                suspended.add(owner)
+                self.suspended.add(owner)
         else:
             owner = obj["metadata"]["labels"]["finetune.dev/job"]
-            seen.setdefault(owner, set()).add(kind)
-        check(owner)
+            self.seen.setdefault(owner, set()).add(kind)
+        self.check(owner)
 
-    async def watch(api_version: str, kind: str) -> None:
+    async def watch(self, api_version: str, kind: str) -> None:
         """List, then watch from the list's version; again whenever the server ends the stream (it does
         when a CRD is re-applied, e.g. by tests running at the same time). Children are watched as
         metadata only: the measuring costs the API server and this process as little as it can."""
         child = kind != "FineTuneJob"
         selector = "finetune.dev/job" if child else None
-        path = resource_path(api_version, kind, namespace)
+        path = resource_path(api_version, kind, self.namespace)
         while True:
-            page = await client.request("GET", path, params={"labelSelector": selector} if selector else None)
+            page = await self.client.request(
+                "GET", path, params={"labelSelector": selector} if selector else None
+            )
             for obj in page.get("items") or []:
-                observe(kind, obj)
+                self.observe(kind, obj)
             version = page["metadata"]["resourceVersion"]
             with contextlib.suppress(ApiError):
-                async for event in client.watch(
+                async for event in self.client.watch(
                     api_version,
                     kind,
-                    namespace,
+                    self.namespace,
                     label_selector=selector,
                     resource_version=version,
                     metadata_only=child,
                 ):
                     if event.get("type") in ("ADDED", "MODIFIED"):
-                        observe(kind, event["object"])
+                        self.observe(kind, event["object"])
 
-    watchers = [asyncio.create_task(watch(*k), name=k[1]) for k in [FTJ, *CHILD_KINDS]]
-    await asyncio.sleep(1.0)  # let the watches open before anything is created
+    async def __aenter__(self) -> Observer:
+        kinds = [FTJ, *CHILD_KINDS] if self.needs_status else CHILD_KINDS
+        self.watchers = [asyncio.create_task(self.watch(*k), name=k[1]) for k in kinds]
+        await asyncio.sleep(1.0)  # let the watches open before anything is created
+        return self
 
-    async def create(name: str) -> None:
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self.watchers:
+            task.cancel()
+        await asyncio.gather(*self.watchers, return_exceptions=True)
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.wait_for(self.all_done.wait(), timeout=max(120.0, self.count * 0.6))
+        except TimeoutError:
+            missing = sorted(set(self.started) - set(self.done))[:5]
+            detail = {m: (m in self.suspended, sorted(self.seen.get(m, ()))) for m in missing}
+            dead = [(t.get_name(), repr(t.exception())) for t in self.watchers if t.done()]
+            raise RuntimeError(
+                f"{len(self.done)}/{self.count} converged; e.g. {detail}; ended watches: {dead}"
+            ) from None
+
+    def latencies(self) -> list[float]:
+        return [self.done[name] - self.started[name] for name in self.started]
+
+
+async def operator_run(
+    client: KubeClient, namespace: str, count: int, concurrency: int, storage_class: str | None
+) -> tuple[list[float], float]:
+    async with Observer(client, namespace, count, needs_status=True) as observer:
+
+        async def create(name: str) -> None:
+            body = manifest(name, storage_class)
+            observer.start(name)
+            await client.create({**body, "metadata": {"name": name, "namespace": namespace}})
+
         started = time.perf_counter()
-        created[name] = started
-        body = manifest(name, storage_class)
-        await client.create({**body, "metadata": {"name": name, "namespace": namespace}})
-        check(name)
-
-    started = time.perf_counter()
-    await bounded(concurrency, [create(f"bench-{i:04d}") for i in range(count)])
-    try:
-        await asyncio.wait_for(all_done.wait(), timeout=max(120.0, count * 0.6))
-    except TimeoutError:
-        missing = sorted(set(created) - set(done))[:5]
-        detail = {m: (m in suspended, sorted(seen.get(m, ()))) for m in missing}
-        dead = [(t.get_name(), repr(t.exception())) for t in watchers if t.done()]
-        raise RuntimeError(f"{len(done)}/{count} converged; e.g. {detail}; ended watches: {dead}") from None
-    total = time.perf_counter() - started
-    for task in watchers:
-        task.cancel()
-    await asyncio.gather(*watchers, return_exceptions=True)
-    return [done[name] - created[name] for name in created], total
+        await bounded(concurrency, [create(f"bench-{i:04d}") for i in range(count)])
+        await observer.wait()
+        return observer.latencies(), time.perf_counter() - started
 
 
 async def direct_run(
     client: KubeClient, namespace: str, count: int, workers: int, storage_class: str | None
 ) -> float:
     """The same children from a plain client, the way the operator's workers write them: `workers` jobs at
-    a time, each job's children applied (server-side apply) in parallel."""
+    a time, each job's children applied (server-side apply) in parallel; timed, like the operator's run,
+    until the observer has seen every child."""
     config = OperatorConfig.from_env()
 
-    async def create_children(index: int) -> None:
-        body = manifest(f"bench-{index:04d}", storage_class)
-        body["metadata"].update(namespace=namespace, uid=f"00000000-0000-4000-8000-{index:012d}")
-        children = build_children(parse_finetunejob(body), config)
-        for child in children:
-            child["metadata"].pop("ownerReferences")  # no owner exists here; GC would remove them
-        await asyncio.gather(*(client.apply(child) for child in children))
+    async with Observer(client, namespace, count, needs_status=False) as observer:
 
-    started = time.perf_counter()
-    await bounded(workers, [create_children(i) for i in range(count)])
-    return time.perf_counter() - started
+        async def create_children(index: int) -> None:
+            name = f"bench-{index:04d}"
+            body = manifest(name, storage_class)
+            body["metadata"].update(namespace=namespace, uid=f"00000000-0000-4000-8000-{index:012d}")
+            children = build_children(parse_finetunejob(body), config)
+            for child in children:
+                child["metadata"].pop("ownerReferences")  # no owner exists here; GC would remove them
+            observer.start(name)
+            await asyncio.gather(*(client.apply(child) for child in children))
+
+        started = time.perf_counter()
+        await bounded(workers, [create_children(i) for i in range(count)])
+        await observer.wait()
+        return time.perf_counter() - started
 
 
 def kubectl(*args: str) -> None:

@@ -24,7 +24,7 @@ kubelet's part for one pod:
    hostname is the pod's, /etc/hosts is a kubelet-style hosts file that resolves the pod's own names
    (`<hostname>`, `<hostname>.<subdomain>`, `...<namespace>.svc.cluster.local`) to 127.0.0.1 (there is no
    cluster DNS here), and the container's terminationMessagePath is a real file. So the process sees the
-   exact paths and files the pod spec gives it: /etc/finetune/trainer.yaml from the ConfigMap, /workspace
+   exact paths and files the pod spec gives it: /etc/finetune/trainer.json from the ConfigMap, /workspace
    on the PV, /var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt,namespace}. The mounts live and
    die with the namespace; mount points that did not exist are created as empty folders first and removed
    afterwards. This needs root (the dev machine and CI run as root); see docs/demo.md.

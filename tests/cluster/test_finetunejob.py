@@ -397,7 +397,7 @@ def test_rendered_config_validates_and_the_pod_command_starts_the_trainer(
     cluster.apply(ftj("contract", gpus=0), namespace)
     wait_phase(cluster, namespace, "contract", "Running")
     cm = kubectl_json(cluster, "get", "configmap", "contract-config", "-n", namespace)
-    config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    config = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
     assert config.reporting.job_name == "contract"
     assert config.reporting.namespace == namespace
     assert config.model.path == "file:///models/tiny"
@@ -407,7 +407,7 @@ def test_rendered_config_validates_and_the_pod_command_starts_the_trainer(
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     config_volume = next(v for v in pod["spec"]["volumes"] if v.get("configMap"))
     assert config_volume["configMap"]["name"] == "contract-config"
-    config_path = f"{mounts[config_volume['name']]}/trainer.yaml"
+    config_path = f"{mounts[config_volume['name']]}/trainer.json"
     assert container["command"] + container["args"] == pod_command(config_path)
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PET_NNODES"] == "1"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from hack import pod_runner
 from hack.make_tiny_model import TinyAssets, make_tiny_assets
 
@@ -149,7 +148,7 @@ def test_finetunejob_trains_for_real_and_succeeds_with_an_artifact(
     config_map = kubectl_json(
         cluster, "get", "configmap", config_volume["configMap"]["name"], "-n", namespace
     )
-    config = parse_config(yaml.safe_load(config_map["data"]["trainer.yaml"]))
+    config = parse_config(json.loads(config_map["data"]["trainer.json"]))
     assert config.hyperparameters.max_steps == MAX_STEPS
 
     kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)

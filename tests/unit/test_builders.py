@@ -147,7 +147,7 @@ def test_configmap_holds_a_valid_trainer_config_and_deepspeed_json() -> None:
     job = finetunejob()
     cm = build_trainer_configmap(job, shutdown_timeout_seconds=570)
     assert_owned_child(cm)
-    config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    config = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
     assert config.model.path == "hf://meta-llama/Llama-3.2-1B"
     assert config.model.revision == "main"
     assert config.data.source == "/mnt/sources/datasets/alpaca/train.jsonl"
@@ -182,7 +182,7 @@ def test_deepspeed_json_is_the_trainers_for_the_gangs_world_size(nodes: int, gpu
         resources={"gpuProduct": "NVIDIA-H100-80GB-HBM3"} if gpus else {"cpu": "4"},
     )
     cm = build_trainer_configmap(job, shutdown_timeout_seconds=60)
-    config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    config = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
     deepspeed = json.loads(cm["data"]["deepspeed.json"])
     assert deepspeed["train_batch_size"] == 3 * 5 * world
     assert deepspeed["train_micro_batch_size_per_gpu"] == 3
@@ -254,7 +254,7 @@ def test_trainer_job_is_an_indexed_gang_wired_for_torchrun() -> None:
     (container,) = pod["containers"]
     assert container["name"] == "trainer"
     assert container["image"] == "registry.example/trainer:test"
-    assert container["command"] + container["args"] == pod_command("/etc/finetune/trainer.yaml")
+    assert container["command"] + container["args"] == pod_command("/etc/finetune/trainer.json")
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["limits"] == container["resources"]["requests"]
     env = env_of(container)

@@ -22,7 +22,7 @@ FINALIZER = "finetune.dev/finalizer"
 TRAINER_CONTAINER = "trainer"
 
 CONFIG_DIR = "/etc/finetune"
-CONFIG_FILE = "trainer.yaml"
+CONFIG_FILE = "trainer.json"
 DEEPSPEED_FILE = "deepspeed.json"
 WORKSPACE_DIR = "/workspace"
 CHECKPOINT_DIR = f"{WORKSPACE_DIR}/checkpoints"
