@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "trainer_image" / "src")]
+sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "trainer_image" / "src")]
 
 import kopf  # noqa: E402
+from hack import devcluster  # noqa: E402
 
 from finetune_operator.api.finetunejob import parse_finetunejob  # noqa: E402
 from finetune_operator.builders import build_children  # noqa: E402
@@ -50,7 +50,7 @@ CHILD_KINDS = [
 FTJ = ("finetune.dev/v1alpha1", "FineTuneJob")
 
 
-def devcluster(*args: str) -> str:
+def devcluster_cli(*args: str) -> str:
     result = subprocess.run(
         [sys.executable, str(ROOT / "hack" / "devcluster.py"), *args],
         capture_output=True,
@@ -63,14 +63,8 @@ def devcluster(*args: str) -> str:
 def kubeconfig() -> str:
     if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1":
         return os.environ["KUBECONFIG"]
-    devcluster("up")
-    return devcluster("kubeconfig").strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    devcluster_cli("up")
+    return devcluster_cli("kubeconfig").strip().splitlines()[-1]
 
 
 def manifest(name: str, storage_class: str | None = None) -> dict[str, Any]:
@@ -254,7 +248,7 @@ def kubectl(*args: str) -> None:
 
 
 def start_operator(namespace: str, log_path: str, workers: int) -> subprocess.Popen[bytes]:
-    health, metrics = free_port(), free_port()
+    health, metrics = devcluster.free_port(), devcluster.free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "trainer_image" / "src")]),
@@ -292,9 +286,11 @@ def control_plane_pids() -> list[int]:
     """The dev cluster's etcd, API server, controller manager and scheduler (none on an existing cluster)."""
     if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1":
         return []
-    state = json.loads((Path(os.environ["KUBECONFIG"]).parent / "state.json").read_text())
+    state = devcluster.State.load(devcluster.Layout.default())
+    if state is None:
+        return []
     names = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-    return [int(p["pid"]) for p in state["processes"] if p["name"] in names]
+    return [p.pid for p in state.processes if p.name in names]
 
 
 async def settle(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from hack import devcluster
 
 T = TypeVar("T")
 
@@ -152,12 +153,6 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | 
     return process.returncode
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
 
@@ -165,8 +160,8 @@ class OperatorProcess:
         self.namespace = namespace
         self.kubeconfig = kubeconfig
         self.log_path = log_path
-        self.health_port = _free_port()
-        self.metrics_port = _free_port()
+        self.health_port = devcluster.free_port()
+        self.metrics_port = devcluster.free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -25,7 +25,7 @@ import yaml
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hack import devcluster
 
-from tests.kube_helpers import REPO_ROOT, Cluster, _free_port, http_ok, terminate, wait_for
+from tests.kube_helpers import REPO_ROOT, Cluster, http_ok, terminate, wait_for
 
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_API = f"{KUEUE_GROUP}/v1beta2"
@@ -99,7 +99,7 @@ class KueueManager:
         self.kubeconfig = kubeconfig
         self.workdir = workdir
         self.log_path = workdir / "kueue.log"
-        self.health_port = _free_port()
+        self.health_port = devcluster.free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def logs(self) -> str:
@@ -116,7 +116,8 @@ class KueueManager:
         cert_dir = self.workdir / "webhook-certs"
         _write_self_signed(cert_dir, "kueue-webhook")
         config = self.workdir / "kueue-config.yaml"
-        config.write_text(kueue_configuration(self.health_port, _free_port(), _free_port(), cert_dir))
+        ports = devcluster.free_port(), devcluster.free_port()
+        config.write_text(kueue_configuration(self.health_port, *ports, cert_dir))
         env = devcluster.loopback_env(strip_proxies=True)
         env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hack import devcluster
 
-from tests.kube_helpers import _free_port, http_ok, terminate, wait_for
+from tests.kube_helpers import http_ok, terminate, wait_for
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     the way the trainer pod gets them (AWS_* variables from a Secret)."""
     import s3fs
 
-    port = _free_port()
+    port = devcluster.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
