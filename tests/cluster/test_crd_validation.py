@@ -165,7 +165,7 @@ def _deployment_status() -> ModelDeploymentStatus:
             ],
         ),
         quantization=QualityResult(
-            method="int8",
+            method="int8-dynamic",
             pruning="none",
             metric="perplexity",
             baseline=4.48,

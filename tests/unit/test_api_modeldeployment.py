@@ -55,7 +55,7 @@ def test_status_ready_condition_and_unknown_keys() -> None:
         {
             "conditions": [{"type": "Ready", "status": "False", "reason": "QualityGateFailed"}],
             "endpoint": "http://bot.ns.svc:8080/v1",
-            "quantization": {"method": "int8", "qualityDrop": 0.04, "passed": False},
+            "quantization": {"method": "int8-dynamic", "qualityDrop": 0.04, "passed": False},
             "newerField": 1,
         }
     )
@@ -95,11 +95,11 @@ def test_rollout_status_history_parses() -> None:
     ("spec", "field"),
     [
         (
-            {"runtime": {"type": "vllm"}, "resources": {"gpus": 1}, "quantization": {"method": "int8"}},
+            {"runtime": {"type": "vllm"}, "resources": {"gpus": 1}, "quantization": {"method": "bnb-int8"}},
             "spec.quantization.method",
         ),
-        ({"quantization": {"method": "fp8"}}, "spec.quantization.method"),
-        ({"pruning": {"method": "2:4", "sparsity": 0.5}}, "spec.pruning.sparsity"),
+        ({"quantization": {"method": "fp8-dynamic"}}, "spec.quantization.method"),
+        ({"pruning": {"method": "2:4", "sparsity": 0.7}}, "spec.pruning.sparsity"),
     ],
 )
 def test_cross_field_rules_name_the_field(spec: dict[str, Any], field: str) -> None:
@@ -110,6 +110,6 @@ def test_cross_field_rules_name_the_field(spec: dict[str, Any], field: str) -> N
 
 def test_vllm_with_fp8_on_gpus_is_accepted() -> None:
     spec = parse_modeldeployment(
-        _body(runtime={"type": "vllm"}, resources={"gpus": 1}, quantization={"method": "fp8"})
+        _body(runtime={"type": "vllm"}, resources={"gpus": 1}, quantization={"method": "fp8-dynamic"})
     ).spec
     assert spec.runtime.type == "vllm"

@@ -258,3 +258,20 @@ def test_route_split_keeps_exact_weights() -> None:
 def test_split_refuses_a_weight_that_is_not_a_percentage() -> None:
     with pytest.raises(ValueError, match="not a percentage"):
         replica_split(1, 101)
+
+
+def test_parse_reads_the_builtin_servers_names() -> None:
+    text = """\
+# TYPE fto_server_requests_total counter
+fto_server_requests_total{route="/v1/completions",code="200"} 8.0
+fto_server_requests_total{route="/v1/completions",code="503"} 2.0
+fto_server_requests_total{route="/v2/health/ready",code="200"} 70.0
+# TYPE fto_server_request_duration_seconds histogram
+fto_server_request_duration_seconds_bucket{route="/v1/completions",le="0.5"} 9.0
+fto_server_request_duration_seconds_bucket{route="/v1/completions",le="+Inf"} 10.0
+fto_server_request_duration_seconds_count{route="/v1/completions"} 10.0
+fto_server_request_duration_seconds_sum{route="/v1/completions"} 2.0
+"""
+    parsed = parse_pod_metrics(text)
+    assert (parsed.requests, parsed.errors) == (10, 2)
+    assert parsed.latency_buckets == ((0.5, 9.0), (float("inf"), 10.0))

@@ -28,22 +28,17 @@ from finetune_operator.api.common import (
     parse_resource,
 )
 from finetune_operator.api.finetunejob import SourceUri, Task
+from finetune_server.config import CPU_METHODS, CUDA_METHODS, Dtype, PruningMethod, QuantizationMethod
 
 KIND = "ModelDeployment"
 PLURAL = "modeldeployments"
 
-QuantizationMethod = Literal["none", "int8", "onnx-int8", "nf4", "int4", "fp8"]
-"""Compression at load, the server's names (`finetune_server.config`): `none`; `int8` (dynamic int8 linear
-layers on the CPU, bitsandbytes LLM.int8 on a GPU); `onnx-int8` (exported to ONNX, int8-quantised and served
-by ONNX Runtime on the CPU); `nf4` and `int4` (bitsandbytes 4-bit, GPU); `fp8` (GPU)."""
-CPU_ONLY_METHODS = ("onnx-int8",)
-GPU_ONLY_METHODS = ("nf4", "int4", "fp8")
-VLLM_METHODS = ("none", "fp8", "nf4")
-"""What vLLM can apply to a checkpoint itself: fp8 (`--quantization fp8`) and 4-bit bitsandbytes
-(`--quantization bitsandbytes`); a checkpoint that is already quantised (AWQ, GPTQ, ...) is served with
-`none`, vLLM reads its quantisation from the checkpoint's config."""
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-"""Weights' dtype, torch's and vLLM's names."""
+CPU_ONLY_METHODS = tuple(sorted(CPU_METHODS))
+GPU_ONLY_METHODS = tuple(sorted(CUDA_METHODS))
+VLLM_QUANTIZATION = {"none": None, "fp8-dynamic": "fp8", "bnb-nf4": "bitsandbytes"}
+"""What vLLM applies to a checkpoint itself, and its `--quantization` flag: fp8 and 4-bit bitsandbytes. A
+checkpoint already quantised (AWQ, GPTQ, ...) is served with `none`: vLLM reads it from the checkpoint."""
+VLLM_METHODS = tuple(VLLM_QUANTIZATION)
 
 # Condition types; `Ready` summarises the others.
 CONDITION_MODEL_READY = "ModelReady"
@@ -104,58 +99,93 @@ class Runtime(ApiModel):
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Server container image, overriding the operator's default for the runtime type."""
     dtype: Dtype = "auto"
-    """Weights' dtype on load (`auto`: what the artifact stored)."""
+    """Weights' compute dtype: `auto` (bf16 on a GPU, fp32 on the CPU), `bf16`, `fp16`, `fp32`."""
     max_batch_size: Annotated[int, Field(ge=1, le=256)] = 8
     """Requests batched into one forward pass."""
-    max_queue: Annotated[int, Field(ge=1, le=10000)] = 64
-    """Requests waiting per replica; when the queue is full the server answers 429 with `Retry-After`."""
+    max_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 5.0
+    """How long the first request of a batch waits for others to join it."""
+    max_queued_requests: Annotated[int, Field(ge=1, le=10000)] = 32
+    """Requests admitted and not finished per replica; above it the server answers 429 with
+    `Retry-After`."""
     max_new_tokens: Annotated[int, Field(ge=1, le=32768)] = 256
     """Upper limit of generated tokens per request (causal-lm); more is refused with 400."""
-    max_input_tokens: Annotated[int, Field(ge=1, le=1048576)] = 2048
+    max_input_tokens: Annotated[int, Field(ge=1, le=1000000)] = 2048
     """Longest accepted prompt in tokens; longer is refused with 413."""
     request_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
-    """Requests running longer are cancelled with HTTP 504."""
+    """Requests running longer are cancelled and answered 504."""
+    fault_error_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Fraction of inference requests answered 500 on purpose, to exercise canary analysis and rollback
+    (built-in runtime only)."""
 
     cel_rules = (
         CelRule(
-            rule="self.type != 'vllm' || self.dtype != 'float32'",
-            message="vllm serves on GPUs in float16, bfloat16 or auto; use runtime.type builtin for float32",
-            holds=lambda m: m.type != "vllm" or m.dtype != "float32",
+            rule="self.type != 'vllm' || self.dtype != 'fp32'",
+            message="vllm serves on GPUs in bf16, fp16 or auto; use runtime.type builtin for fp32",
+            holds=lambda m: m.type != "vllm" or m.dtype != "fp32",
             field_path=".dtype",
+        ),
+        CelRule(
+            rule="self.type != 'vllm' || self.faultErrorRate == 0.0",
+            message="faultErrorRate is a setting of the builtin runtime",
+            holds=lambda m: m.type != "vllm" or m.fault_error_rate == 0.0,
+            field_path=".faultErrorRate",
         ),
     )
 
 
 class Quantization(ApiModel):
-    """Compression at load (quantisation, and `pruning` when set), accepted only if the quality gate
-    passes: the server measures the compressed model against the uncompressed one on the held-out sample
-    the trainer shipped in the artifact, and stays not-ready above `maxQualityDrop`."""
+    """Quantisation at load, behind the quality gate: the server measures the quantised model against the
+    one before it (pruned or not) on the held-out sample the trainer shipped in the artifact, and stays
+    not-ready above `maxQualityDrop`."""
 
     method: QuantizationMethod = "none"
-    """`none`, `int8`, `onnx-int8` (CPU), `nf4`, `int4`, `fp8` (GPU)."""
+    """`none`; CPU: `int8-dynamic`, `onnx-int8`; GPU: `bnb-int8`, `bnb-nf4`, `int4-weight-only`,
+    `fp8-dynamic` (the server's names, docs/serving.md)."""
     max_quality_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
     """Largest tolerated relative drop of the quality metric (perplexity for causal-lm, accuracy for
-    classifiers, the task's metric otherwise; 0.02 = 2 % worse) against the uncompressed model; above it
-    the server stays not-ready and `ModelReady` is False with reason `QualityGateFailed`."""
+    classifiers; 0.02 = 2 % worse); above it `ModelReady` is False with reason `QualityGateFailed`."""
 
 
 class Pruning(ApiModel):
-    """Magnitude pruning of linear layers at load, before quantisation, behind the same quality gate."""
+    """Magnitude pruning of linear layers at load, before quantisation, behind its own quality gate."""
 
-    method: Literal["none", "magnitude", "2:4"] = "none"
+    method: PruningMethod = "none"
     """`magnitude`: zero the `sparsity` fraction of smallest weights (unstructured); `2:4`: zero the two
-    smallest of every four weights (semi-structured, 50 %, what sparse tensor cores accelerate)."""
-    sparsity: Annotated[float, Field(ge=0.0, le=0.99)] | None = None
-    """Fraction of weights zeroed (`magnitude` only)."""
+    smallest of every four weights (semi-structured, 50 %)."""
+    sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """Fraction of weights zeroed: required with `magnitude`; unset or 0.5 with `2:4`."""
+    max_quality_drop: Annotated[float, Field(ge=0.0, le=1.0)] = 0.02
+    """Largest tolerated relative drop against the unpruned model."""
 
     cel_rules = (
         CelRule(
-            rule="(self.method == 'magnitude') == has(self.sparsity)",
-            message="sparsity is required with method magnitude and allowed only with it",
-            holds=lambda m: (m.method == "magnitude") == (m.sparsity is not None),
+            rule="self.method != 'magnitude' || (has(self.sparsity) && self.sparsity > 0.0)",
+            message="sparsity above 0 is required with method magnitude",
+            holds=lambda m: m.method != "magnitude" or bool(m.sparsity),
+            field_path=".sparsity",
+        ),
+        CelRule(
+            rule="self.method != '2:4' || !has(self.sparsity) || self.sparsity == 0.5",
+            message="method 2:4 zeroes exactly half the weights; leave sparsity unset or 0.5",
+            holds=lambda m: m.method != "2:4" or m.sparsity in (None, 0.5),
+            field_path=".sparsity",
+        ),
+        CelRule(
+            rule="self.method != 'none' || !has(self.sparsity) || self.sparsity == 0.0",
+            message="sparsity needs a pruning method (magnitude or 2:4)",
+            holds=lambda m: m.method != "none" or not m.sparsity,
             field_path=".sparsity",
         ),
     )
+
+
+class QualityGate(ApiModel):
+    """The measurement behind the quality gates."""
+
+    enabled: bool = True
+    """Measure compression before reporting ready (off: the compressed model is trusted unmeasured)."""
+    samples: Annotated[int, Field(ge=1, le=100000)] = 64
+    """Rows of the artifact's held-out sample used."""
 
 
 class Autoscaling(ApiModel):
@@ -301,7 +331,9 @@ class Feedback(ApiModel):
     """Collection of user feedback on answers (`POST /v1/feedback`), appended as JSON lines to a volume."""
 
     enabled: bool = False
-    """Accept and store feedback."""
+    """Accept `POST /v1/feedback` and record generations (so feedback joins what was asked and answered)."""
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    """Entries older than this are left out of exports."""
     storage: VolumeClaim = Field(default_factory=VolumeClaim)
     """Volume the feedback is stored on (ReadWriteMany when there can be several replicas)."""
 
@@ -316,7 +348,9 @@ class ModelDeploymentSpec(ApiModel):
     quantization: Quantization = Field(default_factory=Quantization)
     """Quantisation and the quality gate."""
     pruning: Pruning = Field(default_factory=Pruning)
-    """Pruning (behind the same quality gate)."""
+    """Pruning (behind its own quality gate)."""
+    quality_gate: QualityGate = Field(default_factory=QualityGate)
+    """How compression is measured."""
     replicas: Annotated[int, Field(ge=0, le=1000)] | None = None
     """Fixed number of replicas (1 when neither this nor `autoscaling` is set)."""
     autoscaling: Autoscaling | None = None
@@ -342,16 +376,16 @@ class ModelDeploymentSpec(ApiModel):
         CelRule(
             rule=f"!({cel_field('quantization.method', Quantization().method)} in {list(GPU_ONLY_METHODS)})"
             f" || {cel_field('resources.gpus', ServingResources().gpus)} >= 1",
-            message="quantization nf4, int4 and fp8 need GPUs: set resources.gpus to at least 1, "
-            "or use int8 or onnx-int8 on the CPU",
+            message="quantization bnb-int8, bnb-nf4, int4-weight-only and fp8-dynamic need GPUs: "
+            "set resources.gpus to at least 1, or use int8-dynamic or onnx-int8 on the CPU",
             holds=lambda s: s.quantization.method not in GPU_ONLY_METHODS or s.resources.gpus >= 1,
             field_path=".quantization.method",
         ),
         CelRule(
             rule=f"!({cel_field('quantization.method', Quantization().method)} in {list(CPU_ONLY_METHODS)})"
             f" || {cel_field('resources.gpus', ServingResources().gpus)} == 0",
-            message="quantization onnx-int8 runs on the CPU: set resources.gpus to 0, "
-            "or use int8, nf4, int4 or fp8 on GPUs",
+            message="quantization int8-dynamic and onnx-int8 run on the CPU: set resources.gpus to 0, "
+            "or use bnb-int8, bnb-nf4, int4-weight-only or fp8-dynamic on GPUs",
             holds=lambda s: s.quantization.method not in CPU_ONLY_METHODS or s.resources.gpus == 0,
             field_path=".quantization.method",
         ),
@@ -372,8 +406,8 @@ class ModelDeploymentSpec(ApiModel):
         CelRule(
             rule=f"{cel_field('runtime.type', Runtime().type)} != 'vllm'"
             f" || {cel_field('quantization.method', Quantization().method)} in {list(VLLM_METHODS)}",
-            message="runtime vllm applies quantization none, fp8 or nf4 (bitsandbytes); "
-            "use runtime.type builtin for int8, int4 or onnx-int8",
+            message="runtime vllm applies quantization none, fp8-dynamic or bnb-nf4; "
+            "use runtime.type builtin for the other methods",
             holds=lambda s: s.runtime.type != "vllm" or s.quantization.method in VLLM_METHODS,
             field_path=".quantization.method",
         ),
@@ -390,6 +424,16 @@ class ModelDeploymentSpec(ApiModel):
             message="runtime vllm serves causal-lm models; use runtime.type builtin for other tasks",
             holds=lambda s: s.runtime.type != "vllm" or s.model.task in (None, "causal-lm"),
             field_path=".runtime.type",
+        ),
+        CelRule(
+            rule=f"!({cel_field('quantization.method', Quantization().method)} in {list(CPU_ONLY_METHODS)})"
+            f" || {cel_field('runtime.dtype', Runtime().dtype)} in ['auto', 'fp32']",
+            message="quantization int8-dynamic and onnx-int8 compute in fp32: "
+            "set runtime.dtype to auto or fp32",
+            holds=lambda s: (
+                s.quantization.method not in CPU_ONLY_METHODS or s.runtime.dtype in ("auto", "fp32")
+            ),
+            field_path=".runtime.dtype",
         ),
         CelRule(
             rule="!has(self.autoscaling) || !has(self.autoscaling.targetCpuUtilization)"

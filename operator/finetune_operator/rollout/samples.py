@@ -1,10 +1,10 @@
 """What one server pod has counted so far, read from its Prometheus text (`/metrics`). Pure.
 
 The servers' counters are cumulative since the pod started; an analysis window is the difference of two
-readings (`analysis.window`). Both runtimes are read through the same names: the HTTP metrics that vLLM's
-OpenAI server exports (prometheus-fastapi-instrumentator's `http_requests_total{handler,status}` and
-`http_request_duration_seconds`) and that `finetune_server` exports under the same names, so a canary is
-judged alike whichever runtime serves it.
+readings (`window`). Both runtimes are read alike: vLLM's OpenAI server exports
+prometheus-fastapi-instrumentator's `http_requests_total{handler,status}` and
+`http_request_duration_seconds`; `finetune_server` exports `fto_server_requests_total{route,code}` and
+`fto_server_request_duration_seconds`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-REQUESTS_METRIC = "http_requests_total"
-"""Counter of answered requests; label `status` is the code (`503`) or its class (`5xx`)."""
-LATENCY_METRIC = "http_request_duration_seconds"
-"""Histogram of request latency (end to end, as the client sees it minus the network)."""
+REQUEST_COUNTERS = ("http_requests_total", "fto_server_requests_total")
+"""Counters of answered requests, in order of preference (a server exporting both is read through the
+first); label `status` or `code` is the code (`503`) or its class (`5xx`)."""
+LATENCY_HISTOGRAMS = ("http_request_duration_seconds", "fto_server_request_duration_seconds")
+"""Histograms of request latency, in the same order."""
 ROUTE_LABELS = ("handler", "route")
 """The label naming the route, whichever the server uses."""
 API_PREFIX = "/v1/"
@@ -56,20 +57,30 @@ def _is_error(labels: Mapping[str, str]) -> bool:
 def parse_pod_metrics(text: str) -> PodCounters:
     """The API request counters in one pod's exposition text. Unknown metrics are ignored; a malformed
     exposition raises `ValueError` (the reading is then missing, never zero)."""
-    requests = errors = 0.0
-    buckets: dict[float, float] = {}
+    requests: dict[str, list[float]] = {}
+    errors: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not _is_api(sample.labels):
                 continue
-            if sample.name == REQUESTS_METRIC:
-                requests += sample.value
+            if sample.name in REQUEST_COUNTERS:
+                requests.setdefault(sample.name, []).append(sample.value)
                 if _is_error(sample.labels):
-                    errors += sample.value
-            elif sample.name == f"{LATENCY_METRIC}_bucket":
+                    errors[sample.name] = errors.get(sample.name, 0.0) + sample.value
+            elif sample.name.removesuffix("_bucket") in LATENCY_HISTOGRAMS and sample.name.endswith(
+                "_bucket"
+            ):
+                per_bound = buckets.setdefault(sample.name.removesuffix("_bucket"), {})
                 bound = float(sample.labels["le"])
-                buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return PodCounters(requests, errors, tuple(sorted(buckets.items())))
+                per_bound[bound] = per_bound.get(bound, 0.0) + sample.value
+    counter = next((name for name in REQUEST_COUNTERS if name in requests), None)
+    histogram = next((name for name in LATENCY_HISTOGRAMS if name in buckets), None)
+    return PodCounters(
+        requests=sum(requests[counter]) if counter else 0.0,
+        errors=errors.get(counter, 0.0) if counter else 0.0,
+        latency_buckets=tuple(sorted(buckets[histogram].items())) if histogram else (),
+    )
 
 
 def subtract(now: PodCounters, before: PodCounters | None) -> PodCounters:
