@@ -24,6 +24,8 @@ class NodeGpus:
     free: int
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Mapping[str, Any], ...] = ()
+    terminating: int = 0
+    """GPUs of pods being deleted here (e.g. preempted, saving a checkpoint): still used, soon free."""
 
 
 def gpu_count(value: object) -> int:
@@ -73,11 +75,15 @@ def free_gpus_by_node(
 ) -> list[NodeGpus]:
     """GPU allocatable minus the GPU requests of non-terminated pods bound to each ready node."""
     used: dict[str, int] = {}
+    terminating: dict[str, int] = {}
     for pod in pods:
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name or is_pod_terminated(pod):
             continue
-        used[node_name] = used.get(node_name, 0) + pod_gpu_request(pod)
+        gpus = pod_gpu_request(pod)
+        used[node_name] = used.get(node_name, 0) + gpus
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            terminating[node_name] = terminating.get(node_name, 0) + gpus
     result = []
     for node in nodes:
         allocatable = gpu_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE))
@@ -92,6 +98,7 @@ def free_gpus_by_node(
                 free=max(0, allocatable - used.get(name, 0)),
                 labels=dict(meta.get("labels") or {}),
                 taints=tuple((node.get("spec") or {}).get("taints") or ()),
+                terminating=min(terminating.get(name, 0), allocatable),
             )
         )
     return sorted(result, key=lambda n: n.name)
