@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.scheduling.capacity import NodeGpus, node_fits
+from finetune_operator.scheduling.capacity import GPU_RESOURCE, NodeGpus, node_fits
 from finetune_operator.scheduling.placement import place_gang
 from finetune_operator.scheduling.preemption import Candidate, select_victims
 
@@ -75,6 +75,8 @@ class GangDemand:
     draining: bool = False
     """Not admitted, but pods of an earlier attempt are still alive (a preempted gang saving its
     checkpoint): it is not admitted again until they are gone, and their GPUs are being freed."""
+    gpu_resource: str = GPU_RESOURCE
+    """The extended resource its pods request (`resources.gpuResourceName`): only that capacity counts."""
 
     @property
     def total_gpus(self) -> int:
@@ -125,12 +127,18 @@ def _gangs(count: int) -> str:
     return f"{count} {'node' if count == 1 else 'nodes'}"
 
 
-def waiting_message(demand: GangDemand, free: Mapping[str, int], eligible: Sequence[str]) -> str:
+def waiting_message(
+    demand: GangDemand, free: Mapping[str, int], eligible: Sequence[str], *, offered: bool = True
+) -> str:
     """E.g. `needs 2 nodes x 8 GPUs (nvidia.com/gpu.product=...); largest free: 8 on gpu-node-1, 4 on ...`
-    (with a multiplication sign)."""
-    head = f"needs {_gangs(demand.nodes)} {TIMES} {demand.gpus_per_node} GPUs"
+    (with a multiplication sign). A resource other than `nvidia.com/gpu` is named instead of "GPUs";
+    `offered=False` says that no ready node has any of the resource at all."""
+    what = "GPUs" if demand.gpu_resource == GPU_RESOURCE else demand.gpu_resource
+    head = f"needs {_gangs(demand.nodes)} {TIMES} {demand.gpus_per_node} {what}"
     if demand.node_selector:
         head += f" ({_selector_text(demand.node_selector)})"
+    if not offered:
+        return f"{head}; no ready node has {demand.gpu_resource} capacity"
     if not eligible:
         return f"{head}; no GPU node matches its node selector and tolerations"
     largest = sorted(((free[name], name) for name in eligible), key=lambda item: (-item[0], item[1]))
@@ -146,6 +154,20 @@ def _seconds(value: float) -> str:
     return f"{max(0, round(value))} s"
 
 
+@dataclass
+class _Resource:
+    """One GPU resource's capacity during a pass, by node name (a node may offer several resources)."""
+
+    allocatable: dict[str, int] = field(default_factory=dict)
+    free: dict[str, int] = field(default_factory=dict)
+    """Free GPUs after reservations and admissions: what the messages show."""
+    open: dict[str, int] = field(default_factory=dict)
+    """`free` less what is held: what a gang may take now."""
+    freeing: dict[str, int] = field(default_factory=dict)
+    """GPUs that are being freed (pods being deleted, gangs preempted): free soon."""
+    held_by: dict[str, GangDemand] = field(default_factory=dict)
+
+
 class _Pass:
     """The state of one admission pass: free GPUs, GPUs being freed, holds, quota use."""
 
@@ -159,19 +181,17 @@ class _Pass:
         min_run_seconds: float,
     ) -> None:
         self.nodes = nodes
-        self.allocatable = {node.name: node.allocatable for node in nodes}
+        self.resources: dict[str, _Resource] = {}
+        for node in nodes:
+            capacity = self.resources.setdefault(node.resource, _Resource())
+            capacity.allocatable[node.name] = node.allocatable
+            capacity.free[node.name] = capacity.open[node.name] = node.free
+            capacity.freeing[node.name] = node.terminating
         self.ordered = admission_order(demands)
         self.quota = quota
         self.policy = policy
         self.now = now
         self.min_run_seconds = min_run_seconds
-        self.free = {node.name: node.free for node in nodes}
-        """Free GPUs after reservations and admissions: what the messages show."""
-        self.open = dict(self.free)
-        """`free` less what is held: what a gang may take now."""
-        self.freeing = {node.name: node.terminating for node in nodes}
-        """GPUs that are being freed (pods being deleted, gangs preempted): free soon."""
-        self.held_by: dict[str, GangDemand] = {}
         self.used_by_namespace: dict[str, int] = {}
         """GPUs of admitted gangs per namespace (what its quota counts)."""
         self.quota_held: dict[str, int] = {}
@@ -180,37 +200,52 @@ class _Pass:
         """Nodes of each admitted gang (bound or reserved): where its preemption frees GPUs."""
         self.plan = AdmissionPlan()
 
-    def eligible(self, demand: GangDemand) -> list[str]:
-        return [n.name for n in self.nodes if node_fits(n, demand.node_selector, demand.tolerations)]
+    def of(self, demand: GangDemand) -> _Resource:
+        """The capacity of the resource `demand`'s pods request; empty if no node offers it."""
+        return self.resources.setdefault(demand.gpu_resource, _Resource())
 
-    def take(self, names: Sequence[str], gpus: int) -> None:
+    def eligible(self, demand: GangDemand) -> list[str]:
+        return [
+            n.name
+            for n in self.nodes
+            if n.resource == demand.gpu_resource and node_fits(n, demand.node_selector, demand.tolerations)
+        ]
+
+    def take(self, demand: GangDemand, names: Sequence[str]) -> None:
+        capacity = self.of(demand)
         for name in names:
-            self.free[name] = max(0, self.free[name] - gpus)
-            self.open[name] = max(0, self.open[name] - gpus)
+            capacity.free[name] = max(0, capacity.free[name] - demand.gpus_per_node)
+            capacity.open[name] = max(0, capacity.open[name] - demand.gpus_per_node)
 
     def hold(self, demand: GangDemand, names: Sequence[str]) -> None:
+        capacity = self.of(demand)
         for name in names:
-            self.held_by.setdefault(name, demand)
-            self.open[name] = max(0, self.open[name] - demand.gpus_per_node)
+            capacity.held_by.setdefault(name, demand)
+            capacity.open[name] = max(0, capacity.open[name] - demand.gpus_per_node)
         if names:
             self.plan.held[demand.key] = list(names)
 
     def held_for_another(self, name: str, demand: GangDemand) -> bool:
-        holder = self.held_by.get(name)
+        holder = self.of(demand).held_by.get(name)
         return holder is not None and holder.key != demand.key
 
     def usable_later(self, demand: GangDemand, names: Sequence[str]) -> dict[str, int]:
         """What `demand` could have of `names` once what is being freed is free; GPUs freed on a node
         held for a gang ahead of it go to that gang."""
-        return {n: self.open[n] + (0 if self.held_for_another(n, demand) else self.freeing[n]) for n in names}
+        capacity = self.of(demand)
+        return {
+            n: capacity.open[n] + (0 if self.held_for_another(n, demand) else capacity.freeing[n])
+            for n in names
+        }
 
     # --- 1. admitted gangs ------------------------------------------------------------------------
     def reserve_admitted(self) -> None:
         for demand in self.ordered:
             if not demand.admitted:
+                freeing = self.of(demand).freeing
                 if demand.draining:
-                    for name in set(demand.bound_nodes) & set(self.freeing):
-                        self.freeing[name] += demand.gpus_per_node
+                    for name in set(demand.bound_nodes) & set(freeing):
+                        freeing[name] += demand.gpus_per_node
                 continue
             ns = demand.namespace
             self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) + demand.total_gpus
@@ -219,14 +254,14 @@ class _Pass:
             self.occupied[demand.key] = bound
             if missing <= 0 or demand.gpus_per_node == 0:
                 continue
-            pool = {name: self.open[name] for name in self.eligible(demand)}
+            pool = {name: self.of(demand).open[name] for name in self.eligible(demand)}
             placed = place_gang(pool, missing, demand.gpus_per_node, exclude=bound)
             if placed is None:
                 # Already admitted and short of room (e.g. a node vanished): reserve what exists so
                 # nobody new is admitted into it; the job's pods stay Pending until capacity returns.
                 placed = [n for n, _ in sorted(pool.items(), key=lambda kv: -kv[1]) if n not in bound]
                 placed = placed[:missing]
-            self.take(placed, demand.gpus_per_node)
+            self.take(demand, placed)
             self.occupied[demand.key] = bound + tuple(placed)
 
     # --- 2.-5. waiting gangs ----------------------------------------------------------------------
@@ -248,6 +283,7 @@ class _Pass:
         used, held = self.used_by_namespace.get(ns, 0), self.quota_held.get(ns, 0)
         over_quota = limit is not None and used + held + total > limit
         names = self.eligible(demand)
+        capacity = self.of(demand)
         if demand.draining:
             self.hold_quota(demand)
             return Waiting(
@@ -259,7 +295,7 @@ class _Pass:
             self.admit(demand, [])
             return None
         if not over_quota:
-            chosen = place_gang({n: self.open[n] for n in names}, demand.nodes, demand.gpus_per_node)
+            chosen = place_gang({n: capacity.open[n] for n in names}, demand.nodes, demand.gpus_per_node)
             if chosen is not None:
                 self.admit(demand, chosen)
                 return None
@@ -269,7 +305,7 @@ class _Pass:
                 self.hold_quota(demand)
                 return Waiting(
                     INSUFFICIENT_GPUS,
-                    f"{waiting_message(demand, self.free, names)}; waiting for GPUs being freed (pods "
+                    f"{self.message(demand, names)}; waiting for GPUs being freed (pods "
                     f"stopping) on {', '.join(later)}{self.held_note(demand)}",
                 )
         preempting = self.preempt_for(demand, names, over_quota, limit, used + held)
@@ -288,13 +324,17 @@ class _Pass:
             self.hold_quota(demand)
         return Waiting(
             INSUFFICIENT_GPUS,
-            f"{waiting_message(demand, self.free, names)}{self.blocked_note(demand, names)}"
+            f"{self.message(demand, names)}{self.blocked_note(demand, names)}"
             f"{self.held_note(demand)}"
             f"{self.later_preemption_note(demand, names, over_quota, limit, used + held)}",
         )
 
+    def message(self, demand: GangDemand, names: Sequence[str]) -> str:
+        capacity = self.of(demand)
+        return waiting_message(demand, capacity.free, names, offered=bool(capacity.free))
+
     def admit(self, demand: GangDemand, chosen: list[str]) -> None:
-        self.take(chosen, demand.gpus_per_node)
+        self.take(demand, chosen)
         ns = demand.namespace
         self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) + demand.total_gpus
         self.plan.admit.append(demand.key)
@@ -309,11 +349,12 @@ class _Pass:
 
     def nodes_to_hold(self, demand: GangDemand, names: Sequence[str]) -> list[str]:
         """The nodes it will most likely get first (most GPUs free or being freed), if it can ever fit."""
-        big_enough = [n for n in names if self.allocatable[n] >= demand.gpus_per_node]
+        capacity = self.of(demand)
+        big_enough = [n for n in names if capacity.allocatable[n] >= demand.gpus_per_node]
         if len(big_enough) < demand.nodes:
             return []
-        unheld = [n for n in big_enough if n not in self.held_by]
-        unheld.sort(key=lambda n: (-(self.open[n] + self.freeing[n]), n))
+        unheld = [n for n in big_enough if n not in capacity.held_by]
+        unheld.sort(key=lambda n: (-(capacity.open[n] + capacity.freeing[n]), n))
         return unheld[: demand.nodes]
 
     def held_note(self, demand: GangDemand) -> str:
@@ -326,7 +367,7 @@ class _Pass:
         """Which gangs ahead of it hold the nodes it could use: what it waits for."""
         holders: dict[str, list[str]] = {}
         for name in names:
-            holder = self.held_by.get(name)
+            holder = self.of(demand).held_by.get(name)
             if holder is not None and holder.key != demand.key:
                 holders.setdefault(holder.key, []).append(name)
         if not holders:
@@ -347,6 +388,8 @@ class _Pass:
         for gang in self.ordered:
             if not gang.admitted or gang.priority >= demand.priority or gang.key in self.plan.preempt:
                 continue
+            if gang.gpu_resource != demand.gpu_resource:
+                continue  # its GPUs are of another kind: freeing them doesn't help
             if over_quota and gang.namespace != demand.namespace:
                 continue  # a namespace at its quota preempts only within itself
             if not include_young and self.young_for(gang) > 0:
@@ -408,7 +451,7 @@ class _Pass:
             ns = gang.namespace
             self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) - gang.total_gpus
             for name in self.occupied.get(victim.key, ()):
-                self.freeing[name] += gang.gpus_per_node
+                self.of(gang).freeing[name] += gang.gpus_per_node
         self.hold(demand, placement)
         self.hold_quota(demand)
         return Waiting(
