@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_operator.api.common import InvalidResourceError
 from finetune_operator.api.finetunejob import FineTuneJob, parse_finetunejob
 from finetune_operator.builders.common import checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims, validated_trainer_config
@@ -14,11 +13,10 @@ from finetune_operator.validation.review import (
     AdmissionPolicy,
     Refusal,
     Review,
-    check_created_by,
     check_scheme,
-    spec_changed,
+    run_review,
 )
-from finetune_operator.validation.shape import check_gpu_shape
+from finetune_operator.validation.shape import check_pod_gpus
 from finetune_trainer.config import ConfigError
 
 FROZEN_WHILE_RUNNING = (
@@ -44,35 +42,20 @@ def review_finetunejob(
     policy: AdmissionPolicy,
 ) -> list[Refusal]:
     """Refusals for a CREATE (`old` None) or UPDATE; empty when the request may be stored."""
-    review = Review()
-    check_created_by(review, new, old)
-    if not spec_changed(new, old):
-        return review.refusals
-    try:
-        job = parse_finetunejob(new)
-    except InvalidResourceError as exc:
-        review.invalid(exc)
-        return review.refusals
-    if old is not None:
-        _check_transition(review, new, old)
-    _check_schemes(review, job, policy)
-    _check_references(review, job, view)
-    if policy.check_gpu_shape:
-        resources = job.spec.resources
-        check_gpu_shape(
-            review,
-            "spec.distributed.gpusPerNode",
-            gpus=job.spec.distributed.gpus_per_node,
-            resource=resources.gpu_resource_name,
-            product=resources.gpu_product,
-            node_selector=resources.node_selector,
-            nodes=view.nodes,
-        )
-    try:
-        validated_trainer_config(job, shutdown_timeout_seconds=policy.shutdown_timeout_seconds)
-    except ConfigError as exc:
-        review.refuse("spec", "the trainer would refuse its config: " + " ".join(str(exc).split()))
-    return review.refusals
+
+    def checks(review: Review, job: FineTuneJob) -> None:
+        if old is not None:
+            _check_transition(review, new, old)
+        _check_schemes(review, job, policy)
+        _check_references(review, job, view)
+        gpus = job.spec.distributed.gpus_per_node
+        check_pod_gpus(review, "spec.distributed.gpusPerNode", gpus, job.spec.resources, view.nodes, policy)
+        try:
+            validated_trainer_config(job, shutdown_timeout_seconds=policy.shutdown_timeout_seconds)
+        except ConfigError as exc:
+            review.refuse("spec", "the trainer would refuse its config: " + " ".join(str(exc).split()))
+
+    return run_review(new, old, parse_finetunejob, checks)
 
 
 def _check_transition(review: Review, new: Mapping[str, Any], old: Mapping[str, Any]) -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_operator.api.common import InvalidResourceError
 from finetune_operator.api.modeldeployment import ModelDeployment, parse_modeldeployment
 from finetune_operator.validation.cluster import ClusterView
 from finetune_operator.validation.review import (
     AdmissionPolicy,
     Refusal,
     Review,
-    check_created_by,
     check_scheme,
-    spec_changed,
+    run_review,
 )
-from finetune_operator.validation.shape import check_gpu_shape
+from finetune_operator.validation.shape import check_pod_gpus
 
 VLLM_TASKS = ("causal-lm",)
 
@@ -27,32 +25,15 @@ def review_modeldeployment(
     view: ClusterView,
     policy: AdmissionPolicy,
 ) -> list[Refusal]:
-    review = Review()
-    check_created_by(review, new, old)
-    if not spec_changed(new, old):
-        return review.refusals
-    try:
-        deployment = parse_modeldeployment(new)
-    except InvalidResourceError as exc:
-        review.invalid(exc)
-        return review.refusals
-    spec = deployment.spec
-    check_scheme(review, "spec.model.uri", spec.model.uri, policy.allowed_model_schemes)
-    check_scheme(review, "spec.model.baseModel", spec.model.base_model, policy.allowed_model_schemes)
-    _check_model(review, deployment, view)
-    _check_secret(review, deployment, view)
-    if policy.check_gpu_shape:
-        resources = spec.resources
-        check_gpu_shape(
-            review,
-            "spec.resources.gpus",
-            gpus=resources.gpus,
-            resource=resources.gpu_resource_name,
-            product=resources.gpu_product,
-            node_selector=resources.node_selector,
-            nodes=view.nodes,
-        )
-    return review.refusals
+    def checks(review: Review, deployment: ModelDeployment) -> None:
+        spec = deployment.spec
+        check_scheme(review, "spec.model.uri", spec.model.uri, policy.allowed_model_schemes)
+        check_scheme(review, "spec.model.baseModel", spec.model.base_model, policy.allowed_model_schemes)
+        _check_model(review, deployment, view)
+        _check_secret(review, deployment, view)
+        check_pod_gpus(review, "spec.resources.gpus", spec.resources.gpus, spec.resources, view.nodes, policy)
+
+    return run_review(new, old, parse_modeldeployment, checks)
 
 
 def _check_model(review: Review, deployment: ModelDeployment, view: ClusterView) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -53,6 +53,30 @@ class Review:
     def invalid(self, error: InvalidResourceError) -> None:
         for path, message in error.problems:
             self.refuse(path, message)
+
+
+T = TypeVar("T")
+
+
+def run_review(
+    new: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    parse: Callable[[Mapping[str, Any]], T],
+    checks: Callable[[Review, T], None],
+) -> list[Refusal]:
+    """The created-by rule always; the rest only when the spec changed (the operator's own metadata
+    patches are UPDATEs too) and the body parses (else the parse errors are the refusals)."""
+    review = Review()
+    check_created_by(review, new, old)
+    if not spec_changed(new, old):
+        return review.refusals
+    try:
+        parsed = parse(new)
+    except InvalidResourceError as exc:
+        review.invalid(exc)
+        return review.refusals
+    checks(review, parsed)
+    return review.refusals
 
 
 def refusal_text(kind: str, name: str, refusals: Sequence[Refusal]) -> str:

@@ -4,8 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from finetune_operator.api.common import PodResources
 from finetune_operator.validation.cluster import NodeOffer
-from finetune_operator.validation.review import Review
+from finetune_operator.validation.review import AdmissionPolicy, Review
+
+
+def check_pod_gpus(
+    review: Review,
+    field_path: str,
+    gpus: int,
+    resources: PodResources,
+    nodes: Sequence[NodeOffer] | None,
+    policy: AdmissionPolicy,
+) -> None:
+    if policy.check_gpu_shape:
+        check_gpu_shape(
+            review,
+            field_path,
+            gpus=gpus,
+            resource=resources.gpu_resource_name,
+            product=resources.gpu_product,
+            node_selector=resources.node_selector,
+            nodes=nodes,
+        )
 
 
 def check_gpu_shape(
