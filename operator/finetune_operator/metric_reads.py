@@ -63,17 +63,21 @@ async def read_sample(session: aiohttp.ClientSession, pods: Mapping[str, str]) -
     return ServingSample({name: counters for name, counters in zip(names, readings, strict=True) if counters})
 
 
-async def read_readiness(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any] | None:
-    """The server's readiness answer (`/v2/health/ready`: phase, reason, message, quality, sizes), ready
-    or not (it answers 503 with the same body until the model passed its gate)."""
-    text = await _get(session, f"{base_url}/v2/health/ready", accept_statuses=(200, 503))
-    if text is None:
-        return None
+async def _get_json(
+    session: aiohttp.ClientSession, url: str, *, accept_statuses: tuple[int, ...] = (200,)
+) -> dict[str, Any] | None:
+    text = await _get(session, url, accept_statuses=accept_statuses)
     try:
-        body = json.loads(text)
+        body = json.loads(text) if text is not None else None
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+async def read_readiness(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any] | None:
+    """The server's readiness answer (`/v2/health/ready`: phase, reason, message, quality, sizes), ready
+    or not (it answers 503 with the same body until the model passed its gate)."""
+    return await _get_json(session, f"{base_url}/v2/health/ready", accept_statuses=(200, 503))
 
 
 def _promql_selector(namespace: str, pod_regex: str) -> str:
@@ -81,14 +85,8 @@ def _promql_selector(namespace: str, pod_regex: str) -> str:
 
 
 async def _query(session: aiohttp.ClientSession, url: str, promql: str) -> list[dict[str, Any]] | None:
-    text = await _get(session, f"{url.rstrip('/')}/api/v1/query?{urlencode({'query': promql})}")
-    if text is None:
-        return None
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return None
-    if body.get("status") != "success":
+    body = await _get_json(session, f"{url.rstrip('/')}/api/v1/query?{urlencode({'query': promql})}")
+    if body is None or body.get("status") != "success":
         return None
     result = body.get("data", {}).get("result")
     return result if isinstance(result, list) else None
