@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from finetune_operator.api.common import GPU_PRODUCT_LABEL
 from finetune_operator.api.finetunejob import FineTuneJob
 from finetune_operator.builders.common import (
     ATTEMPT_LABEL,
@@ -38,7 +39,6 @@ from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
 #: Rank 0's Prometheus endpoint: the trainer's default reporting.metricsPort (the operator keeps it).
 TRAINER_METRICS_PORT = Reporting().metrics_port
 
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: command + args == finetune_trainer.launch.pod_command(config path): the trainer's own entrypoint, which
 #: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the

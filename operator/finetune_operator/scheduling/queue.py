@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.scheduling.capacity import NodeGpus, node_fits
+from finetune_operator.scheduling.capacity import GPU_RESOURCE, NodeGpus, node_fits
 from finetune_operator.scheduling.placement import place_gang
 
 INSUFFICIENT_GPUS = "InsufficientGPUs"
@@ -32,6 +32,8 @@ class GangDemand:
     """Already admitted: its GPUs are reserved before anyone new is admitted."""
     bound_nodes: tuple[str, ...] = ()
     """Nodes where this job's live pods are bound; their GPUs are already in the nodes' free count."""
+    gpu_resource: str = GPU_RESOURCE
+    """The extended resource its pods request (`resources.gpuResourceName`): only that capacity counts."""
 
     @property
     def total_gpus(self) -> int:
@@ -65,13 +67,19 @@ def _selector_text(selector: Mapping[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
-def waiting_message(demand: GangDemand, free: Mapping[str, int], eligible: Sequence[str]) -> str:
+def waiting_message(
+    demand: GangDemand, free: Mapping[str, int], eligible: Sequence[str], *, offered: bool = True
+) -> str:
     """E.g. `needs 2 nodes x 8 GPUs (nvidia.com/gpu.product=...); largest free: 8 on gpu-node-1, 4 on ...`
-    (with a multiplication sign)."""
+    (with a multiplication sign). A resource other than `nvidia.com/gpu` is named instead of "GPUs";
+    `offered=False` says that no ready node has any of the resource at all."""
     unit = "node" if demand.nodes == 1 else "nodes"
-    head = f"needs {demand.nodes} {unit} {TIMES} {demand.gpus_per_node} GPUs"
+    what = "GPUs" if demand.gpu_resource == GPU_RESOURCE else demand.gpu_resource
+    head = f"needs {demand.nodes} {unit} {TIMES} {demand.gpus_per_node} {what}"
     if demand.node_selector:
         head += f" ({_selector_text(demand.node_selector)})"
+    if not offered:
+        return f"{head}; no ready node has {demand.gpu_resource} capacity"
     if not eligible:
         return f"{head}; no GPU node matches its node selector and tolerations"
     largest = sorted(((free[name], name) for name in eligible), key=lambda item: (-item[0], item[1]))
@@ -93,19 +101,31 @@ def plan_admission(
     A job that doesn't fit doesn't block smaller ones behind it (best-effort FIFO, as Kueue's
     BestEffortFIFO), but everyone ahead of it has already taken their GPUs, so priority always wins
     when capacity frees up. Admitted jobs whose pods are not bound yet keep their GPUs reserved, so
-    two jobs are never admitted into the same free GPUs.
+    two jobs are never admitted into the same free GPUs. `nodes` may hold entries for several GPU
+    resources; a job is placed only on entries of the resource its pods request (`gpu_resource`). The
+    namespace quota counts the GPUs of every resource together.
     """
     quota = dict(quota_by_namespace or {})
-    free = {node.name: node.free for node in nodes}
+    free_by_resource: dict[str, dict[str, int]] = {}
+    for node in nodes:
+        free_by_resource.setdefault(node.resource, {})[node.name] = node.free
     used_by_namespace: dict[str, int] = {}
     plan = AdmissionPlan()
 
     def eligible(demand: GangDemand) -> list[str]:
-        return [n.name for n in nodes if node_fits(n, demand.node_selector, demand.tolerations)]
+        return [
+            n.name
+            for n in nodes
+            if n.resource == demand.gpu_resource and node_fits(n, demand.node_selector, demand.tolerations)
+        ]
 
-    def reserve(names: Sequence[str], gpus: int) -> None:
+    def free_of(demand: GangDemand) -> dict[str, int]:
+        return free_by_resource.setdefault(demand.gpu_resource, {})
+
+    def reserve(demand: GangDemand, names: Sequence[str]) -> None:
+        free = free_of(demand)
         for name in names:
-            free[name] -= gpus
+            free[name] -= demand.gpus_per_node
 
     ordered = admission_order(demands)
     for demand in ordered:
@@ -115,6 +135,7 @@ def plan_admission(
         missing = demand.nodes - len(set(demand.bound_nodes))
         if missing <= 0 or demand.gpus_per_node == 0:
             continue
+        free = free_of(demand)
         pool = {name: free[name] for name in eligible(demand)}
         placed = place_gang(pool, missing, demand.gpus_per_node, exclude=demand.bound_nodes)
         if placed is None:
@@ -124,7 +145,7 @@ def plan_admission(
             for name in placed:
                 free[name] = max(0, free[name] - demand.gpus_per_node)
             continue
-        reserve(placed, demand.gpus_per_node)
+        reserve(demand, placed)
 
     position = 0
     for demand in ordered:
@@ -142,14 +163,16 @@ def plan_admission(
             plan.queue_position[demand.key] = position
             continue
         names = eligible(demand)
+        free = free_of(demand)
         chosen: list[str] | None = []
         if demand.gpus_per_node > 0:
             chosen = place_gang({n: free[n] for n in names}, demand.nodes, demand.gpus_per_node)
         if chosen is None:
-            plan.waiting[demand.key] = Waiting(INSUFFICIENT_GPUS, waiting_message(demand, free, names))
+            message = waiting_message(demand, free, names, offered=bool(free))
+            plan.waiting[demand.key] = Waiting(INSUFFICIENT_GPUS, message)
             plan.queue_position[demand.key] = position
             continue
-        reserve(chosen, demand.gpus_per_node)
+        reserve(demand, chosen)
         used_by_namespace[demand.namespace] = used + demand.total_gpus
         plan.admit.append(demand.key)
         plan.placements[demand.key] = chosen
