@@ -1,5 +1,6 @@
 """`python -m finetune_operator [--namespace NS ... | --all-namespaces] [--health-port P]
-[--metrics-port M]`.
+[--metrics-port M]`;
+`python -m finetune_operator audit verify|query ...` (see finetune_operator.audit.cli).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        from finetune_operator.audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     args = parse_args(argv)
     import kopf  # here, not at the top: after `__main__` has hidden the kubernetes client
     import uvloop

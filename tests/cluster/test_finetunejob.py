@@ -1,7 +1,7 @@
 """FineTuneJob against the dev cluster: admission, gang placement, priority, restarts, exit codes,
 suspend/resume, deadline, TTL, deletion, the trainer's permissions, and the operator-trainer contract.
 
-Fake nodes (hack/devcluster.py): gpu-node-0 and gpu-node-1 with 8 GPUs each, product
+Fake nodes (hack/devcluster): gpu-node-0 and gpu-node-1 with 8 GPUs each, product
 NVIDIA-H100-80GB-HBM3, tainted nvidia.com/gpu=present:NoSchedule. kwok runs pods until a test ends them
 (finish_pod). Every wait is a deadline for something that must happen, never a measurement.
 """
