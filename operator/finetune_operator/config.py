@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from finetune_operator.scheduling.queue import AdmissionPolicy
+
 ENV_PREFIX = "FTO_"
 
 
@@ -45,6 +47,14 @@ class OperatorConfig(BaseModel):
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)
     """Optional GPU quota per namespace, e.g. `team-a=16,team-b=8` (FTO_GPU_QUOTA_PER_NAMESPACE);
     admitted jobs' GPUs count against it. Namespaces not listed are unlimited."""
+    admission_policy: AdmissionPolicy = AdmissionPolicy.STRICT
+    """`strict` (default): when the highest-priority waiting gang does not fit, the nodes it needs are
+    held for it and gangs behind it are admitted only where they cannot delay it, so it is never starved.
+    `best-effort`: gangs behind it that fit are admitted anywhere (Kueue's BestEffortFIFO; it may wait as
+    long as smaller jobs keep coming) (FTO_ADMISSION_POLICY)."""
+    preemption_min_run_seconds: float = Field(default=300.0, ge=0)
+    """A gang is not preempted before it has run this long since its admission, so a preempted job that
+    resumes is not preempted again at once (FTO_PREEMPTION_MIN_RUN_SECONDS)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off (FTO_METRICS_PORT, or --metrics-port)."""
     request_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -15,7 +15,6 @@ from typing import Any
 from finetune_operator.api.common import DEFAULT_GPU_RESOURCE
 
 GPU_RESOURCE = DEFAULT_GPU_RESOURCE
-
 _TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
 _BLOCKING_TAINT_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 
@@ -29,8 +28,10 @@ class NodeGpus:
     free: int
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Mapping[str, Any], ...] = ()
+    terminating: int = 0
+    """GPUs of pods being deleted here (e.g. preempted, saving a checkpoint): still used, soon free."""
     resource: str = GPU_RESOURCE
-    """The extended resource counted in `allocatable` and `free`."""
+    """The extended resource counted in `allocatable`, `free` and `terminating`."""
 
 
 def gpu_count(value: object) -> int:
@@ -82,11 +83,15 @@ def free_gpus_by_node(
     """Allocatable `resource` minus the requests of it by non-terminated pods bound to each ready node;
     nodes without any of it are left out."""
     used: dict[str, int] = {}
+    terminating: dict[str, int] = {}
     for pod in pods:
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name or is_pod_terminated(pod):
             continue
-        used[node_name] = used.get(node_name, 0) + pod_gpu_request(pod, resource)
+        gpus = pod_gpu_request(pod, resource)
+        used[node_name] = used.get(node_name, 0) + gpus
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            terminating[node_name] = terminating.get(node_name, 0) + gpus
     result = []
     for node in nodes:
         allocatable = gpu_count(((node.get("status") or {}).get("allocatable") or {}).get(resource))
@@ -101,6 +106,7 @@ def free_gpus_by_node(
                 free=max(0, allocatable - used.get(name, 0)),
                 labels=dict(meta.get("labels") or {}),
                 taints=tuple((node.get("spec") or {}).get("taints") or ()),
+                terminating=min(terminating.get(name, 0), allocatable),
                 resource=resource,
             )
         )
