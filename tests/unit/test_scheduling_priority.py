@@ -380,3 +380,17 @@ def test_policy_and_minimum_run_time_come_from_the_environment() -> None:
     assert config.preemption_min_run_seconds == 30
     with pytest.raises(ValueError, match="admission_policy"):
         OperatorConfig.from_env({"FTO_ADMISSION_POLICY": "fifo"})
+
+
+def test_gpus_of_another_resource_are_never_preempted_for() -> None:
+    amd = "amd.com/gpu"
+    raw = [node("gpu-node-0", 8)]
+    raw[0]["status"]["allocatable"][amd] = "8"
+    capacity = free_gpus_by_node(raw, [pod("gpu-node-0", 8)]) + free_gpus_by_node(raw, [], amd)
+    demands = [
+        running("ns/on-amd", "gpu-node-0", gpu_resource=amd),
+        demand("ns/high", priority=10, may_preempt=True),
+    ]
+    plan = plan_admission(capacity, demands, now=NOW)
+    assert plan.preempt == {}
+    assert plan.waiting["ns/high"].reason == INSUFFICIENT_GPUS

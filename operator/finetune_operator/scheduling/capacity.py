@@ -28,10 +28,10 @@ class NodeGpus:
     free: int
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Mapping[str, Any], ...] = ()
+    resource: str = GPU_RESOURCE
+    """The extended resource counted in `allocatable` and `free`."""
     terminating: int = 0
     """GPUs of pods being deleted here (e.g. preempted, saving a checkpoint): still used, soon free."""
-    resource: str = GPU_RESOURCE
-    """The extended resource counted in `allocatable`, `free` and `terminating`."""
 
 
 def gpu_count(value: object) -> int:
@@ -81,7 +81,7 @@ def free_gpus_by_node(
     nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]], resource: str = GPU_RESOURCE
 ) -> list[NodeGpus]:
     """Allocatable `resource` minus the requests of it by non-terminated pods bound to each ready node;
-    nodes without any of it are left out."""
+    nodes without any of it are left out. GPUs of pods being deleted are also counted as `terminating`."""
     used: dict[str, int] = {}
     terminating: dict[str, int] = {}
     for pod in pods:
@@ -106,8 +106,8 @@ def free_gpus_by_node(
                 free=max(0, allocatable - used.get(name, 0)),
                 labels=dict(meta.get("labels") or {}),
                 taints=tuple((node.get("spec") or {}).get("taints") or ()),
-                terminating=min(terminating.get(name, 0), allocatable),
                 resource=resource,
+                terminating=min(terminating.get(name, 0), allocatable),
             )
         )
     return sorted(result, key=lambda n: n.name)

@@ -13,10 +13,6 @@ One pass over all gangs in admission order (priority, then age):
    it can delay it (backfill only onto nodes it cannot use), under **best-effort** smaller gangs behind
    it may take them (today's behaviour, Kueue's BestEffortFIFO).
 
-Each GPU resource (`GangDemand.gpu_resource`: `nvidia.com/gpu`, `amd.com/gpu`, a MIG profile) is its own
-pool: a gang is placed, holds and preempts only among the nodes and gangs of the resource its pods
-request. Namespace quotas count the GPUs of every resource together.
-
 "Held" means: of the free GPUs of a held node, the holder's `gpusPerNode` are kept back; whatever is
 free beyond that may still go to gangs behind it (they cannot delay the holder), and GPUs freed there
 later go to the holder. A gang that can never fit (fewer matching nodes than it needs) holds nothing.
@@ -158,6 +154,20 @@ def _seconds(value: float) -> str:
     return f"{max(0, round(value))} s"
 
 
+@dataclass
+class _Resource:
+    """One GPU resource's capacity during a pass, by node name (a node may offer several resources)."""
+
+    allocatable: dict[str, int] = field(default_factory=dict)
+    free: dict[str, int] = field(default_factory=dict)
+    """Free GPUs after reservations and admissions: what the messages show."""
+    open: dict[str, int] = field(default_factory=dict)
+    """`free` less what is held: what a gang may take now."""
+    freeing: dict[str, int] = field(default_factory=dict)
+    """GPUs that are being freed (pods being deleted, gangs preempted): free soon."""
+    held_by: dict[str, GangDemand] = field(default_factory=dict)
+
+
 class _Pass:
     """The state of one admission pass: free GPUs, GPUs being freed, holds, quota use."""
 
@@ -171,19 +181,17 @@ class _Pass:
         min_run_seconds: float,
     ) -> None:
         self.nodes = nodes
-        self.allocatable = {node.name: node.allocatable for node in nodes}
+        self.resources: dict[str, _Resource] = {}
+        for node in nodes:
+            capacity = self.resources.setdefault(node.resource, _Resource())
+            capacity.allocatable[node.name] = node.allocatable
+            capacity.free[node.name] = capacity.open[node.name] = node.free
+            capacity.freeing[node.name] = node.terminating
         self.ordered = admission_order(demands)
         self.quota = quota
         self.policy = policy
         self.now = now
         self.min_run_seconds = min_run_seconds
-        self.free = {node.name: node.free for node in nodes}
-        """Free GPUs after reservations and admissions: what the messages show."""
-        self.open = dict(self.free)
-        """`free` less what is held: what a gang may take now."""
-        self.freeing = {node.name: node.terminating for node in nodes}
-        """GPUs that are being freed (pods being deleted, gangs preempted): free soon."""
-        self.held_by: dict[str, GangDemand] = {}
         self.used_by_namespace: dict[str, int] = {}
         """GPUs of admitted gangs per namespace (what its quota counts)."""
         self.quota_held: dict[str, int] = {}
@@ -192,40 +200,52 @@ class _Pass:
         """Nodes of each admitted gang (bound or reserved): where its preemption frees GPUs."""
         self.plan = AdmissionPlan()
 
+    def of(self, demand: GangDemand) -> _Resource:
+        """The capacity of the resource `demand`'s pods request; empty if no node offers it."""
+        return self.resources.setdefault(demand.gpu_resource, _Resource())
+
     def eligible(self, demand: GangDemand) -> list[str]:
-        return [n.name for n in self.nodes if node_fits(n, demand.node_selector, demand.tolerations)]
+        return [
+            n.name
+            for n in self.nodes
+            if n.resource == demand.gpu_resource and node_fits(n, demand.node_selector, demand.tolerations)
+        ]
 
-    def waiting_message(self, demand: GangDemand, names: Sequence[str]) -> str:
-        return waiting_message(demand, self.free, names, offered=bool(self.nodes))
-
-    def take(self, names: Sequence[str], gpus: int) -> None:
+    def take(self, demand: GangDemand, names: Sequence[str]) -> None:
+        capacity = self.of(demand)
         for name in names:
-            self.free[name] = max(0, self.free[name] - gpus)
-            self.open[name] = max(0, self.open[name] - gpus)
+            capacity.free[name] = max(0, capacity.free[name] - demand.gpus_per_node)
+            capacity.open[name] = max(0, capacity.open[name] - demand.gpus_per_node)
 
     def hold(self, demand: GangDemand, names: Sequence[str]) -> None:
+        capacity = self.of(demand)
         for name in names:
-            self.held_by.setdefault(name, demand)
-            self.open[name] = max(0, self.open[name] - demand.gpus_per_node)
+            capacity.held_by.setdefault(name, demand)
+            capacity.open[name] = max(0, capacity.open[name] - demand.gpus_per_node)
         if names:
             self.plan.held[demand.key] = list(names)
 
     def held_for_another(self, name: str, demand: GangDemand) -> bool:
-        holder = self.held_by.get(name)
+        holder = self.of(demand).held_by.get(name)
         return holder is not None and holder.key != demand.key
 
     def usable_later(self, demand: GangDemand, names: Sequence[str]) -> dict[str, int]:
         """What `demand` could have of `names` once what is being freed is free; GPUs freed on a node
         held for a gang ahead of it go to that gang."""
-        return {n: self.open[n] + (0 if self.held_for_another(n, demand) else self.freeing[n]) for n in names}
+        capacity = self.of(demand)
+        return {
+            n: capacity.open[n] + (0 if self.held_for_another(n, demand) else capacity.freeing[n])
+            for n in names
+        }
 
     # --- 1. admitted gangs ------------------------------------------------------------------------
     def reserve_admitted(self) -> None:
         for demand in self.ordered:
             if not demand.admitted:
+                freeing = self.of(demand).freeing
                 if demand.draining:
-                    for name in set(demand.bound_nodes) & set(self.freeing):
-                        self.freeing[name] += demand.gpus_per_node
+                    for name in set(demand.bound_nodes) & set(freeing):
+                        freeing[name] += demand.gpus_per_node
                 continue
             ns = demand.namespace
             self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) + demand.total_gpus
@@ -234,14 +254,14 @@ class _Pass:
             self.occupied[demand.key] = bound
             if missing <= 0 or demand.gpus_per_node == 0:
                 continue
-            pool = {name: self.open[name] for name in self.eligible(demand)}
+            pool = {name: self.of(demand).open[name] for name in self.eligible(demand)}
             placed = place_gang(pool, missing, demand.gpus_per_node, exclude=bound)
             if placed is None:
                 # Already admitted and short of room (e.g. a node vanished): reserve what exists so
                 # nobody new is admitted into it; the job's pods stay Pending until capacity returns.
                 placed = [n for n, _ in sorted(pool.items(), key=lambda kv: -kv[1]) if n not in bound]
                 placed = placed[:missing]
-            self.take(placed, demand.gpus_per_node)
+            self.take(demand, placed)
             self.occupied[demand.key] = bound + tuple(placed)
 
     # --- 2.-5. waiting gangs ----------------------------------------------------------------------
@@ -263,6 +283,7 @@ class _Pass:
         used, held = self.used_by_namespace.get(ns, 0), self.quota_held.get(ns, 0)
         over_quota = limit is not None and used + held + total > limit
         names = self.eligible(demand)
+        capacity = self.of(demand)
         if demand.draining:
             self.hold_quota(demand)
             return Waiting(
@@ -274,7 +295,7 @@ class _Pass:
             self.admit(demand, [])
             return None
         if not over_quota:
-            chosen = place_gang({n: self.open[n] for n in names}, demand.nodes, demand.gpus_per_node)
+            chosen = place_gang({n: capacity.open[n] for n in names}, demand.nodes, demand.gpus_per_node)
             if chosen is not None:
                 self.admit(demand, chosen)
                 return None
@@ -284,7 +305,7 @@ class _Pass:
                 self.hold_quota(demand)
                 return Waiting(
                     INSUFFICIENT_GPUS,
-                    f"{self.waiting_message(demand, names)}; waiting for GPUs being freed (pods "
+                    f"{self.message(demand, names)}; waiting for GPUs being freed (pods "
                     f"stopping) on {', '.join(later)}{self.held_note(demand)}",
                 )
         preempting = self.preempt_for(demand, names, over_quota, limit, used + held)
@@ -303,13 +324,17 @@ class _Pass:
             self.hold_quota(demand)
         return Waiting(
             INSUFFICIENT_GPUS,
-            f"{self.waiting_message(demand, names)}{self.blocked_note(demand, names)}"
+            f"{self.message(demand, names)}{self.blocked_note(demand, names)}"
             f"{self.held_note(demand)}"
             f"{self.later_preemption_note(demand, names, over_quota, limit, used + held)}",
         )
 
+    def message(self, demand: GangDemand, names: Sequence[str]) -> str:
+        capacity = self.of(demand)
+        return waiting_message(demand, capacity.free, names, offered=bool(capacity.free))
+
     def admit(self, demand: GangDemand, chosen: list[str]) -> None:
-        self.take(chosen, demand.gpus_per_node)
+        self.take(demand, chosen)
         ns = demand.namespace
         self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) + demand.total_gpus
         self.plan.admit.append(demand.key)
@@ -324,11 +349,12 @@ class _Pass:
 
     def nodes_to_hold(self, demand: GangDemand, names: Sequence[str]) -> list[str]:
         """The nodes it will most likely get first (most GPUs free or being freed), if it can ever fit."""
-        big_enough = [n for n in names if self.allocatable[n] >= demand.gpus_per_node]
+        capacity = self.of(demand)
+        big_enough = [n for n in names if capacity.allocatable[n] >= demand.gpus_per_node]
         if len(big_enough) < demand.nodes:
             return []
-        unheld = [n for n in big_enough if n not in self.held_by]
-        unheld.sort(key=lambda n: (-(self.open[n] + self.freeing[n]), n))
+        unheld = [n for n in big_enough if n not in capacity.held_by]
+        unheld.sort(key=lambda n: (-(capacity.open[n] + capacity.freeing[n]), n))
         return unheld[: demand.nodes]
 
     def held_note(self, demand: GangDemand) -> str:
@@ -341,7 +367,7 @@ class _Pass:
         """Which gangs ahead of it hold the nodes it could use: what it waits for."""
         holders: dict[str, list[str]] = {}
         for name in names:
-            holder = self.held_by.get(name)
+            holder = self.of(demand).held_by.get(name)
             if holder is not None and holder.key != demand.key:
                 holders.setdefault(holder.key, []).append(name)
         if not holders:
@@ -362,6 +388,8 @@ class _Pass:
         for gang in self.ordered:
             if not gang.admitted or gang.priority >= demand.priority or gang.key in self.plan.preempt:
                 continue
+            if gang.gpu_resource != demand.gpu_resource:
+                continue  # its GPUs are of another kind: freeing them doesn't help
             if over_quota and gang.namespace != demand.namespace:
                 continue  # a namespace at its quota preempts only within itself
             if not include_young and self.young_for(gang) > 0:
@@ -423,7 +451,7 @@ class _Pass:
             ns = gang.namespace
             self.used_by_namespace[ns] = self.used_by_namespace.get(ns, 0) - gang.total_gpus
             for name in self.occupied.get(victim.key, ()):
-                self.freeing[name] += gang.gpus_per_node
+                self.of(gang).freeing[name] += gang.gpus_per_node
         self.hold(demand, placement)
         self.hold_quota(demand)
         return Waiting(
@@ -464,42 +492,7 @@ def plan_admission(
     (see the module docstring). Admitted gangs whose pods are not bound yet keep their GPUs reserved, so
     two gangs are never admitted into the same free GPUs. `now` and `min_run_seconds` decide which gangs
     have run long enough to be preempted."""
-    quota = dict(quota_by_namespace or {})
-    resources = sorted({node.resource for node in nodes} | {demand.gpu_resource for demand in demands})
-    passes = [
-        _Pass(
-            [n for n in nodes if n.resource == resource],
-            [d for d in demands if d.gpu_resource == resource],
-            quota,
-            policy,
-            now,
-            min_run_seconds,
-        )
-        for resource in resources or [GPU_RESOURCE]
-    ]
-    # One quota use per namespace across every resource: all admitted gangs count before anyone waits.
-    for state in passes[1:]:
-        state.used_by_namespace = passes[0].used_by_namespace
-        state.quota_held = passes[0].quota_held
-    for state in passes:
-        state.reserve_admitted()
-    for state in passes:
-        state.place_waiting()
-    return _merged([state.plan for state in passes], admission_order(demands))
-
-
-def _merged(plans: Sequence[AdmissionPlan], ordered: Sequence[GangDemand]) -> AdmissionPlan:
-    """The plans of the resources' pools as one; `admit` in admission order."""
-    if len(plans) == 1:
-        return plans[0]
-    merged = AdmissionPlan()
-    for plan in plans:
-        merged.admit += plan.admit
-        merged.waiting.update(plan.waiting)
-        merged.queue_position.update(plan.queue_position)
-        merged.placements.update(plan.placements)
-        merged.preempt.update(plan.preempt)
-        merged.held.update(plan.held)
-    rank = {demand.key: i for i, demand in enumerate(ordered)}
-    merged.admit.sort(key=lambda key: rank[key])
-    return merged
+    state = _Pass(nodes, demands, dict(quota_by_namespace or {}), policy, now, min_run_seconds)
+    state.reserve_admitted()
+    state.place_waiting()
+    return state.plan
