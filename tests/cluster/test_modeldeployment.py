@@ -87,7 +87,7 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
         body = get_md(cluster, namespace, "bot")
         return body if condition(body, "ModelReady").get("reason") == "WaitingForFineTuneJob" else None
 
-    body = wait_for(waiting, 60, "ModelReady=False WaitingForFineTuneJob")
+    body = wait_for(waiting, 120, "ModelReady=False WaitingForFineTuneJob")
     assert "does not exist" in condition(body, "ModelReady")["message"]
     assert condition(body, "Ready")["status"] == "False"
     assert not children(cluster, namespace, "bot"), "nothing is deployed before the model exists"
@@ -104,7 +104,7 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
             else None
         )
 
-    body = wait_for(deployed, 120, "the deployment's 2 replicas ready")
+    body = wait_for(deployed, 180, "the deployment's 2 replicas ready")
     status = body["status"]
     assert status["model"]["uri"] == "pvc://src-checkpoints/output/final/model"
     assert status["endpoint"] == f"http://bot.{namespace}.svc/v1"
@@ -143,7 +143,7 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
         rollout = (body.get("status") or {}).get("rollout") or {}
         return body if rollout.get("stableRevision") not in (None, revision) else None
 
-    body = wait_for(rolled, 60, "a new stable revision")
+    body = wait_for(rolled, 180, "a new stable revision")
     new_revision = body["status"]["rollout"]["stableRevision"]
     assert {r["name"] for r in body["status"]["revisions"]} >= {revision, new_revision}
 
@@ -154,10 +154,10 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
             f"bot-server-{new_revision}",
         ) in kinds
 
-    wait_for(old_config_gone, 60, "the old revision's config to go")
+    wait_for(old_config_gone, 180, "the old revision's config to go")
 
     cluster.kubectl("delete", "modeldeployment", "bot", "-n", namespace, "--timeout=60s")
-    wait_for(lambda: not children(cluster, namespace, "bot"), 90, "every child to be garbage-collected")
+    wait_for(lambda: not children(cluster, namespace, "bot"), 180, "every child to be garbage-collected")
 
 
 def test_a_canary_without_evidence_is_inconclusive_then_rolled_back(
@@ -181,7 +181,7 @@ def test_a_canary_without_evidence_is_inconclusive_then_rolled_back(
         body = get_md(cluster, namespace, "cny")
         return body if (body.get("status") or {}).get("readyReplicas") == 1 else None
 
-    first = wait_for(stable_ready, 90, "the first revision's replica")["status"]["rollout"]["stableRevision"]
+    first = wait_for(stable_ready, 180, "the first revision's replica")["status"]["rollout"]["stableRevision"]
     cluster.kubectl(
         "patch", "modeldeployment", "cny", "-n", namespace, "--type=merge",
         "-p", '{"spec":{"runtime":{"maxNewTokens":32}}}',
@@ -192,10 +192,10 @@ def test_a_canary_without_evidence_is_inconclusive_then_rolled_back(
         entries = ((body.get("status") or {}).get("rollout") or {}).get("history") or []
         return body if any(e["decision"] == decision for e in entries) else None
 
-    body = wait_for(lambda: history("Started"), 60, "the canary to start")
+    body = wait_for(lambda: history("Started"), 120, "the canary to start")
     assert ("Deployment", "cny-canary") in children(cluster, namespace, "cny")
     assert condition(body, "Progressing")["status"] == "True"
-    body = wait_for(lambda: history("RolledBack"), 90, "the inconclusive canary to be rolled back")
+    body = wait_for(lambda: history("RolledBack"), 180, "the inconclusive canary to be rolled back")
     rollout = body["status"]["rollout"]
     decisions = [e["decision"] for e in rollout["history"]]
     assert "Waiting" in decisions, "inconclusive first: it waits before it fails"

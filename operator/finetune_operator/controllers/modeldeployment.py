@@ -249,6 +249,7 @@ async def _analyse(
     memory: RolloutMemory,
     canary: ObservedDeployment | None,
     now: datetime,
+    server_failure: str | None,
 ) -> tuple[Judgement | None, ServingSample | None]:
     """The canary's judgement over its current step (None when no analysis is due yet), and the pods'
     reading it was made from (the next step's baseline if this one is promoted)."""
@@ -264,6 +265,8 @@ async def _analyse(
         return None, None
     thresholds = Thresholds(analysis.min_requests, analysis.max_error_rate, analysis.max_p95_latency_ms)
     ready_replicas, replicas = (canary.ready_replicas, canary.replicas) if canary else (0, 0)
+    if server_failure is not None:
+        return judge(None, thresholds, server_failure=server_failure), None
     session = runtime.serving.http()
     if analysis.prometheus_url:
         started = memory.step_started_at or now
@@ -321,9 +324,11 @@ async def _delete_dropped(
     plan: RolloutPlan,
     stable: Mapping[str, Any] | None,
     revision: ServingRevision,
+    *,
+    canary_exists: bool,
 ) -> None:
     namespace = str(md.metadata["namespace"])
-    if not plan.canary:
+    if not plan.canary and canary_exists:
         await runtime.client.delete("apps/v1", "Deployment", server_deployment_name(md, CANARY), namespace)
     keep = {server_config_name(md, revision.name)}
     if stable is not None:
@@ -417,9 +422,13 @@ async def _reconcile(
     rollout = md.spec.rollout
     steps = tuple(Step(s.weight, s.pause_seconds) for s in rollout.canary.steps) if rollout.canary else ()
     timeout = rollout.canary.analysis.inconclusive_timeout_seconds if rollout.canary else 0
+    health = await _health(runtime, md, revision.name)
     judgement, sample = None, None
     if needs_analysis(memory, revision.name, rollout.strategy) and memory.step_started_at is not None:
-        judgement, sample = await _analyse(runtime, key, md, memory, canary, now)
+        failure = next(
+            (str(h.get("message") or h.get("reason")) for h in health if h.get("phase") == "Failed"), None
+        )
+        judgement, sample = await _analyse(runtime, key, md, memory, canary, now, failure)
     plan = plan_rollout(
         desired=revision.name,
         strategy=rollout.strategy,
@@ -442,14 +451,16 @@ async def _reconcile(
         canary_weight=plan.split.weight,
     )
     await _apply(runtime, md, build_serving_children(md, serving, features, runtime.config))
-    await _delete_dropped(runtime, md, plan, stable_body, revision)
+    await _delete_dropped(runtime, md, plan, stable_body, revision, canary_exists=canary_body is not None)
 
-    health = await _health(runtime, md, revision.name)
+    if plan.apply_stable and stable is not None and stable.revision != revision.name:
+        health = await _health(runtime, md, revision.name)  # the first pods of a just-applied revision
+    model_value = model_ready(None, health)
     values = {
-        CONDITION_MODEL_READY: model_ready(None, health),
+        CONDITION_MODEL_READY: model_value,
         CONDITION_AVAILABLE: available(stable, canary if plan.canary else None),
         CONDITION_PROGRESSING: progressing(plan, stable, None),
-        CONDITION_DEGRADED: degraded(plan, stable, None),
+        CONDITION_DEGRADED: degraded(plan, stable, None, model_value),
     }
     values[CONDITION_READY] = ready(values)
     for type_, (status, reason, message) in values.items():
