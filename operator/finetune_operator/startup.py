@@ -17,6 +17,7 @@ import kopf
 from finetune_operator import handlers  # noqa: F401 - registers the handlers
 from finetune_operator.api import finetunejob, modeldeployment
 from finetune_operator.builders.common import JOB_LABEL
+from finetune_operator.builders.serving_common import DEPLOYMENT_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.finetunejob import reconcile_finetunejob
 from finetune_operator.controllers.modeldeployment import reconcile_modeldeployment
@@ -68,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     # Only our own children stream in (server-side), not every Job and Pod of the namespace.
     settings.watching.label_selectors["batch/v1", "jobs"] = JOB_LABEL
     settings.watching.label_selectors["v1", "pods"] = JOB_LABEL
+    settings.watching.label_selectors["apps/v1", "deployments"] = DEPLOYMENT_LABEL
 
 
 @kopf.on.startup()

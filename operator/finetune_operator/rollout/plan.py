@@ -42,6 +42,8 @@ class ObservedDeployment:
     available_replicas: int = 0
     observed: bool = True
     """Its controller has seen the latest spec (`status.observedGeneration == metadata.generation`)."""
+    stalled: bool = False
+    """Its `Progressing` condition is False (`ProgressDeadlineExceeded`): pods don't become available."""
 
     @property
     def rolled_out(self) -> bool:
@@ -122,7 +124,7 @@ def plan_rollout(
         split = _split(stable.replicas, steps[-1].weight, routed)
         return RolloutPlan(True, True, split, memory, None, "Completing")
     if strategy == "RollingUpdate":
-        kept = RolloutMemory(stable_revision=stable.revision, failed_revision=memory.failed_revision)
+        kept = RolloutMemory(stable_revision=desired, failed_revision=memory.failed_revision)
         return RolloutPlan(True, False, none, kept, None, "RollingUpdate")
     if not steps:
         raise ValueError("strategy Canary needs steps")
