@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from finetune_operator.controllers.runtime import FtjSummary, Runtime
 from finetune_operator.scheduling import (
     GangDemand,
+    Preemption,
     Waiting,
     free_gpus_by_node,
     plan_admission,
@@ -41,17 +43,10 @@ def _demands(runtime: Runtime) -> list[GangDemand]:
         if summary.terminal or summary.spec.suspend or summary.spec.queue_name:
             continue
         admitted = runtime.admitted_override.get(summary.key, summary.admitted)
-        bound: tuple[str, ...] = ()
-        if admitted and pods_index is not None:
-            bound = tuple(
-                sorted(
-                    {
-                        p.node
-                        for p in pods_index.get(summary.key, [])
-                        if p.node and not p.terminated and not p.deleting
-                    }
-                )
-            )
+        pods = [
+            p for p in (pods_index.get(summary.key, []) if pods_index is not None else []) if not p.terminated
+        ]
+        bound = tuple(sorted({p.node for p in pods if p.node and not p.deleting}))
         demands.append(
             GangDemand(
                 key=summary.key,
@@ -64,6 +59,11 @@ def _demands(runtime: Runtime) -> list[GangDemand]:
                 tolerations=summary.spec.tolerations,
                 admitted=admitted,
                 bound_nodes=bound,
+                may_preempt=summary.spec.may_preempt,
+                admitted_at=summary.admitted_at,
+                # Not admitted while pods of an earlier attempt live (a preempted gang saving its
+                # checkpoint): never two gangs of one job at once.
+                draining=not admitted and bool(pods),
             )
         )
     return demands
@@ -74,7 +74,23 @@ async def _recompute(runtime: Runtime) -> None:
     demands = _demands(runtime)
     nodes = await runtime.client.list("v1", "Node")
     pods = await runtime.client.list("v1", "Pod", field_selector=_NON_TERMINATED)
-    plan = plan_admission(free_gpus_by_node(nodes, pods), demands, runtime.config.gpu_quota_per_namespace)
+    config = runtime.config
+    plan = plan_admission(
+        free_gpus_by_node(nodes, pods),
+        demands,
+        config.gpu_quota_per_namespace,
+        policy=config.admission_policy,
+        now=datetime.now(UTC),
+        min_run_seconds=config.preemption_min_run_seconds,
+    )
+    for key, preemption in plan.preempt.items():
+        # Its reconcile stops the gang (graceful pod deletion: the trainer checkpoints on SIGTERM).
+        runtime.admitted_override[key] = False
+        runtime.placements.pop(key, None)
+        runtime.preemptions[key] = preemption
+        runtime.enqueue(key)
+    if plan.preempt:
+        logger.info("preempting %s", ", ".join(f"{k} for {p.preemptor}" for k, p in plan.preempt.items()))
     for key in plan.admit:
         runtime.admitted_override[key] = True
         runtime.placements[key] = plan.placements.get(key, [])
@@ -106,6 +122,16 @@ async def admission_decision(runtime: Runtime, key: str) -> Decision:
             runtime.capacity_generation += 1
             return Decision(False, [], Waiting("Pending", "waiting for the admission pass"), None)
         return Decision(False, [], waiting, plan.queue_position.get(key))
+
+
+def preemption_of(runtime: Runtime, key: str) -> Preemption | None:
+    """The preemption the plan decided for `key` and its reconcile has not carried out yet."""
+    return runtime.preemptions.get(key)
+
+
+def preempted(runtime: Runtime, key: str) -> None:
+    """The reconcile of `key` has stopped its gang and recorded the preemption."""
+    runtime.preemptions.pop(key, None)
 
 
 def release(runtime: Runtime, key: str) -> None:

@@ -30,7 +30,7 @@ from finetune_operator.api.finetunejob import (
 from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims
-from finetune_operator.controllers.admission import admission_decision, release
+from finetune_operator.controllers.admission import admission_decision, preempted, preemption_of, release
 from finetune_operator.controllers.children import (
     JobSummary,
     PodSummary,
@@ -48,6 +48,7 @@ from finetune_operator.controllers.conditions import (
 )
 from finetune_operator.controllers.runtime import Runtime
 from finetune_operator.k8s import ApiError
+from finetune_operator.scheduling import PREEMPTED
 from finetune_trainer.config import ConfigError
 from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
 
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 API_VERSION = "finetune.dev/v1alpha1"
 KIND = "FineTuneJob"
 WAITING_FOR = " - waiting for the old gang's pods to go: "
+NOW_WAITING = " - now: "
+"""Between a Preempted condition's cause (kept until the job runs again) and what it waits for now."""
 RELEASED_PHASES = ("Succeeded", "Failed", "Suspended")
 """Phases in which no pod of the job runs, so our finalizer is dropped."""
 OWNED_STATUS_FIELDS = (
@@ -378,6 +381,32 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             await writer.commit()
             return await _ttl(runtime, job, writer)
 
+    # --- preempted: stop the gang gracefully; it resumes from its checkpoint when admitted again ---------
+    preemption = preemption_of(runtime, key)
+    if preemption is not None:
+        # Deleting the Job deletes its pods gracefully: the trainer gets SIGTERM, saves a checkpoint and
+        # exits 10 within the pods' grace period. No restart is charged; attempt stays as it is.
+        await _delete_jobs(runtime, namespace, jobs)
+        writer.set(CONDITION_ADMITTED, False, PREEMPTED, preemption.message)
+        writer.set(CONDITION_RUNNING, False, PREEMPTED, preemption.message)
+        writer.fields["queuedSince"] = rfc3339(now)
+        writer.fields["admission"] = None
+        runtime.metrics.preemptions.inc()
+        await writer.commit()  # the phase moves to Queued: an Event with the Preempted message
+        preempted(runtime, key)
+        preemptor = runtime.bodies.get(preemption.preemptor)
+        if preemptor is not None:
+            runtime.spawn(
+                runtime.client.post_event(
+                    preemptor,
+                    type_="Normal",
+                    reason="PreemptedLowerPriority",
+                    message=f"preempted {key} (priority {scheduling.priority}) to make room for this job; "
+                    "it resumes from its checkpoint when GPUs are free again",
+                )
+            )
+        return config.requeue_seconds
+
     # --- admission -------------------------------------------------------------------------------------
     if not admitted_condition and not runtime.admitted_override.get(key):
         missing = await _missing_claims(runtime, job)
@@ -423,7 +452,12 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             decision = await admission_decision(runtime, key)
             if not decision.admitted:
                 assert decision.waiting is not None
-                writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
+                reason, message = decision.waiting.reason, decision.waiting.message
+                waiting_since = find(writer.conditions, CONDITION_ADMITTED) or {}
+                if waiting_since.get("reason") == PREEMPTED:  # say why it waits until it runs again
+                    cause = str(waiting_since.get("message") or "").split(NOW_WAITING)[0]
+                    reason, message = PREEMPTED, f"{cause}{NOW_WAITING}{message}"
+                writer.set(CONDITION_ADMITTED, False, reason, message)
                 writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
                 writer.fields["admission"] = (
                     {"queuePosition": decision.queue_position} if decision.queue_position else None

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from finetune_operator.config import OperatorConfig
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
-from finetune_operator.scheduling import AdmissionPlan
+from finetune_operator.scheduling import AdmissionPlan, Preemption
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class SpecDemand(NamedTuple):
     tolerations: tuple[Mapping[str, Any], ...]
     queue_name: str | None
     suspend: bool
+    may_preempt: bool = False
+    """`scheduling.preemptionPolicy: PreemptLowerPriority`."""
 
 
 class FtjSummary(NamedTuple):
@@ -131,6 +133,8 @@ class FtjSummary(NamedTuple):
     terminal: bool
     admitted: bool
     phase: str
+    admitted_at: datetime | None = None
+    """`status.admission.admittedAt`: the minimum run time before a preemption counts from here."""
 
 
 @dataclass
@@ -150,6 +154,8 @@ class Runtime:
     plan_generation: int = -1
     plan_time: float = 0.0
     placements: dict[str, list[str]] = field(default_factory=dict)
+    preemptions: dict[str, Preemption] = field(default_factory=dict)
+    """Gangs the admission plan preempted whose reconcile has not stopped them yet."""
     applied_generation: dict[str, int] = field(default_factory=dict)
     """metadata.generation whose children were last applied, per job (a restart re-applies everything)."""
     phases: dict[str, str] = field(default_factory=dict)
@@ -214,6 +220,7 @@ class Runtime:
     def forget(self, key: str) -> None:
         self.admitted_override.pop(key, None)
         self.placements.pop(key, None)
+        self.preemptions.pop(key, None)
         self.applied_generation.pop(key, None)
         self.phases.pop(key, None)
         self.gpus.pop(key, None)

@@ -45,6 +45,7 @@ def _demand(runtime: Runtime, key: str, body: kopf.Body) -> SpecDemand | None:
             tolerations=tuple(pod_tolerations(job)),
             queue_name=job.spec.scheduling.queue_name,
             suspend=job.spec.scheduling.suspend,
+            may_preempt=job.spec.scheduling.preemption_policy == "PreemptLowerPriority",
         )
     runtime.demands[key] = (uid, generation, demand)
     return demand
@@ -58,8 +59,10 @@ async def finetunejobs(
     demand = _demand(runtime_of(memo, kwargs), f"{namespace}/{name}", body)
     if demand is None:
         return None
-    conditions = list((body.get("status") or {}).get("conditions") or [])
+    status = body.get("status") or {}
+    conditions = list(status.get("conditions") or [])
     created = datetime.fromisoformat(str(body.metadata["creationTimestamp"]).replace("Z", "+00:00"))
+    admitted_at = (status.get("admission") or {}).get("admittedAt")
     summary = FtjSummary(
         key=f"{namespace}/{name}",
         namespace=str(namespace),
@@ -68,6 +71,7 @@ async def finetunejobs(
         terminal=is_terminal(conditions),
         admitted=is_true(conditions, "Admitted"),
         phase=derive_phase(conditions),
+        admitted_at=datetime.fromisoformat(str(admitted_at).replace("Z", "+00:00")) if admitted_at else None,
     )
     return {"all": summary}
 
