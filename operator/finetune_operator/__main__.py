@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # at scale and say nothing the controller's own transition lines don't; errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator import startup as _registers_handlers  # noqa: F401 - after env is set
 
     if not args.namespace and not args.all_namespaces:
         logging.getLogger(__name__).info("no --namespace given: serving all namespaces")

@@ -83,8 +83,12 @@ def test_a_preempted_trainer_checkpoints_waits_and_resumes_from_its_checkpoint(
     )
     runner.start()
     wait_for(
-        lambda: any(checkpoints.glob("step-*/COMPLETE")), 300, "a first checkpoint of low", interval=0.05
+        lambda: runs or any(checkpoints.glob("step-*/COMPLETE")),
+        300,
+        "a first checkpoint of low",
+        interval=0.05,
     )
+    assert not runs, f"low ended before it was preempted: {runs[0].log()}"
 
     # maxRestarts 0: had the preemption been charged as a failure, low would fail instead of waiting.
     cluster.apply(job_on(one_gpu_node, "high", tiny, 30, priority=100), namespace)
