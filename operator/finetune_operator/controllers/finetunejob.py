@@ -8,7 +8,8 @@ current attempt (success; failure → Failed at once when non-retryable, else a 
 exponential backoff up to maxRestarts; running). Each concern returns `Done(requeue)` or None; the
 "fail → release the GPUs → commit → TTL" ending is `Step.fail`/`Step.end`. Status goes through the
 kind-generic writer with the FineTuneJob's `STATUS_RULES` (only the fields the operator owns; `progress`,
-`metrics`, `checkpoints`, `artifact` belong to the trainer). The return value asks for the next reconcile in N s.
+`metrics`, `checkpoints`, `artifact` belong to the trainer). The return value asks for the next reconcile
+in N s.
 """
 
 from __future__ import annotations
