@@ -1,0 +1,57 @@
+"""The operator's audit log from its settings: which sinks, which key, resumed from the files' tail."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from finetune_operator.audit.chain import Chain, load_private_key
+from finetune_operator.audit.log import AuditLog, AuditMetrics
+from finetune_operator.audit.records import AuditRecord
+from finetune_operator.audit.sinks import EventSink, RotatingFileSink, Sink, StdoutSink
+from finetune_operator.config import OperatorConfig
+
+logger = logging.getLogger(__name__)
+
+EVENT_ACTIONS = frozenset(
+    {"Suspended", "Resumed", "Restarted", "QualityGatePassed", "QualityGateFailed", "Promoted", "RolledBack"}
+)
+"""Operator actions also posted as Events by the audit log (refused admissions always are)."""
+
+PostEvent = Callable[[AuditRecord], Coroutine[Any, Any, None]]
+
+
+def build_audit_log(
+    config: OperatorConfig, registry: CollectorRegistry, post_event: PostEvent | None = None
+) -> AuditLog:
+    sinks: list[Sink] = []
+    if config.audit_stdout:
+        sinks.append(StdoutSink())
+    tail: AuditRecord | None = None
+    if config.audit_dir:
+        file_sink = RotatingFileSink(
+            Path(config.audit_dir),
+            max_bytes=config.audit_max_file_bytes,
+            keep_files=config.audit_keep_files,
+            retry_seconds=config.audit_retry_seconds,
+        )
+        tail = file_sink.tail()
+        sinks.append(file_sink)
+    if post_event is not None:
+        sinks.append(EventSink(post_event, actions=EVENT_ACTIONS))
+    key = None
+    if config.audit_signing_key_file:
+        key = load_private_key(Path(config.audit_signing_key_file).read_bytes())
+    chain = Chain.resume(tail, signing_key=key, checkpoint_every=config.audit_checkpoint_every)
+    log = AuditLog(sinks, chain, metrics=AuditMetrics(registry))
+    logger.info(
+        "audit log: %s; chain at seq %d; checkpoints %s",
+        ", ".join(s.health.name for s in sinks) or "no sinks",
+        chain.seq,
+        "signed (Ed25519)" if key else "unsigned",
+    )
+    return log
