@@ -20,7 +20,13 @@ class OperatorConfig(BaseModel):
     trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
     """Image of the trainer pods when a FineTuneJob sets no `image` override (FTO_TRAINER_IMAGE)."""
     image_pull_policy: str = "IfNotPresent"
-    """Pull policy of trainer containers (FTO_IMAGE_PULL_POLICY)."""
+    """Pull policy of trainer and server containers (FTO_IMAGE_PULL_POLICY)."""
+    server_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    """Image of the built-in inference server (`python -m finetune_server`; it ships in the trainer image)
+    when a ModelDeployment sets no `runtime.image` (FTO_SERVER_IMAGE)."""
+    vllm_image: str = "vllm/vllm-openai:v0.10.2"
+    """Image of `runtime.type: vllm` servers when a ModelDeployment sets no `runtime.image`
+    (FTO_VLLM_IMAGE)."""
     default_pvc_size: str = "50Gi"
     """Size of the checkpoint/output PVC when the job sets no claim or size (FTO_DEFAULT_PVC_SIZE)."""
     storage_class: str | None = None
