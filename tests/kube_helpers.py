@@ -156,8 +156,11 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | 
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
 
-    def __init__(self, namespace: str, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(
+        self, namespace: str, kubeconfig: Path, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.namespace = namespace
+        self.extra_env = dict(extra_env or {})
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.health_port = devcluster.free_port()
@@ -199,6 +202,7 @@ class OperatorProcess:
             [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image" / "src"), env.get("PYTHONPATH", "")]
         )
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        env.update(self.extra_env)
         cmd = [
             sys.executable,
             "-m",

@@ -66,6 +66,8 @@ class OperatorConfig(BaseModel):
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     """Timeout of one API request, for kopf and for our client (FTO_REQUEST_TIMEOUT_SECONDS)."""
 
+    namespaces: tuple[str, ...] = ()
+    """Namespaces served; empty: all (FTO_NAMESPACES, comma-separated; set from --namespace)."""
     webhook_port: int = Field(default=0, ge=0, le=65535)
     """HTTPS port of the admission webhooks; 0 serves none (FTO_WEBHOOK_PORT). See docs/webhooks.md."""
     webhook_host: str = "127.0.0.1"
@@ -109,6 +111,13 @@ class OperatorConfig(BaseModel):
     """Records between two checkpoints (FTO_AUDIT_CHECKPOINT_EVERY); one is also written at shutdown."""
     audit_retry_seconds: float = Field(default=5.0, gt=0)
     """How often a failing audit file sink is retried (FTO_AUDIT_RETRY_SECONDS)."""
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _parse_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
 
     @field_validator("webhook_allowed_model_schemes", "webhook_allowed_data_schemes", mode="before")
     @classmethod

@@ -12,12 +12,15 @@ from typing import Any
 import kopf
 
 from finetune_operator import handlers  # noqa: F401 - registers the handlers
+from finetune_operator.audit.log import AuditLog
+from finetune_operator.audit.setup import start_audit
 from finetune_operator.builders.common import JOB_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.finetunejob import reconcile_finetunejob
 from finetune_operator.controllers.runtime import ReconcileQueue, Runtime
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.webhooks import start_webhooks
 
 #: kopf's own finalizer, for kinds where kopf handlers need one (ModelDeployment). FineTuneJobs carry
 #: ours (builders.common.FINALIZER), which the reconciler adds and removes itself: a different name, so
@@ -82,11 +85,17 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
 
     runtime.spawn(resync_forever())
     memo.runtime = runtime
+    memo.audit = start_audit(config, metrics.registry, client, runtime.spawn)
+    if config.webhook_port:
+        await start_webhooks(settings, config, client, memo.audit, memo, runtime.spawn)
     logger.info("finetune-operator started: %d workers, metrics on :%s", config.workers, config.metrics_port)
 
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: Any, **_: Any) -> None:
+    audit: AuditLog | None = getattr(memo, "audit", None)
+    if audit is not None:
+        audit.close()
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is None:
         return

@@ -9,7 +9,7 @@ import asyncio
 import datetime as dt
 import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,3 +197,26 @@ async def keep_certificates_current(
         )
         if made and config.webhook_manage_configurations:
             await apply_configurations(client, config, current, namespaces)
+
+
+async def start_webhooks(
+    settings: kopf.OperatorSettings,
+    config: OperatorConfig,
+    client: KubeClient,
+    audit: AuditLog | None,
+    memo: Any,
+    spawn: Callable[[Coroutine[Any, Any, Any]], None],
+) -> None:
+    """Certificates, kopf's server and (unless Helm owns them) the webhook configurations; from startup."""
+    files = ensure_files(config)
+    configure_server(settings, config, files)
+    memo.webhooks = WebhookServices(client, policy_of(config), audit)
+    if config.webhook_manage_configurations:
+        await apply_configurations(client, config, files, config.namespaces)
+        logger.info(
+            "webhooks on :%d, configurations %r applied (namespaces: %s)",
+            config.webhook_port,
+            config.webhook_configuration_name,
+            ", ".join(config.namespaces) or "all",
+        )
+    spawn(keep_certificates_current(client, config, files, config.namespaces))

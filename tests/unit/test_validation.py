@@ -9,9 +9,9 @@ import pytest
 
 from finetune_operator.validation import (
     CREATED_BY,
-    WebhookPolicy,
     ClusterView,
     NodeOffer,
+    WebhookPolicy,
     created_by_patch,
     lookups,
     refusal_text,

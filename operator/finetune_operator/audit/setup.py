@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -9,11 +10,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from finetune_operator.api.common import API_VERSION
 from finetune_operator.audit.chain import Chain, load_private_key
 from finetune_operator.audit.log import AuditLog, AuditMetrics
 from finetune_operator.audit.records import AuditRecord
 from finetune_operator.audit.sinks import EventSink, RotatingFileSink, Sink, StdoutSink
 from finetune_operator.config import OperatorConfig
+from finetune_operator.k8s import KubeClient
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +24,48 @@ EVENT_ACTIONS = frozenset(
     {"Suspended", "Resumed", "Restarted", "QualityGatePassed", "QualityGateFailed", "Promoted", "RolledBack"}
 )
 """Operator actions also posted as Events by the audit log (refused admissions always are)."""
+WARNING_ACTIONS = frozenset({"Restarted", "QualityGateFailed", "RolledBack"})
 
 PostEvent = Callable[[AuditRecord], Coroutine[Any, Any, None]]
+
+
+def events_poster(client: KubeClient) -> PostEvent:
+    """Posts a record as an Event on its resource (a refused CREATE has no uid yet; the Event still
+    names the object)."""
+
+    async def post(record: AuditRecord) -> None:
+        involved = {
+            "apiVersion": API_VERSION,
+            "kind": record.kind,
+            "metadata": {"name": record.name, "namespace": record.namespace, "uid": record.uid},
+        }
+        refused = record.type == "admission" and record.allowed is False
+        await client.post_event(
+            involved,
+            type_="Warning" if refused or record.verb in WARNING_ACTIONS else "Normal",
+            reason="AdmissionRefused" if refused else record.verb,
+            message=record.reason or record.detail or record.verb,
+        )
+
+    return post
+
+
+def start_audit(
+    config: OperatorConfig,
+    registry: CollectorRegistry,
+    client: KubeClient,
+    spawn: Callable[[Coroutine[Any, Any, Any]], None],
+) -> AuditLog:
+    """The audit log and its retry loop (a failing file sink is retried even when nothing is recorded)."""
+    log = build_audit_log(config, registry, events_poster(client))
+
+    async def retry_forever() -> None:
+        while True:
+            await asyncio.sleep(config.audit_retry_seconds)
+            log.retry()
+
+    spawn(retry_forever())
+    return log
 
 
 def build_audit_log(
