@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         # at scale and say nothing the controller's own transition lines don't; errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator import startup as _registers_handlers  # noqa: F401 - after env is set
     from finetune_operator.config import OperatorConfig
 
     if OperatorConfig.from_env().webhook_port:  # kopf refuses admission handlers without a server

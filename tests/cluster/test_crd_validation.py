@@ -166,7 +166,6 @@ def _deployment_status() -> ModelDeploymentStatus:
         ),
         quantization=QualityResult(
             method="int8-dynamic",
-            pruning="none",
             metric="perplexity",
             baseline=4.48,
             value=4.52,

@@ -473,28 +473,28 @@ class ResolvedModel(StatusModel):
 
 
 class QualityResult(StatusModel):
-    """The quality gate's measurement of the compressed model, as the server reported it."""
+    """One compression step's measurement by the server's quality gate (from its readiness answer)."""
 
     method: str | None = None
-    """Quantisation method applied."""
-    pruning: str | None = None
-    """Pruning applied (`none`, `magnitude`, `2:4`)."""
+    """Method applied."""
     metric: str | None = None
     """Quality metric compared (e.g. `perplexity`, `accuracy`)."""
     baseline: float | None = None
-    """Metric of the uncompressed model."""
+    """Metric of the model before this step."""
     value: float | None = None
-    """Metric of the compressed model."""
+    """Metric after it."""
     quality_drop: float | None = None
     """Measured relative drop of the metric (0.01 = 1 % worse)."""
     max_quality_drop: float | None = None
     """The gate's threshold."""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
-    """Size of the compressed model."""
+    """Size of the weights after this step."""
     original_size_bytes: Annotated[int, Field(ge=0)] | None = None
-    """Size before compression."""
+    """Size before it."""
+    sparsity: float | None = None
+    """Measured fraction of zero weights (pruning)."""
     passed: bool | None = None
-    """Whether the quality gate passed."""
+    """Whether the gate passed."""
 
 
 class Revision(StatusModel):
@@ -597,7 +597,9 @@ class ModelDeploymentStatus(ConditionedStatus):
     rollout: RolloutStatus | None = None
     """Stable and canary revisions, canary weight, analysis and the decision history."""
     quantization: QualityResult | None = None
-    """The quality gate's result."""
+    """The quality gate's measurement of quantisation (stable revision's pods)."""
+    pruning: QualityResult | None = None
+    """The quality gate's measurement of pruning."""
 
 
 class ModelDeployment(ResourceObject):

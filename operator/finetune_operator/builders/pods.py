@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.api.common import PodResources
-
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+from finetune_operator.api.common import GPU_PRODUCT_LABEL, PodResources
 
 
 def container_resources(res: PodResources, gpus: int) -> dict[str, Any]:

@@ -11,53 +11,52 @@ changed; every phase transition posts an Event. The return value asks for the ne
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_operator.api.common import InvalidResourceError
+from finetune_operator.api.common import API_VERSION, InvalidResourceError
+from finetune_operator.api.conditions import find, is_true
 from finetune_operator.api.finetunejob import (
     CONDITION_ADMITTED,
     CONDITION_FAILED,
     CONDITION_RUNNING,
     CONDITION_SUCCEEDED,
     CONDITION_SUSPENDED,
+    KIND,
     FineTuneJob,
     parse_finetunejob,
+)
+from finetune_operator.api.finetunejob_status import (
+    CONDITION_ORDER,
+    EXPLAINED_BY,
+    REASON_RESTARTING,
+    RELEASED_PHASES,
+    WARNING_PHASES,
+    derive_phase,
+    is_terminal,
 )
 from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims
-from finetune_operator.controllers.admission import admission_decision, release
-from finetune_operator.controllers.children import (
+from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.status import StatusRules, StatusWriter
+from finetune_operator.controllers.summaries import (
     JobSummary,
     PodSummary,
     exit_code_from_message,
     of_attempt,
 )
-from finetune_operator.controllers.conditions import (
-    REASON_RESTARTING,
-    derive_phase,
-    find,
-    is_terminal,
-    is_true,
-    rfc3339,
-    set_condition,
-)
-from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.work_queue import ObjectKey
 from finetune_operator.k8s import ApiError
+from finetune_operator.timestamps import parse_rfc3339, rfc3339
 from finetune_trainer.config import ConfigError
 from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
 
 logger = logging.getLogger(__name__)
 
-API_VERSION = "finetune.dev/v1alpha1"
-KIND = "FineTuneJob"
 WAITING_FOR = " - waiting for the old gang's pods to go: "
-RELEASED_PHASES = ("Succeeded", "Failed", "Suspended")
-"""Phases in which no pod of the job runs, so our finalizer is dropped."""
 OWNED_STATUS_FIELDS = (
     "phase",
     "observedGeneration",
@@ -70,12 +69,15 @@ OWNED_STATUS_FIELDS = (
     "completionTime",
     "lastFailure",
 )
-
-
-def parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+"""Status fields the operator writes; `progress`, `metrics`, `checkpoints`, `artifact` are the trainer's."""
+STATUS_RULES = StatusRules(
+    owned_fields=OWNED_STATUS_FIELDS,
+    condition_order=CONDITION_ORDER,
+    derive_phase=derive_phase,
+    explained_by=EXPLAINED_BY,
+    fallback_condition=CONDITION_ADMITTED,
+    warning_phases=WARNING_PHASES,
+)
 
 
 def restart_delay(backoff_seconds: float, restarts: int, max_seconds: float) -> float:
@@ -83,98 +85,36 @@ def restart_delay(backoff_seconds: float, restarts: int, max_seconds: float) -> 
     return float(min(max_seconds, backoff_seconds * 2 ** max(0, restarts - 1)))
 
 
-class StatusWriter:
-    """Collects the operator-owned status fields, then patches only what changed and posts Events."""
-
-    def __init__(self, runtime: Runtime, body: dict[str, Any], now: datetime) -> None:
-        self.runtime = runtime
-        self.body = body
-        self.now = now
-        self.generation = int(body["metadata"].get("generation") or 0)
-        status = body.get("status") or {}
-        self.original = {k: copy.deepcopy(status.get(k)) for k in OWNED_STATUS_FIELDS}
-        self.fields: dict[str, Any] = copy.deepcopy(self.original)
-        self.fields["conditions"] = list(self.fields.get("conditions") or [])
-        self.gpus = 0
-        """GPUs the job asks for, for the operator's metrics; set once the spec is parsed."""
-
-    @property
-    def conditions(self) -> list[dict[str, Any]]:
-        return list(self.fields["conditions"])
-
-    def set(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.fields["conditions"] = set_condition(
-            self.fields["conditions"],
-            type_,
-            status,
-            reason,
-            message,
-            generation=self.generation,
-            now=self.now,
-        )
-
-    def fail(self, reason: str, message: str) -> None:
-        self.set(CONDITION_FAILED, True, reason, message)
-        self.set(CONDITION_RUNNING, False, reason, message)
-        self.fields["completionTime"] = self.fields.get("completionTime") or rfc3339(self.now)
-
-    async def commit(self) -> None:
-        self.fields["observedGeneration"] = self.generation
-        self.fields["phase"] = derive_phase(self.fields["conditions"])
-        changed = {k: v for k, v in self.fields.items() if v != self.original.get(k)}
-        key = f"{self.body['metadata']['namespace']}/{self.body['metadata']['name']}"
-        phase = self.fields["phase"]
-        active = phase not in ("Succeeded", "Failed", "Suspended")
-        admitted = active and is_true(self.fields["conditions"], CONDITION_ADMITTED)
-        self.runtime.record(key, phase, self.gpus if active else 0, self.gpus if admitted else 0)
-        if not changed:
-            return
-        meta = self.body["metadata"]
-        updated = await self.runtime.client.patch_status(
-            API_VERSION, KIND, meta["name"], meta["namespace"], changed
-        )
-        if updated is not None:
-            self.runtime.remember(updated)
-        old_phase, new_phase = self.original.get("phase"), self.fields["phase"]
-        if old_phase != new_phase:
-            reason, message = self._why(new_phase)
-            warning = new_phase in ("Failed", "Restarting")
-            logger.info("%s: %s -> %s (%s) %s", key, old_phase, new_phase, reason, message)
-            self.runtime.spawn(
-                self.runtime.client.post_event(
-                    self.body, type_="Warning" if warning else "Normal", reason=reason, message=message
-                )
-            )
-        self.original = copy.deepcopy(self.fields)
-
-    def _why(self, phase: str) -> tuple[str, str]:
-        conditions = self.fields["conditions"]
-        by_phase = {
-            "Failed": CONDITION_FAILED,
-            "Succeeded": CONDITION_SUCCEEDED,
-            "Suspended": CONDITION_SUSPENDED,
-            "Restarting": CONDITION_RUNNING,
-            "Running": CONDITION_RUNNING,
-            "Queued": CONDITION_ADMITTED,
-        }
-        condition = find(conditions, by_phase.get(phase, CONDITION_RUNNING)) or find(
-            conditions, CONDITION_ADMITTED
-        )
-        if condition is None:
-            return phase, f"phase is now {phase}"
-        return str(condition.get("reason") or phase), str(condition.get("message") or f"phase is now {phase}")
+def fail(writer: StatusWriter, reason: str, message: str) -> None:
+    writer.set(CONDITION_FAILED, True, reason, message)
+    writer.set(CONDITION_RUNNING, False, reason, message)
+    writer.fields["completionTime"] = writer.fields.get("completionTime") or rfc3339(writer.now)
 
 
-async def reconcile_finetunejob(runtime: Runtime, key: str) -> float | None:
-    """Reconcile the FineTuneJob `namespace/name`; returns seconds until it wants to run again, or None."""
-    namespace, name = key.split("/", 1)
-    with runtime.metrics.time_reconcile(KIND):
-        return await _reconcile(runtime, key, namespace, name)
+def _record_gauges(runtime: Runtime, ref: str, gpus: int) -> Callable[[Mapping[str, Any]], None]:
+    """The writer's commit hook: the job's phase and GPUs (requested while active, admitted) in the gauges."""
+
+    def record(fields: Mapping[str, Any]) -> None:
+        phase = str(fields["phase"])
+        active = phase not in RELEASED_PHASES
+        admitted = active and is_true(fields["conditions"], CONDITION_ADMITTED)
+        runtime.gauges.record(ref, phase, gpus if active else 0, gpus if admitted else 0)
+
+    return record
 
 
-def _index(runtime: Runtime, name: str, key: str) -> list[Any]:
-    index = runtime.indexes.get(name)
-    return list(index.get(key, [])) if index is not None else []
+async def reconcile_finetunejob(runtime: Runtime, key: ObjectKey) -> float | None:
+    """Reconcile one FineTuneJob; returns seconds until it wants to run again, or None."""
+    assert key.kind == KIND, key
+    return await _reconcile(runtime, key)
+
+
+def forget_finetunejob(runtime: Runtime, key: ObjectKey) -> None:
+    """The FineTuneJob is gone: free its GPUs and drop everything known about it."""
+    runtime.gang.release(key.ref)
+    runtime.gang.forget(key.ref)
+    runtime.gauges.forget(key.ref)
+    runtime.forget(key)
 
 
 async def _delete_jobs(runtime: Runtime, namespace: str, jobs: Sequence[JobSummary]) -> None:
@@ -226,22 +166,25 @@ def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | 
     return found[0]
 
 
-async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> float | None:
-    body = runtime.bodies.get(key)
-    if body is None:  # not seen by the watch yet (or forgotten): read it
-        body = await runtime.client.get(API_VERSION, KIND, name, namespace)
-        if body is not None:
-            runtime.remember(body)
+async def _reconcile(runtime: Runtime, key: ObjectKey) -> float | None:
+    body = await runtime.current_body(key)
     if body is None:
         return None
     finalizers = body["metadata"].get("finalizers") or []
     if body["metadata"].get("deletionTimestamp"):
         # Children go with their owner (ownerReferences + garbage collection); free its GPUs first.
-        release(runtime, key)
+        runtime.gang.release(key.ref)
         await _hold_finalizer(runtime, body, present=False)
         return None
-    writer = StatusWriter(runtime, body, datetime.now(UTC))
-    requeue = await _step(runtime, key, body, writer)
+    try:
+        job: FineTuneJob | InvalidResourceError = parse_finetunejob(body)
+    except InvalidResourceError as exc:
+        job = exc
+    gpus = job.spec.gpus_total if isinstance(job, FineTuneJob) else 0
+    writer = StatusWriter(
+        runtime, body, datetime.now(UTC), STATUS_RULES, on_commit=_record_gauges(runtime, key.ref, gpus)
+    )
+    requeue = await _step(runtime, key, body, job, writer)
     if FINALIZER in finalizers and writer.fields.get("phase") in RELEASED_PHASES:
         await _hold_finalizer(runtime, body, present=False)  # nothing runs any more: nothing to guard
     return requeue
@@ -256,7 +199,7 @@ async def _hold_finalizer(runtime: Runtime, body: dict[str, Any], *, present: bo
     if (FINALIZER in (body["metadata"].get("finalizers") or [])) == present:
         return True
     try:
-        runtime.remember(await runtime.client.apply(build_finalizer_intent(body, present=present)))
+        runtime.cache.remember(await runtime.client.apply(build_finalizer_intent(body, present=present)))
     except ApiError as exc:
         if exc.status in (404, 409):  # deleted meanwhile (409: the uid of a deleted object)
             return False
@@ -293,23 +236,28 @@ async def _missing_claims(runtime: Runtime, job: FineTuneJob) -> list[str]:
     ]
 
 
-async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: StatusWriter) -> float | None:
+async def _step(
+    runtime: Runtime,
+    object_key: ObjectKey,
+    body: dict[str, Any],
+    parsed: FineTuneJob | InvalidResourceError,
+    writer: StatusWriter,
+) -> float | None:
     """One reconcile step of a live (not deleting) job; returns seconds until the next, or None."""
+    key = object_key.ref
     namespace = body["metadata"]["namespace"]
     config, now = runtime.config, writer.now
     status = body.get("status") or {}
-    jobs: list[JobSummary] = _index(runtime, "trainer_jobs", key)
-    pods: list[PodSummary] = _index(runtime, "trainer_pods", key)
+    jobs = runtime.observed.trainer_jobs(key)
+    pods = runtime.observed.trainer_pods(key)
 
-    try:
-        job = parse_finetunejob(body)
-        writer.gpus = job.spec.gpus_total
-    except InvalidResourceError as exc:
+    if isinstance(parsed, InvalidResourceError):
         if not is_terminal(writer.conditions):
-            writer.fail("InvalidSpec", str(exc))
-            release(runtime, key)
+            fail(writer, "InvalidSpec", str(parsed))
+            runtime.gang.release(key)
         await writer.commit()
         return None
+    job = parsed
     scheduling = job.spec.scheduling
 
     # --- finished: sticky; only TTL and making sure nothing still runs --------------------------------
@@ -320,20 +268,20 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         await _delete_jobs(
             runtime, namespace, [j for j in jobs if j.attempt in live_attempts and not j.failed]
         )
-        runtime.admitted_override[key] = False
+        runtime.gang.set_not_admitted(key)
         await writer.commit()
         return await _ttl(runtime, job, writer)
 
     # --- children --------------------------------------------------------------------------------------
-    if runtime.applied_generation.get(key) != writer.generation:
+    if not runtime.applied.is_current(object_key, writer.generation):
         try:
             await _apply_children(runtime, job)
         except ConfigError as exc:
-            writer.fail(REASONS[3], str(exc))
-            release(runtime, key)
+            fail(writer, REASONS[3], str(exc))
+            runtime.gang.release(key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
-        runtime.applied_generation[key] = writer.generation
+        runtime.applied.mark(object_key, writer.generation)
 
     attempt = int(status.get("attempt") or 0)
     restarts = int(status.get("restarts") or 0)
@@ -348,8 +296,8 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         writer.set(CONDITION_ADMITTED, False, "Suspended", "no GPUs are held or requested while suspended")
         writer.fields["admission"] = None
         writer.fields["queuedSince"] = None
-        if admitted_condition or runtime.admitted_override.get(key):
-            release(runtime, key)
+        if admitted_condition or runtime.gang.admitted(key):
+            runtime.gang.release(key)
         await writer.commit()
         return None
     if is_true(writer.conditions, CONDITION_SUSPENDED):
@@ -362,24 +310,25 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
 
     # --- deadline --------------------------------------------------------------------------------------
     deadline_in: float | None = None
-    start_time = parse_time(writer.fields.get("startTime"))
+    start_time = parse_rfc3339(writer.fields.get("startTime"))
     if scheduling.active_deadline_seconds and start_time:
         deadline_in = (
             start_time + timedelta(seconds=scheduling.active_deadline_seconds) - now
         ).total_seconds()
         if deadline_in <= 0:
             await _delete_jobs(runtime, namespace, jobs)
-            writer.fail(
+            fail(
+                writer,
                 "DeadlineExceeded",
                 f"running since {rfc3339(start_time)}, longer than activeDeadlineSeconds="
                 f"{scheduling.active_deadline_seconds}",
             )
-            release(runtime, key)
+            runtime.gang.release(key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
 
     # --- admission -------------------------------------------------------------------------------------
-    if not admitted_condition and not runtime.admitted_override.get(key):
+    if not admitted_condition and not runtime.gang.admitted(key):
         missing = await _missing_claims(runtime, job)
         if missing:  # its pods would wait in Pending for the claim, saying nothing here
             writer.set(CONDITION_ADMITTED, False, "ClaimNotFound", "; ".join(missing))
@@ -418,9 +367,9 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
             writer.fields["queuedSince"] = None
     elif not scheduling.queue_name:
-        admitted = runtime.admitted_override.get(key, admitted_condition)
+        admitted = runtime.gang.admitted(key, admitted_condition)
         if not admitted:
-            decision = await admission_decision(runtime, key)
+            decision = await runtime.gang.decide(key)
             if not decision.admitted:
                 assert decision.waiting is not None
                 writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
@@ -433,7 +382,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         if not admitted_condition:
             attempt += 1
             spec = job.spec.distributed
-            placement = runtime.placements.get(key, [])
+            placement = runtime.gang.placement(key)
             where = f" on {', '.join(placement)}" if placement else ""
             writer.set(
                 CONDITION_ADMITTED,
@@ -447,7 +396,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
                 "gpus": spec.nodes * spec.gpus_per_node,
                 "placement": _placement_status(placement, spec.gpus_per_node),
             }
-            queued_since = parse_time(writer.fields.get("queuedSince"))
+            queued_since = parse_rfc3339(writer.fields.get("queuedSince"))
             if queued_since:
                 runtime.metrics.time_queued.observe((now - queued_since).total_seconds())
             writer.fields["queuedSince"] = None
@@ -468,7 +417,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
             writer.set(CONDITION_RUNNING, False, REASON_RESTARTING, f"{message}{WAITING_FOR}{waiting}")
             await writer.commit()
             return 5.0  # pod deletions wake us sooner
-        changed_at = parse_time(restarting.get("lastTransitionTime")) or now
+        changed_at = parse_rfc3339(restarting.get("lastTransitionTime")) or now
         delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
         wait = (changed_at + timedelta(seconds=delay) - now).total_seconds()
         if wait > 0:
@@ -495,7 +444,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         writer.set(CONDITION_SUCCEEDED, True, "Completed", f"all {nodes} pods of attempt {attempt} completed")
         writer.set(CONDITION_RUNNING, False, "Completed", "training finished")
         writer.fields["completionTime"] = rfc3339(now)
-        release(runtime, key)
+        runtime.gang.release(key)
         await writer.commit()
         return await _ttl(runtime, job, writer)
 
@@ -503,19 +452,20 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
     if failure is not None:
         code, description = failure
         if code is not None and code in NON_RETRYABLE:
-            writer.fail(REASONS[code], f"{description} (not retried: exit code {code} is non-retryable)")
+            fail(writer, REASONS[code], f"{description} (not retried: exit code {code} is non-retryable)")
             writer.fields["lastFailure"] = description
-            release(runtime, key)
+            runtime.gang.release(key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
         if restarts >= scheduling.max_restarts:
-            writer.fail(
+            fail(
+                writer,
                 "BackoffLimitExceeded",
                 f"attempt {attempt} failed after {restarts} of {scheduling.max_restarts} restarts: "
                 f"{description}",
             )
             writer.fields["lastFailure"] = description
-            release(runtime, key)
+            runtime.gang.release(key)
             await writer.commit()
             return await _ttl(runtime, job, writer)
         restarts += 1
@@ -554,7 +504,7 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
 
 async def _ttl(runtime: Runtime, job: FineTuneJob, writer: StatusWriter) -> float | None:
     ttl = job.spec.scheduling.ttl_seconds_after_finished
-    finished = parse_time(writer.fields.get("completionTime"))
+    finished = parse_rfc3339(writer.fields.get("completionTime"))
     if ttl is None or finished is None:
         return None
     remaining = (finished + timedelta(seconds=ttl) - writer.now).total_seconds()

@@ -1,5 +1,5 @@
 """kopf handlers; importing this package registers them."""
 
-from finetune_operator.handlers import children, finetunejob, modeldeployment
+from finetune_operator.handlers import finetunejob, indexes, modeldeployment, trainer_children
 
-__all__ = ["children", "finetunejob", "modeldeployment"]
+__all__ = ["finetunejob", "indexes", "modeldeployment", "trainer_children"]

@@ -1,7 +1,7 @@
 """GPU admission: capacity per node, gang placement, priority order, holds, preemption, quota. Pure."""
 
+from finetune_operator.api.common import GPU_PRODUCT_LABEL
 from finetune_operator.scheduling.capacity import (
-    GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
     NodeGpus,
     free_gpus_by_node,

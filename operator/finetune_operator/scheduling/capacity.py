@@ -12,8 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+from finetune_operator.api.common import DEFAULT_GPU_RESOURCE
+
+GPU_RESOURCE = DEFAULT_GPU_RESOURCE
 _TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
 _BLOCKING_TAINT_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 

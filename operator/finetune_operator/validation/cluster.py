@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_operator.api.common import InvalidResourceError
+from finetune_operator.api.common import GPU_PRODUCT_LABEL, InvalidResourceError
 from finetune_operator.api.finetunejob import parse_finetunejob
 from finetune_operator.api.modeldeployment import parse_modeldeployment
 from finetune_operator.builders.trainer_config import named_claims
-from finetune_operator.scheduling.capacity import GPU_PRODUCT_LABEL, gpu_count
+from finetune_operator.scheduling.capacity import gpu_count
 
 
 @dataclass(frozen=True)
