@@ -97,7 +97,7 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
 
     runtime.spawn(resync_forever())
     memo.runtime = runtime
-    memo.audit = start_audit(config, metrics.registry, client, runtime.spawn)
+    memo.audit = runtime.audit = start_audit(config, metrics.registry, client, runtime.spawn)
     if config.webhook_port:
         await start_webhooks(settings, config, client, memo.audit, memo, runtime.spawn)
     logger.info("finetune-operator started: %d workers, metrics on :%s", config.workers, config.metrics_port)

@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,10 @@ def test_webhooks_refuse_record_and_fail_closed(
     assert created["user"] == me
     assert created["specDigest"].startswith("sha256:")
     assert created["correlationId"] == f"FineTuneJob/{namespace}/good@1"
+    actions = [r for r in records if r["type"] == "action" and r["name"] == "good"]
+    assert "ChildrenApplied" in {r["verb"] for r in actions}, actions
+    assert len({r["verb"] for r in actions}) >= 3, actions  # condition transitions (admitted, running...)
+    assert all(r["correlationId"] == created["correlationId"] for r in actions)  # one generation
     assert not [r for r in records if r["user"] == "mallory" or r["name"] == "intruder"]
     assert not [r for r in records if r["name"] == "while-down"]  # the webhook never saw it
     # The delete that went through while the webhook was down is not recorded (failurePolicy Ignore);
@@ -271,3 +276,48 @@ def test_webhooks_refuse_record_and_fail_closed(
     )
     assert stdin.returncode == 0, stdin.stdout
     kubectl_json(cluster, "get", "configmap", "unaffected", "-n", namespace)
+
+
+def test_failing_audit_file_sink_is_a_condition_and_a_metric_and_recovers(
+    cluster: Cluster, crds: list[str], namespace: str, tmp_path: Path
+) -> None:
+    """The audit directory can't be created (a file is in the way): reconciling goes on, the objects and
+    the metrics say so, stdout keeps every record; once the path is free the backlog is written."""
+    blocker = tmp_path / "blocked"
+    blocker.write_text("not a directory")
+    env = {"FTO_AUDIT_DIR": str(blocker / "audit"), "FTO_AUDIT_RETRY_SECONDS": "1"}
+    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", extra_env=env)
+    proc.start()
+    try:
+        cluster.apply(ftj("parked", suspend=True), namespace)
+
+        def audit_condition() -> dict[str, Any] | None:
+            conditions = (get_ftj(cluster, namespace, "parked").get("status") or {}).get("conditions") or []
+            return next((c for c in conditions if c["type"] == "AuditLogHealthy"), None)
+
+        failing = wait_for(audit_condition, 60, "the AuditLogHealthy condition")
+        assert failing["status"] == "False"
+        assert failing["reason"] == "SinkFailing"
+        assert "file sink failing" in failing["message"]
+        metrics = urllib.request.urlopen(proc.metrics_url, timeout=5).read().decode()
+        assert 'finetune_operator_audit_sink_up{sink="file"} 0.0' in metrics
+
+        blocker.unlink()
+        wait_for(lambda: list((blocker / "audit").glob("audit-*.jsonl")), 30, "the backlog written")
+        cluster.apply(with_spec(ftj("parked", suspend=True), scheduling={"suspend": False}), namespace)
+        wait_for(lambda: (audit_condition() or {}).get("status") == "True", 60, "AuditLogHealthy True again")
+    finally:
+        cluster.kubectl("delete", "finetunejobs", "--all", "-n", namespace, "--timeout=60s", check=False)
+        proc.stop()
+    cli = [sys.executable, "-m", "finetune_operator", "audit", "verify"]
+    env = {"PYTHONPATH": str(REPO_ROOT / "operator")}
+    on_file = subprocess.run(
+        [*cli, str(blocker / "audit")], capture_output=True, text=True, env=env, check=False
+    )
+    on_stdout = subprocess.run(
+        [*cli, "-"], input=proc.logs(), capture_output=True, text=True, env=env, check=False
+    )
+    assert on_file.returncode == 0, on_file.stdout
+    assert on_stdout.returncode == 0, on_stdout.stdout
+    count = on_stdout.stdout.split()[1]
+    assert on_file.stdout.startswith(f"OK: {count} records"), (on_file.stdout, on_stdout.stdout)

@@ -20,10 +20,9 @@ from finetune_operator.k8s import KubeClient
 
 logger = logging.getLogger(__name__)
 
-EVENT_ACTIONS = frozenset(
-    {"Suspended", "Resumed", "Restarted", "QualityGatePassed", "QualityGateFailed", "Promoted", "RolledBack"}
-)
-"""Operator actions also posted as Events by the audit log (refused admissions always are)."""
+EVENT_ACTIONS: frozenset[str] = frozenset()
+"""Operator actions the audit log also posts as Events. None: the status writer already posts one per
+phase transition; what only the audit log sees are refused admission requests, which always are."""
 WARNING_ACTIONS = frozenset({"Restarted", "QualityGateFailed", "RolledBack"})
 
 PostEvent = Callable[[AuditRecord], Coroutine[Any, Any, None]]

@@ -123,7 +123,7 @@ async def _delete_jobs(runtime: Runtime, namespace: str, jobs: Sequence[JobSumma
     )
 
 
-async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
+async def _apply_children(runtime: Runtime, job: FineTuneJob, body: dict[str, Any]) -> None:
     async def apply(manifest: dict[str, Any]) -> None:
         try:
             await runtime.client.apply(manifest)
@@ -134,7 +134,11 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
                 return
             raise
 
-    await asyncio.gather(*(apply(m) for m in build_children(job, runtime.config)))
+    children = build_children(job, runtime.config)
+    await asyncio.gather(*(apply(m) for m in children))
+    if runtime.audit is not None:
+        names = ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in children)
+        runtime.audit.action("ChildrenApplied", body, detail=names)
 
 
 def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
@@ -275,7 +279,7 @@ async def _step(
     # --- children --------------------------------------------------------------------------------------
     if not runtime.applied.is_current(object_key, writer.generation):
         try:
-            await _apply_children(runtime, job)
+            await _apply_children(runtime, job, body)
         except ConfigError as exc:
             fail(writer, REASONS[3], str(exc))
             runtime.gang.release(key)
