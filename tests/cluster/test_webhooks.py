@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from hack import devcluster
 
-from tests.cluster.test_finetunejob import ftj, get_ftj, wait_phase
-from tests.kube_helpers import REPO_ROOT, Cluster, OperatorProcess, kubectl_json, wait_for
+from tests.cluster.test_finetunejob import ftj, get_ftj, gpu_pool_free, trainer_pods, wait_phase
+from tests.kube_helpers import REPO_ROOT, Cluster, OperatorProcess, finish_pod, kubectl_json, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -321,3 +321,19 @@ def test_failing_audit_file_sink_is_a_condition_and_a_metric_and_recovers(
     assert on_stdout.returncode == 0, on_stdout.stdout
     count = on_stdout.stdout.split()[1]
     assert on_file.stdout.startswith(f"OK: {count} records"), (on_file.stdout, on_stdout.stdout)
+
+
+def test_trainer_pods_run_in_a_restricted_pod_security_namespace(
+    cluster: Cluster, namespace: str, operator: Any
+) -> None:
+    cluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted", "--overwrite"
+    )
+    gpu_pool_free(cluster)
+    cluster.apply(ftj("restricted", gpus=1), namespace)
+    wait_phase(cluster, namespace, "restricted", "Running")
+    (pod,) = trainer_pods(cluster, namespace, "restricted", 1)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    finish_pod(cluster, namespace, pod["metadata"]["name"], 0)
+    wait_phase(cluster, namespace, "restricted", "Succeeded")
