@@ -44,6 +44,12 @@ _PLURALS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("batch/v1", "Job"): "jobs",
+    ("apps/v1", "Deployment"): "deployments",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
     (API_VERSION, finetunejob.KIND): finetunejob.PLURAL,
     (API_VERSION, modeldeployment.KIND): modeldeployment.PLURAL,
 }

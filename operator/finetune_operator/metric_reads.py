@@ -27,7 +27,7 @@ from finetune_operator.rollout.samples import (
 
 logger = logging.getLogger(__name__)
 
-READ_TIMEOUT_SECONDS = 3.0
+READ_TIMEOUT_SECONDS = 2.0
 
 
 async def _get(

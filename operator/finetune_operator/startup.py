@@ -19,6 +19,7 @@ from finetune_operator.api import finetunejob, modeldeployment
 from finetune_operator.audit.log import AuditLog
 from finetune_operator.audit.setup import start_audit
 from finetune_operator.builders.common import JOB_LABEL
+from finetune_operator.builders.serving_common import DEPLOYMENT_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.finetunejob import reconcile_finetunejob
 from finetune_operator.controllers.modeldeployment import reconcile_modeldeployment
@@ -71,6 +72,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     # Only our own children stream in (server-side), not every Job and Pod of the namespace.
     settings.watching.label_selectors["batch/v1", "jobs"] = JOB_LABEL
     settings.watching.label_selectors["v1", "pods"] = JOB_LABEL
+    settings.watching.label_selectors["apps/v1", "deployments"] = DEPLOYMENT_LABEL
 
 
 @kopf.on.startup()

@@ -117,13 +117,12 @@ def test_a_model_deployment_edit_is_reconciled_on_the_shared_queue_and_kopf_keep
         "patch", "modeldeployment", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":3}}'
     )
     body = wait_for(lambda: observed(2), 60, "the edit (generation 2) to be observed")
-    (progressing,) = body["status"]["conditions"]
-    assert (progressing["type"], progressing["status"], progressing["reason"]) == (
-        "Progressing",
-        "True",
-        "Accepted",
-    )
-    assert progressing["observedGeneration"] == 2
+    conditions = {c["type"]: c for c in body["status"]["conditions"]}
+    assert set(conditions) == {"ModelReady", "Available", "Progressing", "Degraded", "Ready"}
+    model_ready = conditions["ModelReady"]
+    assert (model_ready["status"], model_ready["reason"]) == ("False", "WaitingForFineTuneJob")
+    assert "support-bot-lora" in model_ready["message"]
+    assert model_ready["observedGeneration"] == 2
     assert scrape_metrics(operator)[key] > before
 
     job = wait_phase(cluster, namespace, "beside", "Running")

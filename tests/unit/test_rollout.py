@@ -275,3 +275,9 @@ fto_server_request_duration_seconds_sum{route="/v1/completions"} 2.0
     parsed = parse_pod_metrics(text)
     assert (parsed.requests, parsed.errors) == (10, 2)
     assert parsed.latency_buckets == ((0.5, 9.0), (float("inf"), 10.0))
+
+
+def test_a_canary_server_that_failed_is_a_fail_whatever_the_traffic() -> None:
+    got = judge(None, THRESHOLDS, server_failure="model files missing under /mnt/model")
+    assert (got.verdict, got.reason) == (FAIL, "CanaryServerFailed")
+    assert "model files missing" in got.message

@@ -123,3 +123,10 @@ def test_a_stalled_deployment_is_degraded() -> None:
 
 def test_quality_summary_of_no_steps_is_empty() -> None:
     assert quality_summary([]) == ""
+
+
+def test_a_failed_quality_gate_is_degraded_at_once() -> None:
+    gate = (False, "QualityGateFailed", "accuracy dropped 41 %")
+    assert degraded(plan_for(ROLLED), ROLLED, None, gate)[:2] == (True, "QualityGateFailed")
+    loading = (False, "Loading", "the server is loading")
+    assert degraded(plan_for(ROLLED), ROLLED, None, loading)[0] is False

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
+from finetune_operator.api import finetunejob, modeldeployment
 from finetune_operator.api.common import GROUP, NAME_SCHEMA, VERSION
 from finetune_operator.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
@@ -57,8 +58,8 @@ class Resource:
 
 RESOURCES = (
     Resource(
-        kind="FineTuneJob",
-        plural="finetunejobs",
+        kind=finetunejob.KIND,
+        plural=finetunejob.PLURAL,
         short_names=["ftj"],
         model=FineTuneJob,
         spec=FineTuneJobSpec,
@@ -75,8 +76,8 @@ RESOURCES = (
         ],
     ),
     Resource(
-        kind="ModelDeployment",
-        plural="modeldeployments",
+        kind=modeldeployment.KIND,
+        plural=modeldeployment.PLURAL,
         short_names=["mdep"],
         model=ModelDeployment,
         spec=ModelDeploymentSpec,

@@ -14,7 +14,7 @@ from finetune_operator.api.modeldeployment import ModelDeployment
 from finetune_operator.builders.autoscaling import build_hpa, build_pdb
 from finetune_operator.builders.server_config import build_server_configmap
 from finetune_operator.builders.server_deployment import ServingRevision, build_server_deployment
-from finetune_operator.builders.serving_common import CANARY, STABLE
+from finetune_operator.builders.serving_common import CANARY, STABLE, Role
 from finetune_operator.builders.serving_extras import build_feedback_pvc, build_pod_monitor
 from finetune_operator.builders.serving_network import (
     build_http_route,
@@ -39,7 +39,9 @@ class ClusterFeatures:
 class ServingPlan:
     """What runs now."""
 
-    stable: ServingRevision
+    stable: ServingRevision | None
+    """The revision the stable Deployment gets; None leaves that Deployment as it is (during a canary it
+    runs the previous revision, whose spec the operator no longer has)."""
     stable_replicas: int | None
     """None: the HorizontalPodAutoscaler sets the count."""
     canary: ServingRevision | None = None
@@ -62,7 +64,9 @@ def build_serving_children(
     feedback = build_feedback_pvc(md, config)
     if feedback is not None:
         children.append(feedback)
-    revisions = [(STABLE, plan.stable, plan.stable_replicas)]
+    revisions: list[tuple[Role, ServingRevision, int | None]] = []
+    if plan.stable is not None:
+        revisions.append((STABLE, plan.stable, plan.stable_replicas))
     if plan.canary is not None:
         revisions.append((CANARY, plan.canary, plan.canary_replicas))
     for _, revision, _ in revisions:

@@ -19,6 +19,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.cache import AppliedGenerations, ObjectCache
 from finetune_operator.controllers.gang_admission import GangAdmission
 from finetune_operator.controllers.observed import NothingObserved, Observed
+from finetune_operator.controllers.serving_memory import ServingMemory
 from finetune_operator.controllers.work_queue import ObjectKey, Reconcile, WorkQueue, by_kind
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import FineTuneJobGauges, OperatorMetrics
@@ -50,6 +51,8 @@ class Runtime:
             wake=lambda ref: self.enqueue(finetunejob_key(ref)),
             waiting=lambda: self.gauges.in_phases("Queued", "Pending"),
         )
+        self.serving = ServingMemory()
+        """The ModelDeployment reconciler's canary baselines, optional-API lookups and metric-read session."""
         self.queue: WorkQueue[ObjectKey] | None = None
         self._kinds: frozenset[str] = frozenset()
         self.background: set[asyncio.Task[Any]] = set()
@@ -66,6 +69,7 @@ class Runtime:
             task.cancel()
         if self.queue is not None:
             await self.queue.stop()
+        await self.serving.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -103,5 +107,6 @@ class Runtime:
         """The object is gone: drop what every kind-generic part knows of it."""
         self.cache.forget(key)
         self.applied.forget(key)
+        self.serving.forget(key)
         if self.queue is not None:
             self.queue.forget(key)

@@ -29,6 +29,7 @@ REASON_TOO_FEW_REQUESTS = "TooFewRequests"
 REASON_NOT_READY = "CanaryNotReady"
 REASON_HOLDS = "ThresholdsHold"
 REASON_NO_METRICS = "MetricsUnavailable"
+REASON_SERVER_FAILED = "CanaryServerFailed"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,15 @@ def judge(
     *,
     ready_replicas: int = 1,
     replicas: int = 1,
+    server_failure: str | None = None,
 ) -> Judgement:
-    """The verdict on one window of the canary's counts (None: its metrics couldn't be read)."""
+    """The verdict on one window of the canary's counts (None: its metrics couldn't be read).
+    `server_failure`: a canary server said it can't serve (its model failed to load or its quality gate):
+    that is a Fail at once, whatever the traffic."""
+    if server_failure is not None:
+        return Judgement(
+            FAIL, REASON_SERVER_FAILED, f"the canary's server failed: {server_failure}", 0, 0, None, None
+        )
     if canary is None:
         return Judgement(
             INCONCLUSIVE, REASON_NO_METRICS, "the canary's metrics could not be read", 0, 0, None, None

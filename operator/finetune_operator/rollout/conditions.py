@@ -107,9 +107,20 @@ def progressing(
     return False, "RolloutComplete", f"revision {revision} serves all traffic"
 
 
-def degraded(plan: RolloutPlan, stable: ObservedDeployment | None, wait: ModelWait | None) -> ConditionValue:
+SERVER_FAILURES = ("QualityGateFailed", "ModelLoadFailed")
+"""ModelReady reasons no reconcile can fix without a spec change."""
+
+
+def degraded(
+    plan: RolloutPlan,
+    stable: ObservedDeployment | None,
+    wait: ModelWait | None,
+    model: ConditionValue | None = None,
+) -> ConditionValue:
     if wait is not None and wait.terminal:
         return True, wait.reason, wait.message
+    if model is not None and not model[0] and model[1] in SERVER_FAILURES and plan.phase != "RolledBack":
+        return True, model[1], model[2]
     if plan.phase == "RolledBack":
         return True, "RolledBack", f"revision {plan.memory.failed_revision} failed its canary analysis"
     if stable is not None and stable.stalled:
