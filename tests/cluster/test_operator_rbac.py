@@ -63,7 +63,7 @@ def test_the_operator_runs_a_job_under_the_charts_role(
         "FTO_WEBHOOK_CONFIGURATION_NAME": name,
         "FTO_WEBHOOK_CERT_DIR": str(tmp_path / "certs"),
     }
-    proc = OperatorProcess(namespace, kubeconfig, tmp_path / "operator.log", extra_env=env)
+    proc = OperatorProcess(namespace, kubeconfig, tmp_path / "operator.log", env=env)
     try:
         proc.start()
         gpu_pool_free(cluster)

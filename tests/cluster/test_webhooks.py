@@ -47,7 +47,7 @@ def webhook_operator(
         "FTO_AUDIT_DIR": str(audit_dir),
         "FTO_AUDIT_CHECKPOINT_EVERY": "10",
     }
-    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", extra_env=env)
+    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", env=env)
     try:
         proc.start()
         wait_for(
@@ -286,7 +286,7 @@ def test_failing_audit_file_sink_is_a_condition_and_a_metric_and_recovers(
     blocker = tmp_path / "blocked"
     blocker.write_text("not a directory")
     env = {"FTO_AUDIT_DIR": str(blocker / "audit"), "FTO_AUDIT_RETRY_SECONDS": "1"}
-    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", extra_env=env)
+    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", env=env)
     proc.start()
     try:
         cluster.apply(ftj("parked", suspend=True), namespace)

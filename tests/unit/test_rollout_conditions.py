@@ -130,3 +130,12 @@ def test_a_failed_quality_gate_is_degraded_at_once() -> None:
     assert degraded(plan_for(ROLLED), ROLLED, None, gate)[:2] == (True, "QualityGateFailed")
     loading = (False, "Loading", "the server is loading")
     assert degraded(plan_for(ROLLED), ROLLED, None, loading)[0] is False
+
+
+def test_a_pod_ready_by_its_probe_alone_is_model_ready_without_figures() -> None:
+    status, reason, message = model_ready(None, [{"ready": True, "phase": "Ready", "probeOnly": True}])
+    assert (status, reason) == (True, "ServerReady")
+    assert "readiness probe" in message
+    measured = model_ready(None, [{"ready": True, "phase": "Ready", "probeOnly": True}, READY])
+    assert measured[1] == "ModelLoaded", "a measured answer wins over the probe alone"
+    assert model_ready(None, [{"ready": False, "phase": "Loading", "probeOnly": True}])[0] is False

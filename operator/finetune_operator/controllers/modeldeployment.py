@@ -350,14 +350,24 @@ def _gate_results(health: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, An
 
 
 async def _health(runtime: Runtime, md: ModelDeployment, revision: str) -> list[dict[str, Any]]:
-    """The readiness answers of the revision's pods (the built-in server's; vLLM's `/health` has none:
-    a ready vLLM pod counts as a loaded model)."""
+    """The readiness answers of the revision's pods. vLLM's `/health` has no body, and a pod the operator
+    can't reach (e.g. the operator runs outside the pod network) answers nothing: for those the pod's
+    Ready condition stands in (its readiness probe is the same endpoint, so Ready means the model loaded
+    and passed its gate), without the measured figures."""
     pods = await _server_pods(runtime, md, **{REVISION_LABEL: revision})
     if md.spec.runtime.type == "vllm":
-        return [{"ready": _pod_ready(p), "phase": "Ready" if _pod_ready(p) else "Loading"} for p in pods]
-    session = runtime.serving.http()
-    answers = await asyncio.gather(*(read_readiness(session, _pod_url(p)) for p in pods[:4]))
-    return [a for a in answers if a is not None]
+        answers: list[dict[str, Any] | None] = [None] * len(pods)
+    else:
+        session = runtime.serving.http()
+        answers = list(await asyncio.gather(*(read_readiness(session, _pod_url(p)) for p in pods[:4])))
+        answers += [None] * (len(pods) - len(answers))
+    out = []
+    for pod, answer in zip(pods, answers, strict=True):
+        if answer is None:
+            is_ready = _pod_ready(pod)
+            answer = {"ready": is_ready, "phase": "Ready" if is_ready else "Loading", "probeOnly": True}
+        out.append(answer)
+    return out
 
 
 def _record(

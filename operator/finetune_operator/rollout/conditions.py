@@ -55,8 +55,10 @@ def model_ready(wait: ModelWait | None, health: Sequence[Mapping[str, Any]]) -> 
     """From the readiness answers of the spec's revision's pods (`finetune_server`'s `/v2/health/ready`)."""
     if wait is not None:
         return False, wait.reason, wait.message
-    ready = [h for h in health if h.get("ready")]
+    ready = sorted((h for h in health if h.get("ready")), key=lambda h: bool(h.get("probeOnly")))
     if ready:
+        if ready[0].get("probeOnly"):
+            return True, "ServerReady", "a server pod passes its readiness probe (model loaded, gate passed)"
         summary = quality_summary(ready[0].get("quality") or [])
         return True, "ModelLoaded", summary or "model loaded, uncompressed"
     failed = [h for h in health if h.get("phase") == "Failed"]
@@ -66,8 +68,10 @@ def model_ready(wait: ModelWait | None, health: Sequence[Mapping[str, Any]]) -> 
         summary = quality_summary(answer.get("quality") or [])
         message = str(answer.get("message") or "the server could not load the model")
         return False, reason, f"{message}; {summary}" if summary else message
-    if health:
+    if any(not h.get("probeOnly") for h in health):
         return False, "Loading", "the server is loading and measuring the model"
+    if health:
+        return False, "Loading", "no server pod of this revision passes its readiness probe yet"
     return False, "NoServerAnswer", "no server pod of this revision answers its readiness probe yet"
 
 
