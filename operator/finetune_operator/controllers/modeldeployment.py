@@ -401,7 +401,8 @@ def _record(
         "revision": revision,
         "decision": history_action(decision),
         "step": decision.step,
-        "weight": plan.split.weight if decision.action != "rollback" else 0,
+        # The effective weight while it runs; 100 once complete, 0 after a rollback.
+        "weight": decision.weight if decision.action in ("complete", "rollback") else plan.split.weight,
         "reason": decision.reason,
         "message": decision.message[:1024],
     }
