@@ -74,6 +74,28 @@ class Record:
         """The stable identity of the row: its id column when configured, else its content."""
         return f"id:{self.row_id}" if self.row_id is not None else f"content:{self.content_digest()}"
 
+    def dumps(self) -> str:
+        """Compact JSON of everything but source and line (kept beside it): how stages pass records on."""
+        return json.dumps(
+            [self.kind, self.parts, [[m.role, m.content] for m in self.messages], self.label, self.row_id],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, text: str, *, source: str = "", line: int = 0) -> Record:
+        """The record :meth:`dumps` wrote."""
+        kind, parts, messages, label, row_id = json.loads(text)
+        return cls(
+            source,
+            line,
+            kind,
+            parts=parts,
+            messages=tuple(Message(role, content) for role, content in messages),
+            label=label,
+            row_id=row_id,
+        )
+
 
 class MappingError(ValueError):
     """A row does not fit the configured layout; the message becomes its bad-row reason."""

@@ -88,6 +88,22 @@ _BUILTIN: dict[str, tuple[re.Pattern[str], Callable[[str], bool]]] = {
     ),
 }
 _ORDER = ("email", "credit_card", "ipv6", "ipv4", "phone")
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+#: A character every match of a built-in detector contains: texts without it skip that detector (same
+#: result, far cheaper on the many rows without any personal data).
+_NEEDS: dict[str, Callable[[str], bool]] = {
+    "email": lambda text: "@" in text,
+    "credit_card": _has_digit,
+    "ipv6": lambda text: text.count(":") >= 2,
+    "ipv4": _has_digit,
+    "phone": _has_digit,
+}
 
 
 @dataclass
@@ -106,19 +122,21 @@ class PiiDetector:
     """Runs the configured detectors; ``scan(text)`` returns the scrubbed text and counts per kind."""
 
     def __init__(self, cfg: PiiConfig) -> None:
-        self._detectors: list[tuple[str, re.Pattern[str], Callable[[str], bool]]] = [
-            (extra.name, re.compile(extra.pattern), _always) for extra in cfg.extra_patterns
+        self._detectors: list[tuple[str, re.Pattern[str], Callable[[str], bool], Callable[[str], bool]]] = [
+            (extra.name, re.compile(extra.pattern), _always, _always) for extra in cfg.extra_patterns
         ]
         enabled = set(cfg.kinds)
-        self._detectors += [(kind, *_BUILTIN[kind]) for kind in _ORDER if kind in enabled]
+        self._detectors += [(kind, *_BUILTIN[kind], _NEEDS[kind]) for kind in _ORDER if kind in enabled]
 
     @property
     def kinds(self) -> list[str]:
-        return [name for name, _, _ in self._detectors]
+        return [name for name, _, _, _ in self._detectors]
 
     def scan(self, text: str) -> PiiResult:
         counts: dict[str, int] = {}
-        for name, pattern, valid in self._detectors:
+        for name, pattern, valid, needs in self._detectors:
+            if not needs(text):
+                continue
             token = f"[{name.upper()}]"
 
             def replace(
