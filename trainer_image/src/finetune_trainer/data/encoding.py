@@ -301,9 +301,8 @@ def encode_columns(
         ids, trainable = ids[keep], trainable[keep]
         lengths = np.where(np.asarray([d is not None for d in dropped]), 0, lengths)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    loss = np.add.reduceat(trainable.astype(np.int64), bounds[:-1]) if len(ids) else np.zeros(len(lengths))
-    loss = np.where(lengths > 0, loss, 0)
-    loss_tokens = [int(n) for n in loss]
+    running = np.concatenate([[0], np.cumsum(trainable, dtype=np.int64)])
+    loss_tokens = [int(n) for n in running[bounds[1:]] - running[bounds[:-1]]]
     labels = np.where(trainable, ids, IGNORE_INDEX)
     if class_ids is None:
         empty = [r for r in range(len(rendered)) if dropped[r] is None and loss_tokens[r] == 0]

@@ -576,7 +576,8 @@ def _interleaved(ids: pa.Array, labels: pa.Array) -> np.ndarray:
         return source[:0]
     out_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     index = np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
-    return source[index]
+    gathered: np.ndarray = source[index]
+    return gathered
 
 
 # -------------------------------------------------------------------------------------------- the stages

@@ -148,8 +148,9 @@ def examine_rows(batch: pa.Table, *, cfg: DataConfig, sources: list[str]) -> pa.
         out["pii"].append(pii)
         out["record"].append(record.dumps() if keep and record is not None else None)
         if keep and record is not None:
-            out["digest"].append(hashlib.sha256(record.content().encode()).digest()[:DIGEST_BYTES])
-            place = ROLES[role] if role else assign_split(record.split_key(), cfg.split)
+            digest = hashlib.sha256(record.content().encode()).hexdigest()
+            out["digest"].append(bytes.fromhex(digest[: 2 * DIGEST_BYTES]))
+            place = ROLES[role] if role else assign_split(record.split_key(digest), cfg.split)
             out["split"].append(SPLITS.index(place))
             out["label"].append(record.label)
             out["minhash"].append(minhash_values(record, cfg) if cfg.dedup.near else None)
