@@ -32,19 +32,19 @@ kueue: ## build (or find cached) Kueue's manager, for the Kueue tests (tests/clu
 setup: venv tools ## venv with pinned deps + the dev-cluster binaries
 
 cluster-up: setup ## start the dev cluster (idempotent)
-	@$(PY) hack/devcluster.py up
+	@$(PY) -m hack.devcluster up
 
 cluster-down: ## stop the dev cluster's processes
-	@test -x $(PY) && $(PY) hack/devcluster.py down || true
+	@test -x $(PY) && $(PY) -m hack.devcluster down || true
 
 kubeconfig: ## print the dev cluster's kubeconfig path
-	@$(PY) hack/devcluster.py kubeconfig
+	@$(PY) -m hack.devcluster kubeconfig
 
 install-crds: venv ## apply crds/ to the current cluster
-	@$(PY) hack/devcluster.py kubectl apply --server-side -f crds/
+	@$(PY) -m hack.devcluster kubectl apply --server-side -f crds/
 
 run: venv ## run the operator against the current cluster (all namespaces; /healthz :8080, /metrics :9090)
-	@$(PY) hack/devcluster.py exec -- $(PY) -m finetune_operator --all-namespaces --health-port 8080 --metrics-port 9090
+	@$(PY) -m hack.devcluster exec -- $(PY) -m finetune_operator --all-namespaces --health-port 8080 --metrics-port 9090
 
 crds: venv ## regenerate crds/, docs/api.md and the chart's CRDs from operator/finetune_operator/api
 	@$(PY) -m finetune_operator.api.crdgen --out crds/ --docs docs/api.md

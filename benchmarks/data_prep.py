@@ -33,10 +33,38 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = [str(REPO / "trainer_image" / "src"), str(REPO / "trainer_image" / "tests")]
-WORDS = (
-    "alpha beta gamma delta model data train token value river stone light quick brown lazy fox answer "
-    "question number city country water energy system market garden winter summer music paper"
-).split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "model",
+    "data",
+    "train",
+    "token",
+    "value",
+    "river",
+    "stone",
+    "light",
+    "quick",
+    "brown",
+    "lazy",
+    "fox",
+    "answer",
+    "question",
+    "number",
+    "city",
+    "country",
+    "water",
+    "energy",
+    "system",
+    "market",
+    "garden",
+    "winter",
+    "summer",
+    "music",
+    "paper",
+]
 
 
 def generate(path: Path, rows: int) -> None:
@@ -79,9 +107,7 @@ def worker_prepare(source: str, store: str, attempt: str, wait: bool, near: bool
     from finetune_trainer.data.pipeline import prepare
     from tiny_tokenizer import make_tiny_tokenizer
 
-    cfg = DataConfig.model_validate(
-        {"source": source, "maxSeqLength": 512, "dedup": {"near": near}}
-    )
+    cfg = DataConfig.model_validate({"source": source, "maxSeqLength": 512, "dedup": {"near": near}})
     tokenizer = make_tiny_tokenizer()
     imported_mb = _peak_mb()
     with tempfile.TemporaryDirectory() as work:

@@ -2,7 +2,7 @@
 """Operator at scale: create N FineTuneJobs (suspended, so no pods dominate) and time until each has all its
 children (ServiceAccount, Role, RoleBinding, ConfigMap, Service, PVC) and a status (phase Suspended).
 
-Against the dev cluster (`hack/devcluster.py up`; started here if needed) or $KUBECONFIG with
+Against the dev cluster (`python -m hack.devcluster up`; started here if needed) or $KUBECONFIG with
 FTO_USE_EXISTING_CLUSTER=1. The same run also times a plain client creating the same children directly
 (same builders, as many jobs at a time as the operator has workers, each job's children in parallel as the
 operator writes them), so the ratio shows the operator's overhead. The claims use a WaitForFirstConsumer
@@ -52,7 +52,8 @@ FTJ = ("finetune.dev/v1alpha1", "FineTuneJob")
 
 def devcluster_cli(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "devcluster.py"), *args],
+        [sys.executable, "-m", "hack.devcluster", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
@@ -241,7 +242,8 @@ async def direct_run(
 
 def kubectl(*args: str) -> None:
     subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "devcluster.py"), "kubectl", *args],
+        [sys.executable, "-m", "hack.devcluster", "kubectl", *args],
+        cwd=ROOT,
         check=True,
         capture_output=True,
     )

@@ -231,8 +231,8 @@ def cluster_up() -> Path:
             raise SystemExit("demo: FTO_USE_EXISTING_CLUSTER=1 needs KUBECONFIG")
         step(f"using the existing cluster in {kubeconfig}")
         return Path(kubeconfig)
-    step("dev cluster (hack/devcluster.py up; first start builds nothing if `make setup` ran)")
-    subprocess.run([sys.executable, str(REPO_ROOT / "hack" / "devcluster.py"), "up"], check=True)
+    step("dev cluster (python -m hack.devcluster up; first start builds nothing if `make setup` ran)")
+    subprocess.run(devcluster.command("up"), cwd=REPO_ROOT, check=True)
     return layout.kubeconfig
 
 
@@ -310,7 +310,7 @@ def main() -> int:
     step(f"done in {time.monotonic() - STARTED:.0f}s. Look around:")
     print(f"    export KUBECONFIG={kubeconfig} PATH={bin_dir}:$PATH")
     print(
-        f"    kubectl get ftj -n {NAMESPACE}    # or: .venv/bin/python hack/devcluster.py kubectl get ftj -A"
+        f"    kubectl get ftj -n {NAMESPACE}    # or: .venv/bin/python -m hack.devcluster kubectl get ftj -A"
     )
     print(f"    kubectl describe ftj {JOB} -n {NAMESPACE}")
     print(f"    kubectl get ftj {JOB} -n {NAMESPACE} -o jsonpath='{{.status.metrics}}'")

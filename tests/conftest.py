@@ -1,12 +1,14 @@
 """Fixtures for tests against a real control plane.
 
-- `cluster` (session): the dev cluster (hack/devcluster.py), started if it is not running and reused if it
-  is; with FTO_USE_EXISTING_CLUSTER=1, the cluster in $KUBECONFIG. A cluster that a test session started is
-  stopped when the last session using it ends (FTO_KEEP_CLUSTER=1 keeps it running).
+- `cluster` (session): the dev cluster (`python -m hack.devcluster`), started if it is not running and reused
+  if it is; with FTO_USE_EXISTING_CLUSTER=1, the cluster in $KUBECONFIG. A cluster that a test session
+  started is stopped when the last session using it ends (FTO_KEEP_CLUSTER=1 keeps it running).
 - `crds` (session): crds/ applied server-side and Established.
 - `namespace` (function): a fresh namespace, deleted afterwards (waits until its pods are gone, so the fake
   GPUs are free for the next test).
-- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`.
+- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`;
+  `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
+  is the test's namespace).
 
 Tests under tests/cluster/ and tests/e2e/ get the `cluster` / `e2e` marker, and any test that uses the
 `cluster` fixture gets `cluster`, so `-m "not cluster and not e2e"` selects the tests that need no cluster.
@@ -20,7 +22,6 @@ import os
 import re
 import secrets
 import subprocess
-import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ from hack import devcluster
 
 from tests.kube_helpers import REPO_ROOT, Cluster, KubectlError, OperatorProcess, wait_for
 
-DEVCLUSTER = REPO_ROOT / "hack" / "devcluster.py"
 CRDS_DIR = REPO_ROOT / "crds"
 OUR_KINDS = ("finetunejobs.finetune.dev", "modeldeployments.finetune.dev")
 
@@ -62,13 +62,13 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
 
 
 def _devcluster(request: pytest.FixtureRequest, *args: str) -> None:
-    """Run hack/devcluster.py with its progress lines shown live (starting a cluster takes a while)."""
+    """`python -m hack.devcluster ARGS`, its progress lines shown live (starting a cluster takes a while)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     ctx = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
     with ctx:
-        result = subprocess.run([sys.executable, str(DEVCLUSTER), *args], check=False)
+        result = subprocess.run(devcluster.command(*args), cwd=REPO_ROOT, check=False)
     if result.returncode != 0:
-        pytest.fail(f"hack/devcluster.py {' '.join(args)} failed (exit {result.returncode}); see above")
+        pytest.fail(f"hack.devcluster {' '.join(args)} failed (exit {result.returncode}); see above")
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     try:
         layout = devcluster.Layout.default()
         state = devcluster.State.load(layout)
-        assert state is not None, "hack/devcluster.py up succeeded but recorded no state"
+        assert state is not None, "python -m hack.devcluster up succeeded but recorded no state"
         os.environ["KUBECONFIG"] = str(layout.kubeconfig)
         yield Cluster(kubeconfig=layout.kubeconfig, bin_dir=Path(state.bin_dir))
     finally:
@@ -153,8 +153,10 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     if importlib.util.find_spec("finetune_operator.__main__") is None:
         pytest.skip("finetune_operator has no __main__ yet")
+    marker = request.node.get_closest_marker("operator_env")
+    env = {k: str(v).format(namespace=namespace) for k, v in (marker.kwargs if marker else {}).items()}
     proc = OperatorProcess(
-        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log"
+        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env
     )
     try:
         proc.start()

@@ -8,7 +8,6 @@ import json
 import os
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
@@ -507,7 +506,8 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
 
     def devcluster_cli(*args: str) -> str:
         result = subprocess.run(
-            [sys.executable, str(devcluster.REPO_ROOT / "hack" / "devcluster.py"), *args],
+            devcluster.command(*args),
+            cwd=devcluster.REPO_ROOT,
             env=env,
             capture_output=True,
             text=True,

@@ -17,7 +17,7 @@ from finetune_trainer.data.encoding import IGNORE_INDEX, encode_batch, encode_co
 from finetune_trainer.data.pii import _BUILTIN, _ORDER, PiiDetector
 from finetune_trainer.data.pipeline import prepare
 from finetune_trainer.data.templates import Rendered
-from finetune_trainer.train import fingerprint
+from finetune_trainer.tasks.causal_lm import CausalLM
 from tiny_tokenizer import make_tiny_tokenizer
 
 TOKENIZER = make_tiny_tokenizer()
@@ -132,13 +132,14 @@ def test_examples_read_by_index_slice_and_fingerprint_like_a_list(tmp_path: Path
     prepared = prepare(cfg, TOKENIZER, tmp_path / "work")
     as_list = list(prepared.train)
     assert len(as_list) == len(prepared.train) == prepared.report.splits["train"].rows
-    assert prepared.train[3] == as_list[3] and prepared.train[-1] == as_list[-1]
+    assert prepared.train[3] == as_list[3]
+    assert prepared.train[-1] == as_list[-1]
     assert prepared.train[5:9] == as_list[5:9]
     assert all(isinstance(t, int) for t in as_list[0]["input_ids"] + as_list[0]["labels"])
     assert as_list[0]["attention_mask"] == [1] * len(as_list[0]["input_ids"])
-    assert prepared.train.fingerprint() == fingerprint(as_list)  # type: ignore[attr-defined]
+    assert prepared.train.fingerprint() == CausalLM.fingerprint(as_list)  # type: ignore[attr-defined]
     with pytest.raises(IndexError):
         prepared.train[len(prepared.train)]
     packed = prepare(cfg.model_copy(update={"packing": True}), TOKENIZER, tmp_path / "packed")
-    assert packed.train.fingerprint() == fingerprint(list(packed.train))  # type: ignore[attr-defined]
+    assert packed.train.fingerprint() == CausalLM.fingerprint(list(packed.train))  # type: ignore[attr-defined]
     assert sum(len(e["input_ids"]) for e in packed.train) == sum(len(e["input_ids"]) for e in as_list)

@@ -66,8 +66,10 @@ def test_two_ranks_prepare_once_the_second_waits_and_maps_the_first_result(tmp_p
     preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
     (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
     assert (code0, code1) == (0, 0)
-    assert second["train"] == first["train"] and len(first["train"]) > 300
-    assert second["folder"] == first["folder"] and second["key"] == first["key"]
+    assert second["train"] == first["train"]
+    assert len(first["train"]) > 300
+    assert second["folder"] == first["folder"]
+    assert second["key"] == first["key"]
     assert second["seconds"] > first["seconds"]  # it waited for the whole preparation
     assert _entries(store) == [first["key"]]  # one preparation, nothing half-written left
     assert (tmp_path / "w0" / "data_report.json").is_file()
@@ -83,8 +85,11 @@ def test_a_sigkilled_attempt_is_restarted_and_reuses_the_cache(tmp_path: Path) -
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     code, restarted = _finish(_rank(config, store, "a2", "prepare", tmp_path / "w"))
-    assert code == 0 and restarted["reused"] is True and prepared["reused"] is False
-    assert restarted["train"] == prepared["train"] and restarted["key"] == prepared["key"]
+    assert code == 0
+    assert restarted["reused"] is True
+    assert prepared["reused"] is False
+    assert restarted["train"] == prepared["train"]
+    assert restarted["key"] == prepared["key"]
     report = json.loads((tmp_path / "w" / "data_report.json").read_text())
     assert report["cache"] == {"key": prepared["key"], "folder": restarted["folder"], "reused": True}
 
@@ -104,7 +109,8 @@ def test_a_rank_killed_while_preparing_fails_its_waiters_and_the_restart_prepare
     with pytest.raises(PreparationLostError, match="stopped without a result"):
         wait_for(store, "a1", stale_seconds=0.5)
     code, restarted = _finish(_rank(config, store, "a2", "prepare", tmp_path / "w"))
-    assert code == 0 and restarted["reused"] is False
+    assert code == 0
+    assert restarted["reused"] is False
     assert _entries(store) == [restarted["key"]]  # the killed attempt's half-written folder is gone
 
 
@@ -122,9 +128,11 @@ def test_an_edited_source_or_config_invalidates_the_cache(tmp_path: Path) -> Non
     assert (first.reused, again.reused, again.key) == (False, True, first.key)
     _data(source, 1, start=200)  # one appended row
     edited = run()
-    assert edited.reused is False and edited.key != first.key
+    assert edited.reused is False
+    assert edited.key != first.key
     other_config = run(maxSeqLength=512)
-    assert other_config.reused is False and other_config.key not in (first.key, edited.key)
+    assert other_config.reused is False
+    assert other_config.key not in (first.key, edited.key)
     assert run(maxSeqLength=512).reused is True
     other_tokenizer = make_tiny_tokenizer(extra_chars="é")
     cfg = DataConfig.model_validate({"source": str(source)})
@@ -140,7 +148,8 @@ def test_a_failure_on_the_preparing_rank_ends_the_waiting_rank_with_its_data_err
     preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
     (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
     assert code0 == code1 == 4
-    assert first == second and first["reason"] == "TooManyBadRows"
+    assert first == second
+    assert first["reason"] == "TooManyBadRows"
     assert "5 of 45 rows are malformed" in second["error"]
     report = json.loads((tmp_path / "w0" / "data_report.json").read_text())
     assert report["badRows"]["count"] == 5
