@@ -3,6 +3,7 @@ FTO_USE_EXISTING_CLUSTER=1). The fixtures that hand out a `Cluster` live in test
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hack import devcluster
+from hack import devcluster, nodeagent
+from hack.kube import Api, Kube
+from hack.kube import KubectlError as KubectlError  # re-exported: tests catch it from here
+from hack.nodeagent.agent import RunningContainer, agent_dir, running_containers
 
 T = TypeVar("T")
 
@@ -26,15 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_CODE_ANNOTATION = "kwok.finetune.dev/exit-code"
 
 
-class KubectlError(subprocess.CalledProcessError):
-    """A failed kubectl call; its message includes the command and kubectl's stderr."""
-
-    def __str__(self) -> str:
-        return f"`{' '.join(map(str, self.cmd))}` exited {self.returncode}:\n{self.stderr}"
-
-
 @dataclass(frozen=True)
 class Cluster:
+    """The cluster under test: kubectl and the REST client of hack/kube.py (shared with the demo and the
+    node agent)."""
+
     kubeconfig: Path
     bin_dir: Path
 
@@ -42,25 +42,23 @@ class Cluster:
     def kubectl_path(self) -> Path:
         return self.bin_dir / "kubectl"
 
+    @functools.cached_property
+    def kube(self) -> Kube:
+        return Kube(self.kubeconfig, self.kubectl_path)
+
+    @property
+    def api(self) -> Api:
+        return self.kube.api
+
     def kubectl(
         self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; raise KubectlError on a non-zero exit when `check`."""
-        cmd = [str(self.kubectl_path), f"--kubeconfig={self.kubeconfig}", *args]
-        result = subprocess.run(
-            cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if check and result.returncode != 0:
-            raise KubectlError(result.returncode, cmd, result.stdout, result.stderr)
-        return result
+        return self.kube.kubectl(*args, check=check, input=input, timeout=timeout)
 
     def apply(self, manifest: dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> None:
         """Create or update objects (server-side apply) from Python dicts."""
-        items = manifest if isinstance(manifest, list) else [manifest]
-        args = ["apply", "--server-side", "--field-manager=fto-tests", "-f", "-"]
-        if namespace:
-            args += ["-n", namespace]
-        self.kubectl(*args, input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        self.kube.apply(manifest, namespace)
 
 
 def kubectl_json(cluster: Cluster, *args: str) -> Any:
@@ -223,3 +221,46 @@ class OperatorProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@dataclass(frozen=True)
+class LocalNode:
+    """The dev cluster's local node (hack/nodeagent): pods placed there run as processes on this machine."""
+
+    name: str
+    root: Path  # the dev cluster's folder
+
+    @staticmethod
+    def placement() -> dict[str, Any]:
+        """What a pod spec needs to be placed on the local node."""
+        return {"nodeSelector": dict(nodeagent.NODE_SELECTOR), "tolerations": [dict(nodeagent.TOLERATION)]}
+
+    def containers(self) -> list[RunningContainer]:
+        return running_containers(self.root)
+
+    def service_address(self, namespace: str, service: str, port: str, timeout: float = 60.0) -> str:
+        """`http://127.0.0.1:PORT`: the loopback forwarder of a Service port (what
+        `python -m hack.devcluster services` prints)."""
+        path = agent_dir(self.root) / "services.json"
+        key = f"{namespace}/{service}:{port}"
+
+        def published() -> str | None:
+            try:
+                host, number = json.loads(path.read_text())[key]
+            except (OSError, ValueError, KeyError):
+                return None
+            return f"http://{host}:{number}"
+
+        return wait_for(published, timeout, f"a forwarder for Service port {key}")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET on loopback (no proxy): (status, body); (0, error) when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+    except OSError as err:
+        return 0, str(err)
