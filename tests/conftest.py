@@ -23,13 +23,21 @@ import secrets
 import subprocess
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import yaml
 from hack import devcluster
 
-from tests.kube_helpers import REPO_ROOT, Cluster, KubectlError, LocalNode, OperatorProcess, wait_for
+from tests.kube_helpers import (
+    REPO_ROOT,
+    Cluster,
+    KubectlError,
+    LocalNode,
+    OperatorProcess,
+    cannot_run_pods,
+    wait_for,
+)
 
 CRDS_DIR = REPO_ROOT / "crds"
 OUR_KINDS = ("finetunejobs.finetune.dev", "modeldeployments.finetune.dev")
@@ -89,14 +97,6 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         yield Cluster(kubeconfig=layout.kubeconfig, bin_dir=Path(state.bin_dir))
     finally:
         _devcluster(request, "release", "--session", session)
-
-
-def cannot_run_pods(reason: str) -> NoReturn:
-    """A test that needs real pods cannot run here: under CI=true that is a failure, locally a skip."""
-    message = f"cannot run pods on this machine: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

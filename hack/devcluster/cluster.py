@@ -27,7 +27,6 @@ from hack.devcluster.pki import admin_api, ensure_pki, write_kubeconfig
 from hack.devcluster.processes import State, free_port, log_tail, process_start_ticks, spawn, stop_processes
 from hack.kube import Api
 
-
 NODE_AGENT = "node-agent"
 
 

@@ -67,7 +67,7 @@ class Informer:
                 self.synced.set()
                 self.changed()
                 while True:
-                    for event in self.api.watch(self.path, version, **self.params):
+                    for event in self.api.watch(self.path, version, self.params):
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             raise ApiError("WATCH", self.path, int(obj.get("code", 0)), obj)
@@ -131,8 +131,8 @@ class Agent:
             informer.synced.wait(60)
         self._adopt()
         self.log(
-            f"node {self.node_name} ready: pods in {self.network.subnet} (namespaces {self.network.node_netns}*), "
-            f"logs on 127.0.0.1:{self.log_server.port}"
+            f"node {self.node_name} ready: pods in {self.network.subnet} "
+            f"(namespaces {self.network.node_netns}*), logs on 127.0.0.1:{self.log_server.port}"
         )
         while not self.stopping.is_set():
             self.wake.wait(1.0)
@@ -274,7 +274,8 @@ def _end_pod_folder(folder: Path, network: ClusterNetwork, grace: float) -> None
 
 def teardown(root: Path, service_cidr: str, log: Callable[[str], None] = print) -> list[str]:
     """Everything the local node made for the dev cluster in `root`: its pods' processes, mount points,
-    memory volumes, and its network namespaces (with every interface in them). Returns the namespaces removed."""
+    memory volumes, and its network namespaces (with every interface in them). Returns the namespaces
+    removed."""
     network = ClusterNetwork.for_dev_dir(root, service_cidr)
     pods_dir = agent_dir(root) / "pods"
     for folder in sorted(pods_dir.iterdir()) if pods_dir.is_dir() else []:

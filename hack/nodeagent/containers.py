@@ -172,7 +172,8 @@ class ContainerRun:
                 os.killpg(self.record.pid, signal.SIGKILL)
 
     def stop(self, grace: float) -> int:
-        """SIGTERM to the command, SIGKILL after `grace` seconds (the kubelet's order); returns the exit code."""
+        """SIGTERM to the command, SIGKILL after `grace` seconds (the kubelet's order); returns the exit
+        code."""
         self.signal_main(signal.SIGTERM)
         if not self.wait(grace):
             self.kill()

@@ -1,15 +1,15 @@
 """Services, reachable the way a user reaches them: for every Service port, a forwarder on a loopback port of
-this machine (in the spirit of `kubectl port-forward`; `python -m hack.devcluster services` prints them), and a
-listener on the Service's cluster IP inside the node's network namespace, so pods reach Services by cluster IP.
+this machine (in the spirit of `kubectl port-forward`; `python -m hack.devcluster services` prints them),
+and a listener on the Service's cluster IP inside the node's network namespace, so pods reach Services by
+cluster IP.
 
 Each connection goes to one of the ready endpoints of the Service's EndpointSlices (made by the real
 controller-manager), round robin, and only to addresses of this dev cluster's pod subnet (kwok's pods have
 addresses that lead nowhere). The `kubernetes` Service is the API server: its cluster IP inside the node
 namespace forwards to the API server on 127.0.0.1, so pods use it exactly like in a cluster.
 
-Why not kube-proxy: it programs iptables/nftables in the namespace it runs in, and making the host's network
-reach pod addresses would mean routes and addresses outside the dev cluster's own namespaces.
-"""
+Why not kube-proxy: it programs iptables/nftables in the namespace it runs in, and making the host's
+network reach pod addresses would mean routes and addresses outside the dev cluster's own namespaces."""
 
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ class Forwarders:
             if not endpoints:
                 return None
             target = endpoints[next(self.counter) % len(endpoints)]
-            return self.sockets.connect(target, 5.0)
+            upstream: socket.socket = self.sockets.connect(target, 5.0)
+            return upstream
 
         return connect
 

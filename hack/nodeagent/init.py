@@ -23,13 +23,16 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 MOUNT_LOCK = Path("/tmp/fto-node-mounts.lock")
 REGISTRY = Path("/tmp/fto-node-mounts.d")
-"""One file per live container (`<pid>-<start ticks>.json`: its mount targets), so that a mount point made on
-this machine is removed only when no container of any dev cluster mounts it any more."""
+"""One file per live container (its mount targets), so that a mount point made on this machine is removed only
+when no container of any dev cluster mounts it any more."""
+_HELD: list[IO[str]] = []
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -40,24 +43,20 @@ FORWARDED_SIGNALS = (
 )
 
 
-def _start_ticks(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[19]
-
-
 def _users() -> dict[Path, list[str]]:
-    """The mount targets of every live container on this machine (any dev cluster), by registry entry."""
+    """The mount targets of every live container on this machine (any dev cluster), by registry entry. An
+    entry is live while its container's init holds a lock on it (the kernel drops it when the init dies;
+    PIDs would not do: each init is PID 1 of its own namespace)."""
     users = {}
     for entry in REGISTRY.glob("*.json"):
-        pid, _, ticks = entry.stem.partition("-")
-        if not pid.isdigit() or _start_ticks(int(pid)) != ticks:
+        with contextlib.suppress(OSError), entry.open("r") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with contextlib.suppress(ValueError):
+                    users[entry] = json.loads(handle.read() or "[]")
+                continue
             entry.unlink(missing_ok=True)  # its container is gone
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            users[entry] = json.loads(entry.read_text())
     return users
 
 
@@ -70,11 +69,16 @@ def _locked() -> Iterator[None]:
 
 
 def create_mount_points(mounts: list[dict[str, object]], record: Path) -> tuple[list[str], Path]:
-    """Create missing mount points; register this container as a user of all its targets."""
+    """Create missing mount points; register this container as a user of all its targets (the registration
+    stays locked, by a file this process keeps open, for as long as it lives)."""
     created: list[str] = []
     with _locked():
-        me = REGISTRY / f"{os.getpid()}-{_start_ticks(os.getpid())}.json"
-        me.write_text(json.dumps([str(m["target"]) for m in mounts]))
+        me = REGISTRY / f"{uuid.uuid4().hex}.json"
+        handle = me.open("w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(json.dumps([str(m["target"]) for m in mounts]))
+        handle.flush()
+        _HELD.append(handle)
         for mount in mounts:
             path = Path(str(mount["target"]))
             missing = [p for p in [path, *path.parents] if not p.exists() and not p.is_symlink()]

@@ -1,17 +1,16 @@
 """The local node's network: network namespaces that the dev cluster creates itself, and nothing else.
 
-    node namespace  fto-<id>         bridge br0 with the gateway address (first of the pod subnet); the Service
-                                     range is routed to its loopback ("local" route), so the agent can listen on
-                                     any cluster IP in it; no route leads anywhere else
-    pod namespace   fto-<id>-p<N>    eth0 (a veth whose peer sits on br0) with the pod's address, lo, and a
-                                     default route via the gateway: pods reach each other and cluster IPs
+    node namespace  fto-<id>       bridge br0 with the gateway address (first of the pod subnet); the
+                                   Service range is routed to its loopback ("local" route), so the agent can
+                                   listen on any cluster IP in it; no route leads anywhere else
+    pod namespace   fto-<id>-p<N>  eth0 (a veth whose peer sits on br0) with the pod's address, lo, and a
+                                   default route via the gateway: pods reach each other and cluster IPs
 
 `<id>` and the pod subnet are derived from the dev cluster's folder, so several dev clusters on one machine
-never share a namespace name, and every interface lives inside a namespace of its own cluster (interface names
-are per namespace; none is made in the host's namespace). Removing the namespaces removes every interface,
-address and route with them. The host reaches pods only through the agent, whose sockets for pod traffic are
-made inside the node namespace (`NodeSockets`); nothing outside this machine is ever addressed.
-"""
+never share a namespace name, and every interface lives inside a namespace of its own cluster (interface
+names are per namespace; none is made in the host's namespace). Removing the namespaces removes every
+interface, address and route with them. The host reaches pods only through the agent, whose sockets for pod
+traffic are made inside the node namespace (`NodeSockets`); nothing outside this machine is ever addressed."""
 
 from __future__ import annotations
 
@@ -161,7 +160,7 @@ class NodeSockets:
             except OSError as exc:
                 reply.put(exc)
 
-    def socket(self, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    def new_socket(self, kind: int = socket.SOCK_STREAM) -> socket.socket:
         reply: queue.Queue[socket.socket | BaseException] = queue.Queue(maxsize=1)
         self._requests.put((kind, reply))
         result = reply.get(timeout=10)
@@ -170,7 +169,7 @@ class NodeSockets:
         return result
 
     def connect(self, address: tuple[str, int], timeout: float) -> socket.socket:
-        sock = self.socket()
+        sock = self.new_socket()
         sock.settimeout(timeout)
         try:
             sock.connect(address)
@@ -180,7 +179,7 @@ class NodeSockets:
         return sock
 
     def listen(self, address: tuple[str, int]) -> socket.socket:
-        sock = self.socket()
+        sock = self.new_socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(64)

@@ -11,6 +11,7 @@ import os
 import platform
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from hack.kube import MERGE_PATCH, Api, ApiError
@@ -28,7 +29,7 @@ STATUS_S = 30.0
 
 
 def memory_bytes() -> int:
-    for line in open("/proc/meminfo"):
+    for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     return 0

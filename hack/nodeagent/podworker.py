@@ -321,7 +321,8 @@ class PodWorker(threading.Thread):
         self.wake = threading.Event()
 
     def with_addresses(self) -> dict[str, Any]:
-        """The pod as its containers see it: with the addresses given to it (the API may not show them yet)."""
+        """The pod as its containers see it: with the addresses it was given (the API may not show them
+        yet)."""
         addresses = {
             "podIP": self.record.ip,
             "podIPs": [{"ip": self.record.ip}],

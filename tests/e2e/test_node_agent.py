@@ -1,10 +1,10 @@
 """The local node (hack/nodeagent) runs every pod bound to it as real processes: each pod with its own IP in
-its own network namespace, its environment, volumes and ServiceAccount, probes, restarts with backoff, logs for
-`kubectl logs`, deletion with the grace period, Services reachable through the dev cluster's forwarders, and
-an agent that can be killed and restarted without a second process for any container.
+its own network namespace, its environment, volumes and ServiceAccount, probes, restarts with backoff, logs
+for `kubectl logs`, deletion with the grace period, Services reachable through the dev cluster's
+forwarders, and an agent that can be killed and restarted without a second process for any container.
 
-The pods of the whole module are created at once (one namespace) so that their waits (the crash-loop backoff
-above all) overlap; each test then checks one behaviour."""
+The pods of the whole module are created at once (one namespace) so that their waits (the crash-loop
+backoff above all) overlap; each test then checks one behaviour."""
 
 from __future__ import annotations
 
