@@ -115,6 +115,8 @@ class ContainerLoop:
             self.run = run
             self.env = saved.get("env", {})
             self._arm_probes(time.monotonic())
+            # As it was reported: probes carry on from there (an adopted pod does not drop out of Services).
+            self.view.ready, self.view.started = saved.get("ready", False), saved.get("started", False)
 
     def save(self) -> None:
         saved = {
@@ -126,6 +128,8 @@ class ContainerLoop:
             "backoff_s": self.backoff_s,
             "restart_at": self.restart_at,
             "env": self.env,
+            "ready": self.view.ready,
+            "started": self.view.started,
         }
         (self.folder / "state.json").write_text(json.dumps(saved))
 
@@ -165,6 +169,8 @@ class ContainerLoop:
             "workingDir": self.spec.get("workingDir", "/"),
             "command": command,
             "env": self.env,
+            "ready": self.view.ready,
+            "started": self.view.started,
         }
         started_at = st.timestamp()
         log_path = worker.agent.logs.path(pod, self.name, self.view.restart_count)
@@ -245,6 +251,12 @@ class ContainerLoop:
         self.start()
 
     def _probe(self) -> None:
+        before = (self.view.ready, self.view.started)
+        self._run_probes()
+        if (self.view.ready, self.view.started) != before and self.run is not None:
+            self.save()
+
+    def _run_probes(self) -> None:
         assert self.run is not None
         now = time.monotonic()
         startup = self.probes.get("startup")

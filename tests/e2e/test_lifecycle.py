@@ -106,7 +106,7 @@ def running_trainer_pod(cluster: Cluster, namespace: str, name: str, attempt: in
     return wait_for(running, 120, f"the trainer pod of {namespace}/{name} to be Running")
 
 
-def ended_pod(cluster: Cluster, namespace: str, name: str, timeout: float = 300) -> dict[str, Any]:
+def ended_pod(cluster: Cluster, namespace: str, name: str, timeout: float = 480) -> dict[str, Any]:
     """The pod once its container has ended (Succeeded or Failed), as the local node reports it."""
 
     def ended() -> dict[str, Any] | None:
@@ -242,6 +242,7 @@ def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
     assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
 
 
+@pytest.mark.timeout(1200)  # two attempts of 600 steps: a busy machine needs more than pytest's default
 def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
     cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, local_node: LocalNode
 ) -> None:
