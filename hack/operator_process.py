@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -68,8 +68,12 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | 
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
 
-    def __init__(self, namespace: str, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(
+        self, namespace: str, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.namespace = namespace
+        self.env = dict(env or {})
+        """Extra environment (operator settings, `FTO_*`)."""
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.health_port = free_port()
@@ -105,7 +109,7 @@ class OperatorProcess:
         """Start it (again) and wait until its liveness endpoint answers."""
         if self.running:
             return
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image" / "src"), env.get("PYTHONPATH", "")]

@@ -6,7 +6,9 @@
 - `crds` (session): crds/ applied server-side and Established.
 - `namespace` (function): a fresh namespace, deleted afterwards (waits until its pods are gone, so the fake
   GPUs are free for the next test).
-- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`.
+- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`;
+  `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
+  is the test's namespace).
 - `local_node` (session): the dev cluster's local node (hack/nodeagent), whose pods run as processes here. A
   machine that cannot run them fails the test under CI=true and skips it (with the reason) elsewhere.
 
@@ -170,8 +172,10 @@ def operator(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
+    marker = request.node.get_closest_marker("operator_env")
+    env = {k: str(v).format(namespace=namespace) for k, v in (marker.kwargs if marker else {}).items()}
     proc = OperatorProcess(
-        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log"
+        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env
     )
     try:
         proc.start()

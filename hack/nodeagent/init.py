@@ -33,6 +33,7 @@ REGISTRY = Path("/tmp/fto-node-mounts.d")
 """One file per live container (its mount targets), so that a mount point made on this machine is removed only
 when no container of any dev cluster mounts it any more."""
 _HELD: list[IO[str]] = []
+OLD_RUNNER_LOCK = Path("/tmp/fto-pod-runner.lock")
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -58,6 +59,20 @@ def _users() -> dict[Path, list[str]]:
                 continue
             entry.unlink(missing_ok=True)  # its container is gone
     return users
+
+
+def _old_pod_runner_active() -> bool:
+    """Whether a pod runner of an older checkout (hack/pod_runner.py, which holds this lock shared while it
+    runs) may be using mount points: then none is removed."""
+    if not OLD_RUNNER_LOCK.exists():
+        return False
+    with OLD_RUNNER_LOCK.open("r") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
 
 
 @contextlib.contextmanager
@@ -97,6 +112,8 @@ def remove_mount_points(created: list[str], registration: Path | None = None) ->
     with _locked():
         if registration is not None:
             registration.unlink(missing_ok=True)
+        if _old_pod_runner_active():
+            return
         in_use = {Path(t) for targets in _users().values() for t in targets}
         for name in reversed(created):
             p = Path(name)

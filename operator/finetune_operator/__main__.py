@@ -1,5 +1,6 @@
 """`python -m finetune_operator [--namespace NS ... | --all-namespaces] [--health-port P]
-[--metrics-port M]`.
+[--metrics-port M]`;
+`python -m finetune_operator audit verify|query ...` (see finetune_operator.audit.cli).
 """
 
 from __future__ import annotations
@@ -29,18 +30,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        from finetune_operator.audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     args = parse_args(argv)
     import kopf  # here, not at the top: after `__main__` has hidden the kubernetes client
     import uvloop
 
     os.environ["FTO_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["FTO_NAMESPACES"] = ",".join(args.namespace)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     if not args.verbose:
         # One line per handler call per object ("Handler ... succeeded") and per probe request cost CPU
         # at scale and say nothing the controller's own transition lines don't; errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator import startup as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator.config import OperatorConfig
+
+    if OperatorConfig.from_env().webhook_port:  # kopf refuses admission handlers without a server
+        from finetune_operator.handlers import webhooks  # noqa: F401
 
     if not args.namespace and not args.all_namespaces:
         logging.getLogger(__name__).info("no --namespace given: serving all namespaces")

@@ -153,8 +153,10 @@ def test_three_single_node_jobs_on_two_nodes_one_waits_then_is_admitted(
     assert admitted["reason"] == "InsufficientGPUs"
     prefix = f"needs 1 node {TIMES} 8 GPUs (nvidia.com/gpu.product={H100}); largest free: "
     assert admitted["message"].startswith(prefix), admitted["message"]
+    # Strict admission (the default) also says which node is held for it.
     largest = re.fullmatch(
-        r"(\d+) on gpu-node-[01], (\d+) on gpu-node-[01]", admitted["message"][len(prefix) :]
+        r"(\d+) on gpu-node-[01], (\d+) on gpu-node-[01](?:; held for it: gpu-node-[01] \(.*\))?",
+        admitted["message"][len(prefix) :],
     )
     assert largest is not None, admitted["message"]
     assert all(int(free) < 8 for free in largest.groups())
@@ -428,7 +430,8 @@ def test_model_deployment_gets_a_first_status(cluster: Cluster, namespace: str, 
         return body if status.get("observedGeneration") == body["metadata"]["generation"] else None
 
     body = wait_for(acknowledged, 60, "the ModelDeployment's observedGeneration")
-    assert body["status"]["conditions"][0]["type"] == "Progressing"
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WaitingForFineTuneJob")
 
 
 def test_a_pod_deleted_under_the_gang_counts_as_a_failed_attempt(

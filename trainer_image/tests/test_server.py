@@ -29,15 +29,17 @@ def _free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("server")
     model_dir = make_tiny_model(root / "model")
-    (root / "keys").write_text(f"{API_KEY}\n")
+    (root / "keys").mkdir()
+    (root / "keys" / "key").write_text(f"{API_KEY}\n")
     port = _free_port()
     config = {
         "modelDir": str(model_dir),
         "modelName": "tiny",
         "host": "127.0.0.1",
         "port": port,
-        "apiKeysFile": str(root / "keys"),
-        "maxNewTokens": 32,
+        "verifyManifest": False,
+        "auth": {"apiKeysDir": str(root / "keys")},
+        "limits": {"maxNewTokens": 32},
     }
     (root / "server.json").write_text(json.dumps(config))
     proc = subprocess.Popen(

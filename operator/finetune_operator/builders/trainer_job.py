@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune_operator.api.finetunejob import FineTuneJob
+from finetune_operator.builders import pods
 from finetune_operator.builders.common import (
     ATTEMPT_LABEL,
     CONFIG_DIR,
@@ -38,7 +39,6 @@ from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
 #: Rank 0's Prometheus endpoint: the trainer's default reporting.metricsPort (the operator keeps it).
 TRAINER_METRICS_PORT = Reporting().metrics_port
 
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: command + args == finetune_trainer.launch.pod_command(config path): the trainer's own entrypoint, which
 #: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the
@@ -77,31 +77,16 @@ def pod_failure_policy() -> dict[str, Any]:
 
 def pod_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
     """The user's tolerations, plus one for the GPU taint when the pods request GPUs."""
-    tolerations = [dict(t) for t in job.spec.resources.tolerations]
-    resource = job.spec.resources.gpu_resource_name
-    if job.spec.distributed.gpus_per_node > 0 and not any(t.get("key") == resource for t in tolerations):
-        tolerations.append({"key": resource, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
+    return pods.tolerations(job.spec.resources, job.spec.distributed.gpus_per_node)
 
 
 def node_selector(job: FineTuneJob) -> dict[str, str]:
     """The pods' node selector: the user's labels plus the GPU product label."""
-    selector = dict(job.spec.resources.node_selector)
-    if job.spec.resources.gpu_product:
-        selector[GPU_PRODUCT_LABEL] = job.spec.resources.gpu_product
-    return selector
+    return pods.node_selector(job.spec.resources)
 
 
 def _resources(job: FineTuneJob) -> dict[str, Any]:
-    res = job.spec.resources
-    amounts: dict[str, Any] = {}
-    if res.cpu is not None:
-        amounts["cpu"] = str(res.cpu)
-    if res.memory is not None:
-        amounts["memory"] = str(res.memory)
-    if job.spec.distributed.gpus_per_node > 0:
-        amounts[res.gpu_resource_name] = str(job.spec.distributed.gpus_per_node)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    return pods.container_resources(job.spec.resources, job.spec.distributed.gpus_per_node)
 
 
 def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -124,6 +109,7 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
         {"name": "FTO_JOB_NAME", "value": job_name(job)},
         {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTO_ATTEMPT", "value": str(attempt)},
+        {"name": "HOME", "value": TMP_DIR},  # the root filesystem is read-only
         {"name": DEEPSPEED_CONFIG_ENV, "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
     ]
 
@@ -132,6 +118,25 @@ def _env_from(job: FineTuneJob) -> dict[str, Any]:
     """`spec.credentialsSecret` as the container's `envFrom` (the kubelet reads it; our variables win)."""
     secret = job.spec.credentials_secret
     return {"envFrom": [{"secretRef": {"name": secret}}]} if secret else {}
+
+
+TRAINER_UID = 10001
+"""The trainer image's user (trainer_image/Dockerfile); pods run as it, never as root."""
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,  # the checkpoint and output claims are writable by the trainer
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""Pod Security Standard `restricted`; the writable places are volumes: /tmp (HOME, HF_HOME, compiler
+caches, the exit-code file), /dev/shm, the workspace and output claims."""
+TMP_DIR = "/tmp"
 
 
 def trainer_args() -> list[str]:
@@ -164,11 +169,13 @@ def build_trainer_job(
                 "sizeLimit": str(spec.resources.shared_memory or config.shm_size),
             },
         },
+        {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKSPACE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": TMP_DIR},
     ]
     output_claim = output_copy_claim(job)
     sources = source_claims(job)
@@ -193,6 +200,7 @@ def build_trainer_job(
         "subdomain": service_name(job),
         "serviceAccountName": trainer_name(job),
         "terminationGracePeriodSeconds": config.termination_grace_seconds,
+        "securityContext": dict(POD_SECURITY_CONTEXT),
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
@@ -209,6 +217,7 @@ def build_trainer_job(
                 "resources": _resources(job),
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
             }
         ],
         "volumes": volumes,

@@ -20,12 +20,11 @@ from finetune_server.protocol import health, openai
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
-def read_api_keys(path: Path | None) -> frozenset[str]:
-    if path is None:
-        return frozenset()
-    keys = frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
+def read_api_keys(directory: Path) -> frozenset[str]:
+    files = [p for p in sorted(directory.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    keys = frozenset(line.strip() for p in files for line in p.read_text().splitlines() if line.strip())
     if not keys:
-        raise ValueError(f"apiKeysFile {path} holds no key")
+        raise ValueError(f"auth.apiKeysDir {directory} holds no key")
     return keys
 
 
@@ -33,7 +32,7 @@ def create_app(
     config: ServerConfig, model: TextGenerationModel, metrics: ServerMetrics | None = None
 ) -> FastAPI:
     metrics = metrics or ServerMetrics()
-    keys = read_api_keys(config.api_keys_file)
+    keys = read_api_keys(config.auth.api_keys_dir) if config.auth.mode == "api-keys" else frozenset()
 
     async def require_api_key(request: Request) -> None:
         """Every route but probes and metrics needs a Bearer key (when keys are configured); the refusal
@@ -47,7 +46,9 @@ def create_app(
     app = FastAPI(title="finetune-server", version="v1", dependencies=[Depends(require_api_key)])
     install_error_handlers(app)
     app.include_router(health.build_router(model))
-    app.include_router(openai.build_router(model, config.max_new_tokens, config.default_max_new_tokens))
+    app.include_router(
+        openai.build_router(model, config.limits.max_new_tokens, config.limits.default_max_new_tokens)
+    )
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

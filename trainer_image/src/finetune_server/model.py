@@ -45,11 +45,12 @@ class TextGenerationModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         started = time.perf_counter()
-        dtype: Any = "auto" if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+        names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        dtype: Any = names.get(self.config.dtype, "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(self.config.model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(self.config.model_dir), dtype=dtype)
         model.eval()  # type: ignore[no-untyped-call]
-        if self.config.quantization == "int8-dynamic":
+        if self.config.quantization.method == "int8-dynamic":
             model = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
                 model, {torch.nn.Linear}, dtype=torch.qint8
             )
