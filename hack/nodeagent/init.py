@@ -61,7 +61,7 @@ def _users() -> dict[Path, list[str]]:
     return users
 
 
-def _old_pod_runner_active() -> bool:
+def old_pod_runner_active() -> bool:
     """Whether a pod runner of an older checkout (hack/pod_runner.py, which holds this lock shared while it
     runs) may be using mount points: then none is removed."""
     if not OLD_RUNNER_LOCK.exists():
@@ -112,7 +112,7 @@ def remove_mount_points(created: list[str], registration: Path | None = None) ->
     with _locked():
         if registration is not None:
             registration.unlink(missing_ok=True)
-        if _old_pod_runner_active():
+        if old_pod_runner_active():
             return
         in_use = {Path(t) for targets in _users().values() for t in targets}
         for name in reversed(created):
