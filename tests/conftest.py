@@ -6,7 +6,9 @@
 - `crds` (session): crds/ applied server-side and Established.
 - `namespace` (function): a fresh namespace, deleted afterwards (waits until its pods are gone, so the fake
   GPUs are free for the next test).
-- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`.
+- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`;
+  `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
+  is the test's namespace).
 
 Tests under tests/cluster/ and tests/e2e/ get the `cluster` / `e2e` marker, and any test that uses the
 `cluster` fixture gets `cluster`, so `-m "not cluster and not e2e"` selects the tests that need no cluster.
@@ -151,8 +153,10 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     if importlib.util.find_spec("finetune_operator.__main__") is None:
         pytest.skip("finetune_operator has no __main__ yet")
+    marker = request.node.get_closest_marker("operator_env")
+    env = {k: str(v).format(namespace=namespace) for k, v in (marker.kwargs if marker else {}).items()}
     proc = OperatorProcess(
-        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log"
+        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env
     )
     try:
         proc.start()

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,8 +156,12 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int | 
 class OperatorProcess:
     """`python -m finetune_operator` as a subprocess against the test cluster, watching one namespace."""
 
-    def __init__(self, namespace: str, kubeconfig: Path, log_path: Path) -> None:
+    def __init__(
+        self, namespace: str, kubeconfig: Path, log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.namespace = namespace
+        self.env = dict(env or {})
+        """Extra environment (operator settings, `FTO_*`)."""
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.health_port = devcluster.free_port()
@@ -193,7 +197,7 @@ class OperatorProcess:
         """Start it (again) and wait until its liveness endpoint answers."""
         if self.running:
             return
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT / "operator"), str(REPO_ROOT / "trainer_image" / "src"), env.get("PYTHONPATH", "")]

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 _PLURALS: dict[tuple[str, str], str] = {
+    ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"): "validatingwebhookconfigurations",
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): "mutatingwebhookconfigurations",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
@@ -52,7 +54,9 @@ _PLURALS: dict[tuple[str, str], str] = {
     (API_VERSION, modeldeployment.KIND): modeldeployment.PLURAL,
 }
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-_CLUSTER_SCOPED = frozenset({"Node", "Namespace"})
+_CLUSTER_SCOPED = frozenset(
+    {"Node", "Namespace", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+)
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
 

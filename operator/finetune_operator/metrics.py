@@ -64,6 +64,11 @@ class OperatorMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.preemptions = Counter(
+            "finetune_operator_preemptions_total",
+            "Gangs preempted (stopped to checkpoint and requeued) for a higher-priority waiting gang.",
+            registry=self.registry,
+        )
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 

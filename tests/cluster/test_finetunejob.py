@@ -153,8 +153,10 @@ def test_three_single_node_jobs_on_two_nodes_one_waits_then_is_admitted(
     assert admitted["reason"] == "InsufficientGPUs"
     prefix = f"needs 1 node {TIMES} 8 GPUs (nvidia.com/gpu.product={H100}); largest free: "
     assert admitted["message"].startswith(prefix), admitted["message"]
+    # Strict admission (the default) also says which node is held for it.
     largest = re.fullmatch(
-        r"(\d+) on gpu-node-[01], (\d+) on gpu-node-[01]", admitted["message"][len(prefix) :]
+        r"(\d+) on gpu-node-[01], (\d+) on gpu-node-[01](?:; held for it: gpu-node-[01] \(.*\))?",
+        admitted["message"][len(prefix) :],
     )
     assert largest is not None, admitted["message"]
     assert all(int(free) < 8 for free in largest.groups())

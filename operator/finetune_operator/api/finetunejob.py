@@ -506,6 +506,12 @@ class Scheduling(ApiModel):
 
     priority: Annotated[int, Field(ge=-1000, le=1000)] = 0
     """Higher-priority jobs are admitted first; equal priorities go by creation time."""
+    preemption_policy: Literal["PreemptLowerPriority", "Never"] = "PreemptLowerPriority"
+    """`PreemptLowerPriority` (the default, as for a Kubernetes PriorityClass): when the job does not fit,
+    it preempts the fewest and lowest running jobs of lower priority whose GPUs it needs; they save a
+    checkpoint, go back to the queue (reason `Preempted`, no restart charged) and resume later. `Never`:
+    it only waits. A job is never preempted for one of equal priority, nor before it has run the
+    operator's minimum run time."""
     queue_name: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     """Kueue LocalQueue to submit to; Kueue then admits the job instead of the operator."""
     max_restarts: Annotated[int, Field(ge=0, le=100)] = 3

@@ -109,6 +109,7 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
         {"name": "FTO_JOB_NAME", "value": job_name(job)},
         {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTO_ATTEMPT", "value": str(attempt)},
+        {"name": "HOME", "value": TMP_DIR},  # the root filesystem is read-only
         {"name": DEEPSPEED_CONFIG_ENV, "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
     ]
 
@@ -117,6 +118,25 @@ def _env_from(job: FineTuneJob) -> dict[str, Any]:
     """`spec.credentialsSecret` as the container's `envFrom` (the kubelet reads it; our variables win)."""
     secret = job.spec.credentials_secret
     return {"envFrom": [{"secretRef": {"name": secret}}]} if secret else {}
+
+
+TRAINER_UID = 10001
+"""The trainer image's user (trainer_image/Dockerfile); pods run as it, never as root."""
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,  # the checkpoint and output claims are writable by the trainer
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""Pod Security Standard `restricted`; the writable places are volumes: /tmp (HOME, HF_HOME, compiler
+caches, the exit-code file), /dev/shm, the workspace and output claims."""
+TMP_DIR = "/tmp"
 
 
 def trainer_args() -> list[str]:
@@ -149,11 +169,13 @@ def build_trainer_job(
                 "sizeLimit": str(spec.resources.shared_memory or config.shm_size),
             },
         },
+        {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKSPACE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": TMP_DIR},
     ]
     output_claim = output_copy_claim(job)
     sources = source_claims(job)
@@ -178,6 +200,7 @@ def build_trainer_job(
         "subdomain": service_name(job),
         "serviceAccountName": trainer_name(job),
         "terminationGracePeriodSeconds": config.termination_grace_seconds,
+        "securityContext": dict(POD_SECURITY_CONTEXT),
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
@@ -194,6 +217,7 @@ def build_trainer_job(
                 "resources": _resources(job),
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
             }
         ],
         "volumes": volumes,

@@ -2,13 +2,14 @@
 
 Each call reads the FineTuneJob (from the cache) and the current attempt's Job and Pods (kopf indexes fed by
 watches), then asks each concern in turn (`CONCERNS`), until one decides: finished (sticky; only the TTL),
-children (applied when the generation changed), suspend, deadline, claims, admission by Kueue or by the
-operator's gang plan, a gang restart under way, and observing the current attempt (success; failure →
-Failed at once when non-retryable, else a whole-gang restart with exponential backoff up to maxRestarts;
-running). Each concern returns `Done(requeue)` or None; the "fail → release the GPUs → commit → TTL"
-ending is `Step.fail`/`Step.end`. Status goes through the kind-generic writer with the FineTuneJob's
-`STATUS_RULES` (only the fields the operator owns; `progress`, `metrics`, `checkpoints`, `artifact` belong
-to the trainer). The return value asks for the next reconcile in N s.
+children (applied when the generation changed), suspend, deadline, a preemption the gang plan decided,
+claims, admission by Kueue or by the operator's gang plan, a gang restart under way, and observing the
+current attempt (success; failure → Failed at once when non-retryable, else a whole-gang restart with
+exponential backoff up to maxRestarts; running). Each concern returns `Done(requeue)` or None; the
+"fail → release the GPUs → commit → TTL" ending is `Step.fail`/`Step.end`. Status goes through the
+kind-generic writer with the FineTuneJob's `STATUS_RULES` (only the fields the operator owns; `progress`,
+`metrics`, `checkpoints`, `artifact` belong to the trainer). The return value asks for the next reconcile
+in N s.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from finetune_operator.api.finetunejob_status import (
 from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims
-from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.runtime import Runtime, finetunejob_key
 from finetune_operator.controllers.status import StatusRules, StatusWriter
 from finetune_operator.controllers.summaries import (
     JobSummary,
@@ -55,6 +56,7 @@ from finetune_operator.controllers.summaries import (
 )
 from finetune_operator.controllers.work_queue import ObjectKey
 from finetune_operator.k8s import ApiError
+from finetune_operator.scheduling import PREEMPTED
 from finetune_operator.timestamps import parse_rfc3339, rfc3339
 from finetune_trainer.config import ConfigError
 from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
@@ -62,6 +64,8 @@ from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
 logger = logging.getLogger(__name__)
 
 WAITING_FOR = " - waiting for the old gang's pods to go: "
+NOW_WAITING = " - now: "
+"""Between a Preempted condition's cause (kept until the job runs again) and what it waits for now."""
 OWNED_STATUS_FIELDS = (
     "phase",
     "observedGeneration",
@@ -116,7 +120,7 @@ def forget_finetunejob(runtime: Runtime, key: ObjectKey) -> None:
     runtime.forget(key)
 
 
-async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
+async def _apply_children(runtime: Runtime, job: FineTuneJob, body: dict[str, Any]) -> None:
     async def apply(manifest: dict[str, Any]) -> None:
         try:
             await runtime.client.apply(manifest)
@@ -127,7 +131,11 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
                 return
             raise
 
-    await asyncio.gather(*(apply(m) for m in build_children(job, runtime.config)))
+    children = build_children(job, runtime.config)
+    await asyncio.gather(*(apply(m) for m in children))
+    if runtime.audit is not None:
+        names = ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in children)
+        runtime.audit.action("ChildrenApplied", body, detail=names)
 
 
 def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
@@ -359,7 +367,7 @@ async def children(step: Step) -> Done | None:
     if applied.is_current(step.key, step.writer.generation):
         return None
     try:
-        await _apply_children(step.runtime, step.job)
+        await _apply_children(step.runtime, step.job, step.body)
     except ConfigError as exc:
         return await step.fail(REASONS[3], str(exc))
     applied.mark(step.key, step.writer.generation)
@@ -401,6 +409,38 @@ async def deadline(step: Step) -> Done | None:
         "DeadlineExceeded",
         f"running since {rfc3339(start_time)}, longer than activeDeadlineSeconds={limit}",
     )
+
+
+async def preempted(step: Step) -> Done | None:
+    """The gang plan preempted this job for a higher-priority one: stop its gang gracefully and queue it.
+
+    Deleting the Job deletes its pods gracefully: the trainer gets SIGTERM, saves a checkpoint and exits
+    10 within the pods' grace period. No restart is charged and `attempt` stays; the plan admits it again
+    only once no pod of this attempt is left, and the next attempt resumes from the newest checkpoint."""
+    runtime, writer = step.runtime, step.writer
+    preemption = runtime.gang.preemption(step.ref)
+    if preemption is None:
+        return None
+    await step.delete_jobs(step.jobs)
+    writer.set(CONDITION_ADMITTED, False, PREEMPTED, preemption.message)
+    writer.set(CONDITION_RUNNING, False, PREEMPTED, preemption.message)
+    writer.fields["queuedSince"] = rfc3339(writer.now)
+    writer.fields["admission"] = None
+    runtime.metrics.preemptions.inc()
+    await writer.commit()  # the phase moves to Queued: an Event with the Preempted message
+    runtime.gang.preempted(step.ref)
+    preemptor = runtime.cache.get(finetunejob_key(preemption.preemptor))
+    if preemptor is not None:
+        message = (
+            f"preempted {step.ref} (priority {step.scheduling.priority}) to make room for this job; it "
+            "resumes from its checkpoint when GPUs are free again"
+        )
+        runtime.spawn(
+            runtime.client.post_event(
+                preemptor, type_="Normal", reason="PreemptedLowerPriority", message=message
+            )
+        )
+    return Done(runtime.config.requeue_seconds)
 
 
 async def claims(step: Step) -> Done | None:
@@ -451,7 +491,12 @@ async def admit_by_plan(step: Step) -> Done | None:
         decision = await runtime.gang.decide(step.ref)
         if not decision.admitted:
             assert decision.waiting is not None
-            writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
+            reason, message = decision.waiting.reason, decision.waiting.message
+            waiting_since = find(writer.conditions, CONDITION_ADMITTED) or {}
+            if waiting_since.get("reason") == PREEMPTED:  # say why it waits until it runs again
+                cause = str(waiting_since.get("message") or "").split(NOW_WAITING)[0]
+                reason, message = PREEMPTED, f"{cause}{NOW_WAITING}{message}"
+            writer.set(CONDITION_ADMITTED, False, reason, message)
             step.queued()
             position = decision.queue_position
             writer.fields["admission"] = {"queuePosition": position} if position else None
@@ -586,6 +631,7 @@ CONCERNS: tuple[Concern, ...] = (
     children,
     suspend,
     deadline,
+    preempted,
     claims,
     admit_by_kueue,
     admit_by_plan,

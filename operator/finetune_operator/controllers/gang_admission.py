@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_operator.api.common import InvalidResourceError
@@ -26,6 +27,7 @@ from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.scheduling import (
     AdmissionPlan,
     GangDemand,
+    Preemption,
     Waiting,
     free_gpus_by_node,
     plan_admission,
@@ -60,6 +62,7 @@ def spec_demand(body: Mapping[str, Any]) -> SpecDemand | None:
         queue_name=job.spec.scheduling.queue_name,
         suspend=job.spec.scheduling.suspend,
         gpu_resource=job.spec.resources.gpu_resource_name,
+        may_preempt=job.spec.scheduling.preemption_policy == "PreemptLowerPriority",
     )
 
 
@@ -88,6 +91,8 @@ class GangAdmission:
         self._overrides: dict[str, bool] = {}
         """Admission decisions made here that the FineTuneJob index may not show yet (it lags the patch)."""
         self._placements: dict[str, list[str]] = {}
+        self._preemptions: dict[str, Preemption] = {}
+        """Gangs the plan preempted whose reconcile has not stopped them yet."""
         self._demands: dict[str, tuple[str, int, SpecDemand | None]] = {}
         """(uid, generation, demand) per job: the spec is parsed once per generation, not on every status
         write (the trainer's progress reports are most of a running job's events); None if invalid."""
@@ -125,6 +130,14 @@ class GangAdmission:
                 return Decision(False, [], Waiting("Pending", "waiting for the admission pass"), None)
             return Decision(False, [], waiting, plan.queue_position.get(job))
 
+    def preemption(self, job: str) -> Preemption | None:
+        """The preemption the plan decided for `job` and its reconcile has not carried out yet."""
+        return self._preemptions.get(job)
+
+    def preempted(self, job: str) -> None:
+        """The reconcile of `job` has stopped its gang and recorded the preemption."""
+        self._preemptions.pop(job, None)
+
     def set_not_admitted(self, job: str) -> None:
         """`job` holds no GPUs (it is finished and its GPUs were released already): nobody to wake."""
         self._overrides[job] = False
@@ -159,6 +172,7 @@ class GangAdmission:
     def forget(self, job: str) -> None:
         self._overrides.pop(job, None)
         self._placements.pop(job, None)
+        self._preemptions.pop(job, None)
         self._demands.pop(job, None)
 
     # --- the plan ----------------------------------------------------------------------------------------
@@ -170,12 +184,8 @@ class GangAdmission:
             if summary.terminal or summary.spec.suspend or summary.spec.queue_name:
                 continue
             admitted = self._overrides.get(summary.key, summary.admitted)
-            bound: tuple[str, ...] = ()
-            if admitted:
-                pods = observed.trainer_pods(summary.key)
-                bound = tuple(
-                    sorted({p.node for p in pods if p.node and not p.terminated and not p.deleting})
-                )
+            pods = [p for p in observed.trainer_pods(summary.key) if not p.terminated]
+            bound = tuple(sorted({p.node for p in pods if p.node and not p.deleting}))
             demands.append(
                 GangDemand(
                     key=summary.key,
@@ -189,6 +199,11 @@ class GangAdmission:
                     admitted=admitted,
                     bound_nodes=bound,
                     gpu_resource=summary.spec.gpu_resource,
+                    may_preempt=summary.spec.may_preempt,
+                    admitted_at=summary.admitted_at,
+                    # Not admitted while pods of an earlier attempt live (a preempted gang saving its
+                    # checkpoint): never two gangs of one job at once.
+                    draining=not admitted and bool(pods),
                 )
             )
         return demands
@@ -201,7 +216,23 @@ class GangAdmission:
         # Capacity of every resource some job asks for, each counted on its own (pods request one each).
         resources = sorted({GPU_RESOURCE, *(d.gpu_resource for d in demands)})
         capacity = [node for r in resources for node in free_gpus_by_node(nodes, pods, r)]
-        plan = plan_admission(capacity, demands, self._config.gpu_quota_per_namespace)
+        config = self._config
+        plan = plan_admission(
+            capacity,
+            demands,
+            config.gpu_quota_per_namespace,
+            policy=config.admission_policy,
+            now=datetime.now(UTC),
+            min_run_seconds=config.preemption_min_run_seconds,
+        )
+        for job, preemption in plan.preempt.items():
+            # Its reconcile stops the gang (graceful pod deletion: the trainer checkpoints on SIGTERM).
+            self._overrides[job] = False
+            self._placements.pop(job, None)
+            self._preemptions[job] = preemption
+            self._wake(job)
+        if plan.preempt:
+            logger.info("preempting %s", ", ".join(f"{k} for {p.preemptor}" for k, p in plan.preempt.items()))
         for job in plan.admit:
             self._overrides[job] = True
             self._placements[job] = plan.placements.get(job, [])

@@ -147,6 +147,8 @@ class SpecDemand(NamedTuple):
     suspend: bool
     gpu_resource: str
     """The extended resource the pods request (`resources.gpuResourceName`)."""
+    may_preempt: bool = False
+    """`scheduling.preemptionPolicy: PreemptLowerPriority`."""
 
 
 class FtjSummary(NamedTuple):
@@ -159,3 +161,5 @@ class FtjSummary(NamedTuple):
     terminal: bool
     admitted: bool
     phase: str
+    admitted_at: datetime | None = None
+    """`status.admission.admittedAt`: the minimum run time before a preemption counts from here."""

@@ -61,7 +61,8 @@ async def index_finetunejobs(
     demand = runtime.gang.demand_of(ref, body)
     if demand is None:
         return None
-    conditions = list((body.get("status") or {}).get("conditions") or [])
+    status = body.get("status") or {}
+    conditions = list(status.get("conditions") or [])
     created = parse_rfc3339(body.metadata["creationTimestamp"])
     assert created is not None, "the API server always sets creationTimestamp"
     summary = FtjSummary(
@@ -72,6 +73,7 @@ async def index_finetunejobs(
         terminal=is_terminal(conditions),
         admitted=is_true(conditions, CONDITION_ADMITTED),
         phase=derive_phase(conditions),
+        admitted_at=parse_rfc3339((status.get("admission") or {}).get("admittedAt")),
     )
     return {"all": summary}
 
