@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,6 +64,10 @@ class OperatorConfig(BaseModel):
     resumes is not preempted again at once (FTO_PREEMPTION_MIN_RUN_SECONDS)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off (FTO_METRICS_PORT, or --metrics-port)."""
+    pod_reads: Literal["auto", "direct", "apiserver-proxy"] = "auto"
+    """How the operator reads server pods' `/metrics` and readiness answers (FTO_POD_READS): `direct` to the
+    pod's IP (an operator inside the pod network), `apiserver-proxy` through the API server's `pods/proxy`
+    (an operator outside it, e.g. on a laptop against kind); `auto` picks `direct` when it runs in a pod."""
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     """Timeout of one API request, for kopf and for our client (FTO_REQUEST_TIMEOUT_SECONDS)."""
 
@@ -133,6 +138,14 @@ class OperatorConfig(BaseModel):
             pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
             return {name.strip(): int(count) for name, count in pairs}
         return value
+
+    def pod_reads_through_apiserver(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether pod reads go through `pods/proxy` (resolving `auto` by `KUBERNETES_SERVICE_HOST`, which
+        the kubelet sets in every pod)."""
+        if self.pod_reads != "auto":
+            return self.pod_reads == "apiserver-proxy"
+        env = os.environ if environ is None else environ
+        return "KUBERNETES_SERVICE_HOST" not in env
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:

@@ -96,6 +96,16 @@ class KubeClient:
         self._session = session
         self._server = server.rstrip("/")
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The authenticated session, for reads through the API server's proxy (`pod_proxy_url`)."""
+        return self._session
+
+    def pod_proxy_url(self, namespace: str, pod: str, port: int) -> str:
+        """Base URL of `pod`'s `port` through the API server (`pods/proxy`, RBAC `get` on it): how a client
+        outside the pod network reaches a pod's HTTP endpoints."""
+        return f"{self._server}{resource_path('v1', 'Pod', namespace, f'{pod}:{port}', 'proxy')}"
+
     @classmethod
     def from_connection_info(cls, info: Any, *, timeout_seconds: float = 60.0, pool: int = 64) -> KubeClient:
         """Build from a `kopf.ConnectionInfo` (what `kopf.login_with_kubeconfig()` & co. return)."""
