@@ -44,7 +44,11 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the
 #: launcher module uses subprocess, which builders must not import.)
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
-EXIT_CODE_FILE = "/tmp/finetune-exit-code"
+SCRATCH_DIR = "/scratch"
+"""An emptyDir, the one writable place besides the volumes (the root filesystem is read-only): HOME,
+TMPDIR and compiler caches point here. Not /tmp: the dev cluster's pod runner keeps the pod's volume
+sources under the node's /tmp, which a mount there would hide."""
+EXIT_CODE_FILE = f"{SCRATCH_DIR}/finetune-exit-code"
 
 #: podFailurePolicy rule indexes; the controller maps a Job's `PodFailurePolicy` failure back through them.
 RULE_NON_RETRYABLE = 0
@@ -109,7 +113,9 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
         {"name": "FTO_JOB_NAME", "value": job_name(job)},
         {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTO_ATTEMPT", "value": str(attempt)},
-        {"name": "HOME", "value": TMP_DIR},  # the root filesystem is read-only
+        {"name": "HOME", "value": SCRATCH_DIR},  # the root filesystem is read-only
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
         {"name": DEEPSPEED_CONFIG_ENV, "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
     ]
 
@@ -134,9 +140,8 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
     "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
 }
-"""Pod Security Standard `restricted`; the writable places are volumes: /tmp (HOME, HF_HOME, compiler
-caches, the exit-code file), /dev/shm, the workspace and output claims."""
-TMP_DIR = "/tmp"
+"""Pod Security Standard `restricted`; the writable places are volumes: SCRATCH_DIR (HOME, TMPDIR, caches,
+the exit-code file), /dev/shm, the workspace and output claims."""
 
 
 def trainer_args() -> list[str]:
@@ -169,13 +174,13 @@ def build_trainer_job(
                 "sizeLimit": str(spec.resources.shared_memory or config.shm_size),
             },
         },
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKSPACE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
     ]
     output_claim = output_copy_claim(job)
     sources = source_claims(job)
