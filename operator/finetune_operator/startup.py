@@ -29,9 +29,11 @@ from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
 from finetune_operator.webhooks import start_webhooks
 
-#: kopf's own finalizer and state, should a kopf change handler ever be added: none exists (every kind is
-#: reconciled from the work queue), so kopf writes neither to our objects. Set anyway, under kopf's own
-#: prefix: a different name from ours (builders.common.FINALIZER), so kopf never strips ours.
+#: kopf's own finalizer and state. No kopf change handler, daemon or timer exists (every kind is reconciled
+#: from the work queue), so kopf adds neither to our objects; and on every event kopf removes *this*
+#: finalizer from an object that needs none, which is how ModelDeployments made by an older operator (kopf
+#: change handlers, this finalizer) can still be deleted. A different name from ours
+#: (builders.common.FINALIZER), so kopf never strips ours.
 KOPF_FINALIZER = "kopf.finetune.dev/finalizer"
 STORAGE_PREFIX = "kopf.finetune.dev"
 
