@@ -147,7 +147,7 @@ def test_stable_deployment() -> None:
     assert pod_spec["automountServiceAccountToken"] is False
     (container,) = pod_spec["containers"]
     assert container["command"] + container["args"] == [
-        "python", "-m", "finetune_server", "--config", "/etc/finetune-server/server.json",
+        "python", "-m", "finetune_server", "--config", "/etc/finetune-server/config/server.json",
     ]  # fmt: skip
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     volumes = {v["name"]: v for v in pod_spec["volumes"]}

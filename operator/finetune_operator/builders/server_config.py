@@ -18,7 +18,9 @@ from finetune_operator.builders.serving_common import (
 )
 from finetune_server.config import Auth, Feedback, ServedTask, ServerConfig
 
-SERVER_CONFIG_DIR = "/etc/finetune-server"
+SERVER_CONFIG_DIR = "/etc/finetune-server/config"
+"""The config volume, beside (not above) the API-key mount: a mount point inside a read-only ConfigMap
+volume can't be created."""
 SERVER_CONFIG_FILE = "server.json"
 API_KEYS_DIR = str(Auth().api_keys_dir)
 """Where the API-key Secret is mounted (the server's default `auth.apiKeysDir`)."""
