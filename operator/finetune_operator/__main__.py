@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     os.environ["FTO_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["FTO_NAMESPACES"] = ",".join(args.namespace)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
     if not args.verbose:
         # One line per handler call per object ("Handler ... succeeded") and per probe request cost CPU
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     from finetune_operator import startup as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator.config import OperatorConfig
+
+    if OperatorConfig.from_env().webhook_port:  # kopf refuses admission handlers without a server
+        from finetune_operator.handlers import webhooks  # noqa: F401
 
     if not args.namespace and not args.all_namespaces:
         logging.getLogger(__name__).info("no --namespace given: serving all namespaces")

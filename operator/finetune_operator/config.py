@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,8 +64,72 @@ class OperatorConfig(BaseModel):
     resumes is not preempted again at once (FTO_PREEMPTION_MIN_RUN_SECONDS)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off (FTO_METRICS_PORT, or --metrics-port)."""
+    pod_reads: Literal["auto", "direct", "apiserver-proxy"] = "auto"
+    """How the operator reads server pods' `/metrics` and readiness answers (FTO_POD_READS): `direct` to the
+    pod's IP (an operator inside the pod network), `apiserver-proxy` through the API server's `pods/proxy`
+    (an operator outside it, e.g. on a laptop against kind); `auto` picks `direct` when it runs in a pod."""
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     """Timeout of one API request, for kopf and for our client (FTO_REQUEST_TIMEOUT_SECONDS)."""
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces served; empty: all (FTO_NAMESPACES, comma-separated; set from --namespace)."""
+    webhook_port: int = Field(default=0, ge=0, le=65535)
+    """HTTPS port of the admission webhooks; 0 serves none (FTO_WEBHOOK_PORT). See docs/webhooks.md."""
+    webhook_host: str = "127.0.0.1"
+    """Host the API server calls when no `webhook_service` is set (an operator outside the cluster, e.g.
+    the dev cluster's); also a name in the serving certificate (FTO_WEBHOOK_HOST)."""
+    webhook_service: str = ""
+    """`namespace/name` of the Service in front of the operator's webhook port (in a cluster): the API
+    server calls `https://name.namespace.svc:443` (FTO_WEBHOOK_SERVICE)."""
+    webhook_cert_dir: str = ""
+    """Directory with `tls.crt`, `tls.key` and `ca.crt` (a mounted Secret, e.g. cert-manager's); when
+    empty or incomplete the operator makes its own CA and certificate there, or in a private temporary
+    directory (FTO_WEBHOOK_CERT_DIR)."""
+    webhook_configuration_name: str = "finetune-operator"
+    """Name of the Validating- and MutatingWebhookConfiguration (FTO_WEBHOOK_CONFIGURATION_NAME)."""
+    webhook_manage_configurations: bool = True
+    """The operator applies both webhook configurations, caBundle included, at start and on certificate
+    renewal; false when Helm or cert-manager's CA injector own them (FTO_WEBHOOK_MANAGE_CONFIGURATIONS)."""
+    webhook_timeout_seconds: int = Field(default=10, ge=1, le=30)
+    """How long the API server waits for a webhook answer (FTO_WEBHOOK_TIMEOUT_SECONDS); a review makes at
+    most a handful of GETs, so 10 s is ample and keeps `kubectl apply` from hanging for kopf's 30 s."""
+    webhook_allowed_model_schemes: tuple[str, ...] = ("hf", "pvc", "s3", "file")
+    """URI schemes the webhooks allow for models, e.g. `hf,pvc` (FTO_WEBHOOK_ALLOWED_MODEL_SCHEMES)."""
+    webhook_allowed_data_schemes: tuple[str, ...] = ("hf", "pvc", "s3", "file")
+    """URI schemes the webhooks allow for datasets and outputs (FTO_WEBHOOK_ALLOWED_DATA_SCHEMES)."""
+    webhook_check_gpu_shape: bool = True
+    """Refuse GPU requests that no node can hold; false on clusters that add GPU nodes on demand
+    (FTO_WEBHOOK_CHECK_GPU_SHAPE)."""
+    audit_stdout: bool = True
+    """Write audit records as JSON lines on stdout (FTO_AUDIT_STDOUT). Logs go to stderr."""
+    audit_dir: str = ""
+    """Directory for the audit files (`audit-NNNNNN.jsonl`, rotated by size); empty: no files
+    (FTO_AUDIT_DIR)."""
+    audit_max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Size at which the next audit file is started (FTO_AUDIT_MAX_FILE_BYTES)."""
+    audit_keep_files: int = Field(default=0, ge=0)
+    """Audit files kept; older ones are removed; 0 keeps all (FTO_AUDIT_KEEP_FILES)."""
+    audit_signing_key_file: str = ""
+    """Ed25519 private key (PEM or 32 raw bytes; a mounted Secret) that signs audit checkpoints
+    (FTO_AUDIT_SIGNING_KEY_FILE); unsigned checkpoints without it."""
+    audit_checkpoint_every: int = Field(default=100, ge=1)
+    """Records between two checkpoints (FTO_AUDIT_CHECKPOINT_EVERY); one is also written at shutdown."""
+    audit_retry_seconds: float = Field(default=5.0, gt=0)
+    """How often a failing audit file sink is retried (FTO_AUDIT_RETRY_SECONDS)."""
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _parse_namespaces(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("webhook_allowed_model_schemes", "webhook_allowed_data_schemes", mode="before")
+    @classmethod
+    def _parse_schemes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip().removesuffix("://") for item in value.split(",") if item.strip())
+        return value
 
     @field_validator("gpu_quota_per_namespace", mode="before")
     @classmethod
@@ -73,6 +138,14 @@ class OperatorConfig(BaseModel):
             pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
             return {name.strip(): int(count) for name, count in pairs}
         return value
+
+    def pod_reads_through_apiserver(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether pod reads go through `pods/proxy` (resolving `auto` by `KUBERNETES_SERVICE_HOST`, which
+        the kubelet sets in every pod)."""
+        if self.pod_reads != "auto":
+            return self.pod_reads == "apiserver-proxy"
+        env = os.environ if environ is None else environ
+        return "KUBERNETES_SERVICE_HOST" not in env
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 _PLURALS: dict[tuple[str, str], str] = {
+    ("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration"): "validatingwebhookconfigurations",
+    ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration"): "mutatingwebhookconfigurations",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
@@ -52,7 +54,9 @@ _PLURALS: dict[tuple[str, str], str] = {
     (API_VERSION, modeldeployment.KIND): modeldeployment.PLURAL,
 }
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-_CLUSTER_SCOPED = frozenset({"Node", "Namespace"})
+_CLUSTER_SCOPED = frozenset(
+    {"Node", "Namespace", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+)
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
 
@@ -91,6 +95,16 @@ class KubeClient:
     def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
         self._session = session
         self._server = server.rstrip("/")
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The authenticated session, for reads through the API server's proxy (`pod_proxy_url`)."""
+        return self._session
+
+    def pod_proxy_url(self, namespace: str, pod: str, port: int) -> str:
+        """Base URL of `pod`'s `port` through the API server (`pods/proxy`, RBAC `get` on it): how a client
+        outside the pod network reaches a pod's HTTP endpoints."""
+        return f"{self._server}{resource_path('v1', 'Pod', namespace, f'{pod}:{port}', 'proxy')}"
 
     @classmethod
     def from_connection_info(cls, info: Any, *, timeout_seconds: float = 60.0, pool: int = 64) -> KubeClient:

@@ -76,8 +76,10 @@ async def _get_json(
 
 async def read_readiness(session: aiohttp.ClientSession, base_url: str) -> dict[str, Any] | None:
     """The server's readiness answer (`/v2/health/ready`: phase, reason, message, quality, sizes), ready
-    or not (it answers 503 with the same body until the model passed its gate)."""
-    return await _get_json(session, f"{base_url}/v2/health/ready", accept_statuses=(200, 503))
+    or not (it answers 503 with the same body until the model passed its gate). Anything else, such as the
+    API server's own 503 when its proxy can't reach the pod, is no answer."""
+    body = await _get_json(session, f"{base_url}/v2/health/ready", accept_statuses=(200, 503))
+    return body if body is not None and "phase" in body and "ready" in body else None
 
 
 def _promql_selector(namespace: str, pod_regex: str) -> str:

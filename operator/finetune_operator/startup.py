@@ -16,6 +16,8 @@ import kopf
 
 from finetune_operator import handlers  # noqa: F401 - registers the handlers
 from finetune_operator.api import finetunejob, modeldeployment
+from finetune_operator.audit.log import AuditLog
+from finetune_operator.audit.setup import start_audit
 from finetune_operator.builders.common import JOB_LABEL
 from finetune_operator.builders.serving_common import DEPLOYMENT_LABEL
 from finetune_operator.config import OperatorConfig
@@ -25,10 +27,13 @@ from finetune_operator.controllers.runtime import Runtime
 from finetune_operator.controllers.work_queue import ObjectKey, Reconcile
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
+from finetune_operator.webhooks import start_webhooks
 
-#: kopf's own finalizer and state, should a kopf change handler ever be added: none exists (every kind is
-#: reconciled from the work queue), so kopf writes neither to our objects. Set anyway, under kopf's own
-#: prefix: a different name from ours (builders.common.FINALIZER), so kopf never strips ours.
+#: kopf's own finalizer and state. No kopf change handler, daemon or timer exists (every kind is reconciled
+#: from the work queue), so kopf adds neither to our objects; and on every event kopf removes *this*
+#: finalizer from an object that needs none, which is how ModelDeployments made by an older operator (kopf
+#: change handlers, this finalizer) can still be deleted. A different name from ours
+#: (builders.common.FINALIZER), so kopf never strips ours.
 KOPF_FINALIZER = "kopf.finetune.dev/finalizer"
 STORAGE_PREFIX = "kopf.finetune.dev"
 
@@ -96,11 +101,17 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
 
     runtime.spawn(resync_forever())
     memo.runtime = runtime
+    memo.audit = runtime.audit = start_audit(config, metrics.registry, client, runtime.spawn)
+    if config.webhook_port:
+        await start_webhooks(settings, config, client, memo.audit, memo, runtime.spawn)
     logger.info("finetune-operator started: %d workers, metrics on :%s", config.workers, config.metrics_port)
 
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: Any, **_: Any) -> None:
+    audit: AuditLog | None = getattr(memo, "audit", None)
+    if audit is not None:
+        audit.close()
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is None:
         return

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from finetune_operator.builders.webhooks import build_webhook_configurations
 from tests.kube_helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -69,3 +71,25 @@ def test_chart_installs_under_restricted_pod_security_and_grants_least_privilege
         assert can("delete", "nodes") == "no"
     finally:
         _helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")
+
+
+def test_chart_webhook_configurations_are_the_operators(cluster: Any) -> None:
+    """The chart owns the configurations (so uninstall removes them) and the operator applies its own with
+    the caBundle over them: both must say the same."""
+    rendered = _helm(
+        cluster, "template", "t", str(CHART), "--namespace", "x", "--kube-version", "1.36.3",
+        "--set", "watchNamespaces={team-b,team-a}", "--show-only", "templates/webhooks.yaml",
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    by_kind = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered.stdout) if doc}
+    built = build_webhook_configurations(
+        "t-finetune-operator",
+        ca_pem=b"",
+        service="x/t-finetune-operator-webhook",
+        namespaces=["team-b", "team-a"],
+        timeout_seconds=10,
+    )
+    for manifest in built:
+        for hook in manifest["webhooks"]:
+            del hook["clientConfig"]["caBundle"]
+        assert by_kind[manifest["kind"]]["webhooks"] == manifest["webhooks"], manifest["kind"]

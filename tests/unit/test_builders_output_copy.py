@@ -38,7 +38,7 @@ def test_no_pvc_destination_mounts_nothing_and_remote_uris_pass_through(uri: str
     output = {"uri": uri} if uri else {}
     pod = pod_spec(output=output)
     assert claims_mounted_at(pod, OUTPUT_MOUNT) == []
-    assert [v["name"] for v in pod["volumes"]] == ["config", "workspace", "dshm", "source-0"]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "workspace", "dshm", "scratch", "source-0"]
     config = validated_trainer_config(finetunejob(output=output), shutdown_timeout_seconds=60)
     assert config.output.copy_to == uri
     assert config.output.copy_to_uri == uri

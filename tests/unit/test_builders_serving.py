@@ -328,3 +328,9 @@ def test_children_render_optional_kinds_only_where_their_api_exists() -> None:
     } <= full_kinds
     for child in full:
         assert_owned(child)
+
+
+def test_pod_reads_go_through_the_api_server_outside_a_pod() -> None:
+    assert OperatorConfig().pod_reads_through_apiserver({})
+    assert not OperatorConfig().pod_reads_through_apiserver({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert not OperatorConfig(pod_reads="direct").pod_reads_through_apiserver({})

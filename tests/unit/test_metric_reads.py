@@ -44,12 +44,18 @@ def test_pods_are_read_and_an_unreachable_or_broken_one_is_missing_not_zero() ->
         return web.Response(text='fto_server_requests_total{code="200" 1\n')
 
     async def ready(_: web.Request) -> web.Response:
-        return web.json_response({"phase": "QualityGateFailed", "quality": {"drop": 0.4}}, status=503)
+        return web.json_response(
+            {"ready": False, "phase": "Failed", "quality": [{"qualityDrop": 0.4}]}, status=503
+        )
+
+    async def proxy_error(_: web.Request) -> web.Response:
+        return web.json_response({"kind": "Status", "status": "Failure", "code": 503}, status=503)
 
     app = web.Application()
     app.router.add_get("/good/metrics", metrics)
     app.router.add_get("/bad/metrics", garbage)
     app.router.add_get("/good/v2/health/ready", ready)
+    app.router.add_get("/bad/v2/health/ready", proxy_error)
 
     async def body(base: str) -> None:
         async with aiohttp.ClientSession() as session:
@@ -59,9 +65,10 @@ def test_pods_are_read_and_an_unreachable_or_broken_one_is_missing_not_zero() ->
             assert set(sample.pods) == {"a"}
             assert (sample.pods["a"].requests, sample.pods["a"].errors) == (33, 3)
             health = await read_readiness(session, f"{base}/good")
-            assert health == {"phase": "QualityGateFailed", "quality": {"drop": 0.4}}, (
-                "503 still carries the body"
+            assert health == {"ready": False, "phase": "Failed", "quality": [{"qualityDrop": 0.4}]}, (
+                "a 503 body"
             )
+            assert await read_readiness(session, f"{base}/bad") is None, "the API server's 503 is no answer"
 
     asyncio.run(_serve(app, body))
 

@@ -9,9 +9,9 @@ import pytest
 
 from finetune_operator.validation import (
     CREATED_BY,
-    AdmissionPolicy,
     ClusterView,
     NodeOffer,
+    WebhookPolicy,
     created_by_patch,
     lookups,
     refusal_text,
@@ -58,9 +58,9 @@ def view(**overrides: Any) -> ClusterView:
     return ClusterView(**{**base, **overrides})
 
 
-POLICY = AdmissionPolicy()
+POLICY = WebhookPolicy()
 NOT_IN_TRAINER_YET = "is not implemented by this trainer yet"
-STRICT = AdmissionPolicy(allowed_model_schemes=("hf", "pvc"), allowed_dataset_schemes=("pvc", "s3"))
+STRICT = WebhookPolicy(allowed_model_schemes=("hf", "pvc"), allowed_dataset_schemes=("pvc", "s3"))
 
 
 def fields(refusals: list[Any]) -> list[str]:
@@ -89,7 +89,7 @@ def test_lookups_name_exactly_what_the_review_reads() -> None:
     assert found.finetunejobs == ("support-bot-lora",)
 
 
-INVALID_FTJ: list[tuple[str, dict[str, Any], ClusterView, AdmissionPolicy, str, str]] = [
+INVALID_FTJ: list[tuple[str, dict[str, Any], ClusterView, WebhookPolicy, str, str]] = [
     (
         "credentials Secret missing",
         ftj(credentialsSecret="s3-creds"),
@@ -177,7 +177,7 @@ INVALID_FTJ: list[tuple[str, dict[str, Any], ClusterView, AdmissionPolicy, str, 
 
 @pytest.mark.parametrize(("case", "body", "cluster", "policy", "field", "message"), INVALID_FTJ)
 def test_invalid_finetunejob_is_refused_naming_the_field(
-    case: str, body: dict[str, Any], cluster: ClusterView, policy: AdmissionPolicy, field: str, message: str
+    case: str, body: dict[str, Any], cluster: ClusterView, policy: WebhookPolicy, field: str, message: str
 ) -> None:
     refusals = review_finetunejob(body, None, cluster, policy)
     assert fields(refusals) == [field], (case, refusals)
@@ -226,7 +226,7 @@ def test_created_by_cannot_change_and_metadata_only_updates_are_not_reviewed() -
 
 def test_gpu_shape_check_can_be_turned_off_and_skips_cpu_jobs() -> None:
     body = ftj(distributed={"gpusPerNode": 16})
-    assert review_finetunejob(body, None, view(), AdmissionPolicy(check_gpu_shape=False)) == []
+    assert review_finetunejob(body, None, view(), WebhookPolicy(check_gpu_shape=False)) == []
     assert (
         review_finetunejob(ftj(distributed={"gpusPerNode": 0}, resources={}), None, view(nodes=()), POLICY)
         == []

@@ -113,7 +113,7 @@ class AuditLog:
                 "name": name,
                 "uid": uid,
                 "generation": generation,
-                "specDigest": spec_digest(spec if verb != "DELETE" else old_spec),
+                "specDigest": spec_digest(spec if spec is not None else old_spec),
                 "changed": changed,
                 "allowed": allowed,
                 "reason": reason,

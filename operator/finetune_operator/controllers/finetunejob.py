@@ -120,7 +120,7 @@ def forget_finetunejob(runtime: Runtime, key: ObjectKey) -> None:
     runtime.forget(key)
 
 
-async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
+async def _apply_children(runtime: Runtime, job: FineTuneJob, body: dict[str, Any]) -> None:
     async def apply(manifest: dict[str, Any]) -> None:
         try:
             await runtime.client.apply(manifest)
@@ -131,7 +131,11 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
                 return
             raise
 
-    await asyncio.gather(*(apply(m) for m in build_children(job, runtime.config)))
+    children = build_children(job, runtime.config)
+    await asyncio.gather(*(apply(m) for m in children))
+    if runtime.audit is not None:
+        names = ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in children)
+        runtime.audit.action("ChildrenApplied", body, detail=names)
 
 
 def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | None, str] | None:
@@ -363,7 +367,7 @@ async def children(step: Step) -> Done | None:
     if applied.is_current(step.key, step.writer.generation):
         return None
     try:
-        await _apply_children(step.runtime, step.job)
+        await _apply_children(step.runtime, step.job, step.body)
     except ConfigError as exc:
         return await step.fail(REASONS[3], str(exc))
     applied.mark(step.key, step.writer.generation)

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
+
 from finetune_operator.api.common import API_VERSION, InvalidResourceError
 from finetune_operator.api.conditions import find
 from finetune_operator.api.finetunejob import CONDITION_FAILED, CONDITION_SUCCEEDED
@@ -233,8 +235,16 @@ async def _server_pods(runtime: Runtime, md: ModelDeployment, **labels: str) -> 
     ]
 
 
-def _pod_url(pod: Mapping[str, Any]) -> str:
+def _pod_url(runtime: Runtime, pod: Mapping[str, Any]) -> str:
+    if runtime.config.pod_reads_through_apiserver():
+        meta = pod["metadata"]
+        return runtime.client.pod_proxy_url(meta["namespace"], meta["name"], SERVER_PORT)
     return f"http://{pod['status']['podIP']}:{SERVER_PORT}"
+
+
+def _reads_session(runtime: Runtime) -> aiohttp.ClientSession:
+    """The API server's authenticated session for proxied reads, else a plain one for pod IPs."""
+    return runtime.client.session if runtime.config.pod_reads_through_apiserver() else runtime.serving.http()
 
 
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -281,7 +291,9 @@ async def _analyse(
     pods = await _server_pods(
         runtime, md, **{ROLE_LABEL: CANARY, REVISION_LABEL: memory.canary_revision or ""}
     )
-    sample = await read_sample(session, {p["metadata"]["name"]: _pod_url(p) for p in pods})
+    sample = await read_sample(
+        _reads_session(runtime), {p["metadata"]["name"]: _pod_url(runtime, p) for p in pods}
+    )
     baselines = runtime.serving.baselines
     step_key = (key, memory.canary_revision or "", memory.step)
     if step_key not in baselines:
@@ -358,8 +370,10 @@ async def _health(runtime: Runtime, md: ModelDeployment, revision: str) -> list[
     if md.spec.runtime.type == "vllm":
         answers: list[dict[str, Any] | None] = [None] * len(pods)
     else:
-        session = runtime.serving.http()
-        answers = list(await asyncio.gather(*(read_readiness(session, _pod_url(p)) for p in pods[:4])))
+        session = _reads_session(runtime)
+        answers = list(
+            await asyncio.gather(*(read_readiness(session, _pod_url(runtime, p)) for p in pods[:4]))
+        )
         answers += [None] * (len(pods) - len(answers))
     out = []
     for pod, answer in zip(pods, answers, strict=True):
@@ -387,7 +401,8 @@ def _record(
         "revision": revision,
         "decision": history_action(decision),
         "step": decision.step,
-        "weight": plan.split.weight if decision.action != "rollback" else 0,
+        # The effective weight while it runs; 100 once complete, 0 after a rollback.
+        "weight": decision.weight if decision.action in ("complete", "rollback") else plan.split.weight,
         "reason": decision.reason,
         "message": decision.message[:1024],
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune_operator.api.common import API_VERSION
 from finetune_operator.api.finetunejob import KIND as FINETUNEJOB
+from finetune_operator.audit.log import AuditLog
 from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.cache import AppliedGenerations, ObjectCache
 from finetune_operator.controllers.gang_admission import GangAdmission
@@ -40,6 +41,8 @@ class Runtime:
         self.observed: Observed = NothingObserved()
         """kopf's indexes, handed over by the first handler call (`handlers/indexes.py`)."""
         self.gauges = FineTuneJobGauges(metrics)
+        self.audit: AuditLog | None = None
+        """The audit log; the status writer and the apply path record the operator's actions in it."""
         self.gang = GangAdmission(
             client,
             config,

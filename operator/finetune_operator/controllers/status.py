@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator.api.conditions import find, set_condition
+from finetune_operator.audit.log import CONDITION_AUDIT
 from finetune_operator.controllers.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class StatusWriter:
         )
 
     async def commit(self) -> None:
+        self._audit_health()
         self.fields["observedGeneration"] = self.generation
         if self.rules.derive_phase is not None:
             self.fields["phase"] = self.rules.derive_phase(self.fields["conditions"])
@@ -100,6 +102,7 @@ class StatusWriter:
         )
         if updated is not None:
             self.runtime.cache.remember(updated)
+        self._record_actions()
         old_phase, new_phase = self.original.get("phase"), self.fields.get("phase")
         if old_phase != new_phase and new_phase is not None:
             reason, message = self._why(new_phase)
@@ -111,6 +114,40 @@ class StatusWriter:
                 )
             )
         self.original = copy.deepcopy(self.fields)
+
+    def _audit_health(self) -> None:
+        """While an audit sink fails, every object reconciled says so (`AuditLogHealthy` False); once
+        it recovers the condition turns True where it was set."""
+        audit = self.runtime.audit
+        if audit is None:
+            return
+        healthy, reason, message = audit.condition()
+        if not healthy or find(self.fields["conditions"], CONDITION_AUDIT) is not None:
+            self.set(CONDITION_AUDIT, healthy, reason, message)
+
+    def _record_actions(self) -> None:
+        """One audit record per condition that changed status or reason: admitted, restarting (attempt N),
+        suspended, resumed, failed, succeeded, quality gate, promoted, rolled back..."""
+        audit = self.runtime.audit
+        if audit is None:
+            return
+        before = {c.get("type"): c for c in self.original.get("conditions") or []}
+        attempt = self.fields.get("attempt")
+        for condition in self.fields["conditions"]:
+            type_ = condition.get("type")
+            old = before.get(type_) or {}
+            if type_ == CONDITION_AUDIT or (old.get("status"), old.get("reason")) == (
+                condition.get("status"),
+                condition.get("reason"),
+            ):
+                continue
+            detail = f"{type_}={condition.get('status')}" + (f", attempt {attempt}" if attempt else "")
+            audit.action(
+                str(condition.get("reason") or type_),
+                self.body,
+                detail=detail,
+                reason=str(condition.get("message") or ""),
+            )
 
     def _why(self, phase: str) -> tuple[str, str]:
         conditions = self.fields["conditions"]

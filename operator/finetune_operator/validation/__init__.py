@@ -10,19 +10,19 @@ from finetune_operator.validation.finetunejob import review_finetunejob
 from finetune_operator.validation.modeldeployment import review_modeldeployment
 from finetune_operator.validation.review import (
     CREATED_BY,
-    AdmissionPolicy,
     Refusal,
+    WebhookPolicy,
     created_by_patch,
     refusal_text,
 )
 
 __all__ = [
     "CREATED_BY",
-    "AdmissionPolicy",
     "ClusterView",
     "Lookups",
     "NodeOffer",
     "Refusal",
+    "WebhookPolicy",
     "created_by_patch",
     "lookups",
     "refusal_text",

@@ -10,9 +10,9 @@ from finetune_operator.builders.common import checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims, validated_trainer_config
 from finetune_operator.validation.cluster import ClusterView
 from finetune_operator.validation.review import (
-    AdmissionPolicy,
     Refusal,
     Review,
+    WebhookPolicy,
     check_scheme,
     run_review,
 )
@@ -39,7 +39,7 @@ def review_finetunejob(
     new: Mapping[str, Any],
     old: Mapping[str, Any] | None,
     view: ClusterView,
-    policy: AdmissionPolicy,
+    policy: WebhookPolicy,
 ) -> list[Refusal]:
     """Refusals for a CREATE (`old` None) or UPDATE; empty when the request may be stored."""
 
@@ -84,7 +84,7 @@ def _check_transition(review: Review, new: Mapping[str, Any], old: Mapping[str, 
             )
 
 
-def _check_schemes(review: Review, job: FineTuneJob, policy: AdmissionPolicy) -> None:
+def _check_schemes(review: Review, job: FineTuneJob, policy: WebhookPolicy) -> None:
     spec = job.spec
     check_scheme(review, "spec.model.source", spec.model.source, policy.allowed_model_schemes)
     for field_path, uri in (

@@ -8,9 +8,9 @@ from typing import Any
 from finetune_operator.api.modeldeployment import ModelDeployment, parse_modeldeployment
 from finetune_operator.validation.cluster import ClusterView
 from finetune_operator.validation.review import (
-    AdmissionPolicy,
     Refusal,
     Review,
+    WebhookPolicy,
     check_scheme,
     run_review,
 )
@@ -23,7 +23,7 @@ def review_modeldeployment(
     new: Mapping[str, Any],
     old: Mapping[str, Any] | None,
     view: ClusterView,
-    policy: AdmissionPolicy,
+    policy: WebhookPolicy,
 ) -> list[Refusal]:
     def checks(review: Review, deployment: ModelDeployment) -> None:
         spec = deployment.spec

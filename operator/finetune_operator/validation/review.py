@@ -16,7 +16,7 @@ CREATED_BY = "finetune.dev/created-by"
 KNOWN_SCHEMES = ("hf", "pvc", "s3", "file")
 
 
-class AdmissionPolicy(BaseModel):
+class WebhookPolicy(BaseModel):
     """What the operator's settings allow (OperatorConfig's `admission_*` fields)."""
 
     model_config = ConfigDict(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from finetune_operator.api.common import PodResources
 from finetune_operator.validation.cluster import NodeOffer
-from finetune_operator.validation.review import AdmissionPolicy, Review
+from finetune_operator.validation.review import Review, WebhookPolicy
 
 
 def check_pod_gpus(
@@ -15,7 +15,7 @@ def check_pod_gpus(
     gpus: int,
     resources: PodResources,
     nodes: Sequence[NodeOffer] | None,
-    policy: AdmissionPolicy,
+    policy: WebhookPolicy,
 ) -> None:
     if policy.check_gpu_shape:
         check_gpu_shape(

@@ -1,0 +1,91 @@
+"""The operator under its own least-privilege identity: the chart's ServiceAccount and ClusterRole, a
+token for that ServiceAccount (not the admin kubeconfig), webhooks on. A rule the operator needs and the
+chart lacks shows up as a 403 here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hack import devcluster
+
+from tests.cluster.test_finetunejob import ftj, gpu_pool_free, trainer_pods, wait_phase
+from tests.cluster.test_helm_chart import CHART
+from tests.kube_helpers import Cluster, OperatorProcess, finish_pod
+
+pytestmark = pytest.mark.cluster
+
+
+def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = json.loads(cluster.kubectl("config", "view", "--raw", "-o", "json").stdout)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [
+            {"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}
+        ],
+        "current-context": account,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def chart_rbac(cluster: Cluster, crds: list[str], namespace: str) -> Iterator[str]:
+    """The chart's ServiceAccount, ClusterRole and binding, applied as the chart renders them."""
+    release = f"rbac-{uuid.uuid4().hex[:6]}"
+    rendered = subprocess.run(
+        [str(cluster.bin_dir / "helm"), "template", release, str(CHART), "--namespace", namespace,
+         "--kube-version", "1.36.3", "--show-only", "templates/rbac.yaml",
+         "--show-only", "templates/serviceaccount.yaml"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=rendered.stdout)
+    yield f"{release}-finetune-operator"
+    cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout, check=False)
+
+
+def test_the_operator_runs_a_job_under_the_charts_role(
+    cluster: Cluster, namespace: str, chart_rbac: str, tmp_path: Path
+) -> None:
+    name = chart_rbac  # the chart's fullname: its webhook configurations' resourceNames allow exactly these
+    kubeconfig = service_account_kubeconfig(cluster, namespace, name, tmp_path / "sa.kubeconfig")
+    env = {
+        "FTO_WEBHOOK_PORT": str(devcluster.free_port()),
+        "FTO_WEBHOOK_CONFIGURATION_NAME": name,
+        "FTO_WEBHOOK_CERT_DIR": str(tmp_path / "certs"),
+    }
+    proc = OperatorProcess(namespace, kubeconfig, tmp_path / "operator.log", env=env)
+    try:
+        proc.start()
+        gpu_pool_free(cluster)
+        cluster.kubectl("create", "secret", "generic", "creds", "-n", namespace, "--from-literal=HF_TOKEN=x")
+        body = ftj("least", gpus=1)
+        body["spec"]["credentialsSecret"] = "creds"
+        cluster.apply(body, namespace)
+        wait_phase(cluster, namespace, "least", "Running")
+        (pod,) = trainer_pods(cluster, namespace, "least", 1)
+        finish_pod(cluster, namespace, pod["metadata"]["name"], 0)
+        wait_phase(cluster, namespace, "least", "Succeeded")
+        missing = ftj("missing", gpus=1)
+        missing["spec"]["credentialsSecret"] = "no-such-secret"
+        refused = cluster.kubectl(
+            "create", "-n", namespace, "-f", "-", input=json.dumps(missing), check=False
+        )
+        assert "spec.credentialsSecret: Secret 'no-such-secret' not found" in refused.stderr, refused.stderr
+        cluster.kubectl("delete", "finetunejobs", "--all", "-n", namespace, "--timeout=60s")
+    finally:
+        proc.stop()
+        for kind in ("validatingwebhookconfiguration", "mutatingwebhookconfiguration"):
+            cluster.kubectl("delete", kind, name, "--ignore-not-found")
+    logs = proc.logs()
+    assert not re.search(r"\b403\b", logs), logs[-5000:]  # (\b: not inside a hex digest)
+    assert "forbidden" not in logs.lower(), logs[-5000:]
