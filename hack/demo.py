@@ -2,8 +2,9 @@
 """`make demo`: one FineTuneJob from `kubectl apply` to a trained model, for real, on this machine.
 
     dev cluster (unless FTO_USE_EXISTING_CLUSTER=1) -> CRDs -> the operator -> a tiny model and dataset on a
-    claim -> examples/demo/finetunejob.yaml -> admitted, pod Running -> the pod's trainer container run here
-    (hack/pod_runner.py) -> Succeeded, metrics before/after, model card -> operator stopped, cluster left up
+    claim -> examples/demo/finetunejob.yaml -> admitted, pod Running on the local node, whose agent
+    (hack/nodeagent) runs its trainer container here -> Succeeded, metrics before/after, model card ->
+    operator stopped, cluster left up
 
 Everything happens in the namespace `fto-demo` (recreated on each run; FTO_DEMO_NAMESPACE changes it). Files:
 .dev/demo/ (operator.log, trainer.log, assets/; FTO_DEMO_DIR moves it). The cluster keeps running so you can
@@ -27,9 +28,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from hack import devcluster, pod_runner  # noqa: E402
+from hack import devcluster, nodeagent  # noqa: E402
+from hack.kube import Kube  # noqa: E402
 from hack.make_tiny_model import make_tiny_assets  # noqa: E402
-from tests.kube_helpers import OperatorProcess  # noqa: E402  (the same operator launcher the tests use)
+from hack.operator_process import OperatorProcess  # noqa: E402  (the same operator launcher the tests use)
 
 NAMESPACE = os.environ.get("FTO_DEMO_NAMESPACE", "fto-demo")
 JOB = "demo"
@@ -48,11 +50,11 @@ def step(message: str) -> None:
 
 
 class Demo:
-    def __init__(self, kube: pod_runner.Kube) -> None:
+    def __init__(self, kube: Kube) -> None:
         self.kube = kube
 
     def kubectl(self, *args: str, input: str | None = None) -> str:
-        return self.kube.run(*args, input=input).stdout
+        return self.kube.kubectl(*args, input=input).stdout
 
     def get(self, kind: str, name: str) -> dict[str, Any] | None:
         return self.kube.find(kind, name, NAMESPACE)
@@ -108,20 +110,53 @@ class Demo:
             f"claim {ASSETS_CLAIM} to be bound",
             lambda: (c := self.get("pvc", ASSETS_CLAIM)) and c["status"].get("phase") == "Bound" and c,
         )
-        pv = self.kube.get("pv", pvc["spec"]["volumeName"])
+        pv = self.kube.kubectl_json("get", "pv", pvc["spec"]["volumeName"])
         folder = Path(pv["spec"]["hostPath"]["path"])
         shutil.copytree(assets_dir / "model", folder / "model", dirs_exist_ok=True)
         shutil.copy2(assets_dir / "data.jsonl", folder / "data.jsonl")
         say(f"copied model/ and data.jsonl onto claim {ASSETS_CLAIM} (volume {folder})")
 
     def trainer_pod(self) -> dict[str, Any]:
-        def running() -> dict[str, Any] | None:
+        def started() -> dict[str, Any] | None:
             out = self.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"finetune.dev/job={JOB}", "-o", "json")
-            pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"]
+            phases = ("Running", "Succeeded", "Failed")
+            pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") in phases]
             return pods[0] if pods else None
 
-        pod: dict[str, Any] = self.wait("the trainer pod to be Running", running)
+        pod: dict[str, Any] = self.wait("the trainer pod to start", started)
         return pod
+
+    def follow(self, pod: str, log_path: Path) -> int:
+        """`kubectl logs -f` into the log file (the trainer's own messages shown) until the container ends;
+        returns its exit code as the pod reports it."""
+        cmd = [str(self.kube.kubectl_path), f"--kubeconfig={self.kube.kubeconfig}", "logs", "-f", pod]
+        with (
+            log_path.open("w") as log,
+            subprocess.Popen([*cmd, "-n", NAMESPACE], stdout=subprocess.PIPE, text=True) as proc,
+        ):
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                trainer_line(line)
+
+        def ended() -> dict[str, Any] | None:
+            current = self.get("pod", pod)
+            phase = (current or {}).get("status", {}).get("phase")
+            return current if phase in ("Succeeded", "Failed") else None
+
+        final = self.wait(f"pod {pod} to end", ended, timeout=600)
+        [status] = final["status"]["containerStatuses"]
+        return int(status["state"]["terminated"]["exitCode"])
+
+    def require_local_node(self) -> None:
+        selector = ",".join(f"{k}={v}" for k, v in nodeagent.NODE_SELECTOR.items())
+        nodes = json.loads(self.kubectl("get", "nodes", "-l", selector, "-o", "json"))["items"]
+        if not nodes:
+            raise SystemExit(
+                f"demo: no node labelled {selector} in this cluster: the example job runs on the dev "
+                "cluster's local node (see docs/dev-cluster.md)"
+            )
+        say(f"local node {nodes[0]['metadata']['name']}: its pods run on this machine")
 
 
 @contextlib.contextmanager
@@ -134,7 +169,7 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
 
     def poll() -> None:
         nonlocal last, header_shown
-        result = demo.kube.run("get", "ftj", "-n", NAMESPACE, check=False)
+        result = demo.kube.kubectl("get", "ftj", "-n", NAMESPACE, check=False)
         lines = result.stdout.strip().splitlines()
         if len(lines) < 2:
             return
@@ -206,8 +241,9 @@ def local_path(demo: Demo, pod: dict[str, Any], container_path: str) -> Path | N
     on this machine (via the claim's PersistentVolume)."""
     if container_path.startswith("pvc://"):
         claim_name, _, rest = container_path.removeprefix("pvc://").partition("/")
-        pvc = demo.kube.get("pvc", claim_name, NAMESPACE)
-        return Path(demo.kube.get("pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"]) / rest
+        pvc = demo.kube.kubectl_json("get", "pvc", claim_name, "-n", NAMESPACE)
+        pv = demo.kube.kubectl_json("get", "pv", pvc["spec"]["volumeName"])
+        return Path(pv["spec"]["hostPath"]["path"]) / rest
     [container] = pod["spec"]["containers"]
     mounts = [
         m for m in container["volumeMounts"] if container_path.startswith(m["mountPath"].rstrip("/") + "/")
@@ -218,8 +254,10 @@ def local_path(demo: Demo, pod: dict[str, Any], container_path: str) -> Path | N
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
     if "persistentVolumeClaim" not in volume:
         return None
-    claim = demo.kube.get("pvc", volume["persistentVolumeClaim"]["claimName"], NAMESPACE)
-    pv = demo.kube.get("pv", claim["spec"]["volumeName"])
+    claim = demo.kube.kubectl_json(
+        "get", "pvc", volume["persistentVolumeClaim"]["claimName"], "-n", NAMESPACE
+    )
+    pv = demo.kube.kubectl_json("get", "pv", claim["spec"]["volumeName"])
     return Path(pv["spec"]["hostPath"]["path"]) / container_path.removeprefix(mount["mountPath"]).lstrip("/")
 
 
@@ -238,9 +276,9 @@ def cluster_up() -> Path:
 
 def main() -> int:
     print("finetune-operator demo: a FineTuneJob from `kubectl apply` to a trained model, on this machine")
-    why_not = pod_runner.cannot_run_pods()
+    why_not = None if devcluster.use_existing_cluster() else nodeagent.cannot_run_pods()
     if why_not is not None:
-        # Checked first, not after minutes of setup: the trainer pod is run in a private mount namespace.
+        # Checked first, not after minutes of setup: the trainer pod runs in namespaces of its own.
         print(
             f"demo: can't run the trainer pod here: {why_not} (see docs/demo.md); "
             "`make test` and `make cluster-up` do not need this",
@@ -249,8 +287,9 @@ def main() -> int:
         return 1
     kubeconfig = cluster_up()
     os.environ["KUBECONFIG"] = str(kubeconfig)
-    kube = pod_runner.default_kube(str(kubeconfig))
+    kube = Kube(kubeconfig, devcluster.tools_dir(devcluster.Layout.default()) / "kubectl")
     demo = Demo(kube)
+    demo.require_local_node()
     demo.apply_crds()
     WORK_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -280,16 +319,13 @@ def main() -> int:
             step(f"kubectl apply -f {MANIFEST.relative_to(REPO_ROOT)}")
             demo.kubectl("apply", "-n", NAMESPACE, "-f", str(MANIFEST))
             pod = demo.trainer_pod()
-            say(f"pod {pod['metadata']['name']} Running on {pod['spec']['nodeName']} (kwok: nothing runs)")
-            step(
-                "running the pod's trainer container here (hack/pod_runner.py: command, env, volumes, token)"
-            )
+            name = pod["metadata"]["name"]
+            say(f"pod {name} on node {pod['spec']['nodeName']}, IP {pod['status'].get('podIP')}")
+            step(f"the node agent runs its trainer container here; kubectl logs -f {name}")
             container = pod["spec"]["containers"][0]
             say(f"command: {' '.join(container['command'] + container['args'])}")
-            run = pod_runner.run_pod(
-                kube, NAMESPACE, pod["metadata"]["name"], log_path=WORK_DIR / "trainer.log", echo=trainer_line
-            )
-            say(f"trainer exited with code {run.exit_code} (log {run.log_path}); pod ended with it")
+            exit_code = demo.follow(name, WORK_DIR / "trainer.log")
+            say(f"trainer exited with code {exit_code} (log {WORK_DIR / 'trainer.log'}); the pod ended so")
             final = demo.wait(
                 "the FineTuneJob to finish",
                 lambda: (
@@ -306,7 +342,7 @@ def main() -> int:
         step("stopping the operator (the cluster keeps running)")
         operator.stop()
 
-    bin_dir = kube.kubectl.parent
+    bin_dir = kube.kubectl_path.parent
     step(f"done in {time.monotonic() - STARTED:.0f}s. Look around:")
     print(f"    export KUBECONFIG={kubeconfig} PATH={bin_dir}:$PATH")
     print(

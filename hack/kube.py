@@ -89,7 +89,7 @@ class Api:
             if f"{key}-data" in entry:
                 return base64.b64decode(entry[f"{key}-data"])
             if key in entry:
-                return (path.parent / entry[key]).read_bytes()
+                return (path.parent / str(entry[key])).read_bytes()
             raise ValueError(f"{path}: no {key} for the current context (client certificates only)")
 
         return cls(
@@ -192,7 +192,7 @@ class Api:
         self._checked("PUT", collection, status, body, (200, 201))
 
     def watch(
-        self, path: str, resource_version: str, timeout_s: int = 60, **params: str
+        self, path: str, resource_version: str, params: Mapping[str, str] | None = None, timeout_s: int = 60
     ) -> Iterator[dict[str, Any]]:
         """The events of one watch request (ends after `timeout_s`, or on an error event)."""
         query = urllib.parse.urlencode(
@@ -201,7 +201,7 @@ class Api:
                 "resourceVersion": resource_version,
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": str(timeout_s),
-                **params,
+                **(params or {}),
             }
         )
         req = urllib.request.Request(f"{self.base_url}{path}?{query}")

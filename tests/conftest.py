@@ -9,6 +9,8 @@
 - `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`;
   `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
   is the test's namespace).
+- `local_node` (session): the dev cluster's local node (hack/nodeagent), whose pods run as processes here. A
+  machine that cannot run them fails the test under CI=true and skips it (with the reason) elsewhere.
 
 Tests under tests/cluster/ and tests/e2e/ get the `cluster` / `e2e` marker, and any test that uses the
 `cluster` fixture gets `cluster`, so `-m "not cluster and not e2e"` selects the tests that need no cluster.
@@ -17,7 +19,6 @@ Tests under tests/cluster/ and tests/e2e/ get the `cluster` / `e2e` marker, and 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import secrets
@@ -30,7 +31,15 @@ import pytest
 import yaml
 from hack import devcluster
 
-from tests.kube_helpers import REPO_ROOT, Cluster, KubectlError, OperatorProcess, wait_for
+from tests.kube_helpers import (
+    REPO_ROOT,
+    Cluster,
+    KubectlError,
+    LocalNode,
+    OperatorProcess,
+    cannot_run_pods,
+    wait_for,
+)
 
 CRDS_DIR = REPO_ROOT / "crds"
 OUR_KINDS = ("finetunejobs.finetune.dev", "modeldeployments.finetune.dev")
@@ -93,6 +102,18 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
+def local_node(cluster: Cluster) -> LocalNode:
+    """The dev cluster's local node, whose pods run as processes here (hack/nodeagent)."""
+    if os.environ.get("FTO_USE_EXISTING_CLUSTER") == "1":
+        cannot_run_pods("the local node belongs to the dev cluster; FTO_USE_EXISTING_CLUSTER=1 uses another")
+    layout = devcluster.Layout.default()
+    state = devcluster.State.load(layout)
+    if state is None or not state.local_node:
+        cannot_run_pods(state.no_local_node if state else "no dev cluster recorded")
+    return LocalNode(name=state.local_node, root=layout.root)
+
+
+@pytest.fixture(scope="session")
 def crds(cluster: Cluster) -> list[str]:
     """Apply every CRD in crds/ (server-side) and wait until each is Established. Returns their names."""
     files = sorted(p for p in CRDS_DIR.glob("*.y*ml") if p.is_file())
@@ -151,8 +172,6 @@ def operator(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    if importlib.util.find_spec("finetune_operator.__main__") is None:
-        pytest.skip("finetune_operator has no __main__ yet")
     marker = request.node.get_closest_marker("operator_env")
     env = {k: str(v).format(namespace=namespace) for k, v in (marker.kwargs if marker else {}).items()}
     proc = OperatorProcess(

@@ -41,6 +41,7 @@ def cmd_status(layout: Layout) -> int:
     print(f"kubeconfig:  {layout.kubeconfig}")
     print(f"binaries:    {state.bin_dir}")
     print(f"GPU nodes:   {state.gpu_nodes} (started by {state.started_by})")
+    print(f"local node:  {state.local_node or 'none: ' + state.no_local_node}")
     for record in state.processes:
         print(
             f"  {record.name:<24} pid {record.pid:<8} {'running' if record.alive() else 'DEAD'}  {record.log}"
@@ -52,6 +53,17 @@ def cmd_status(layout: Layout) -> int:
             readiness = "Ready" if node_ready(node) else "NotReady"
             print(f"  node {node['metadata']['name']:<18} {readiness:<9} gpus={gpus}")
     return 0 if ready and all(p.alive() for p in state.processes) else 1
+
+
+def cmd_services(layout: Layout) -> int:
+    try:
+        forwarders = json.loads((layout.root / "node" / "services.json").read_text())
+    except (OSError, ValueError):
+        print("no Service forwarders (does the dev cluster have a local node? see `status`)", file=sys.stderr)
+        return 1
+    for key, (host, port) in forwarders.items():
+        print(f"{key:<60} http://{host}:{port}")
+    return 0
 
 
 def tools_dir(layout: Layout) -> Path:
@@ -79,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fake-nodes", help="print the fake nodes as a List, for `kubectl apply -f -` (e.g. on kind)"
     )
     sub.add_parser("kubeconfig", help="print the kubeconfig path")
+    sub.add_parser("services", help="the loopback address of each Service port (the local node's forwarders)")
     sub.add_parser("kubectl", help="kubectl against the cluster", add_help=False)
     sub.add_parser("exec", help="run a command with KUBECONFIG set", add_help=False)
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -125,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
+    if command == "services":
+        return cmd_services(layout)
     if command == "kubeconfig":
         print(os.environ.get("KUBECONFIG", "") if use_existing_cluster() else layout.kubeconfig)
         return 0

@@ -11,11 +11,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hack.devcluster.components import component_args, find_bin_dir, storage_classes, write_kwok_config
-from hack.devcluster.layout import READY_TIMEOUT_S, STATE_VERSION, Layout, fail, locked, log
+from hack.devcluster.layout import (
+    LOCAL_NODE,
+    READY_TIMEOUT_S,
+    REPO_ROOT,
+    SERVICE_CIDR,
+    STATE_VERSION,
+    Layout,
+    fail,
+    locked,
+    log,
+)
 from hack.devcluster.nodes import NodeShape, ensure_nodes, node_ready
 from hack.devcluster.pki import admin_api, ensure_pki, write_kubeconfig
 from hack.devcluster.processes import State, free_port, log_tail, process_start_ticks, spawn, stop_processes
 from hack.kube import Api
+
+NODE_AGENT = "node-agent"
 
 
 def wait_until(what: str, check: Callable[[], bool], state: State, timeout: float = READY_TIMEOUT_S) -> None:
@@ -36,7 +48,7 @@ def cluster_ready(api: Api, node_names: Sequence[str]) -> Callable[[], bool]:
     def check() -> bool:
         if not api.ok("/api/v1/namespaces/default/serviceaccounts/default"):
             return False
-        status, nodes = api.request("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")
+        status, nodes = api.request("GET", "/api/v1/nodes")
         if status != 200:
             return False
         ready = {n["metadata"]["name"] for n in nodes["items"] if node_ready(n)}
@@ -62,10 +74,27 @@ def running_state(layout: Layout, patience_s: float = 30.0) -> State | None:
     return state
 
 
+def restart_node_agent(layout: Layout) -> bool:
+    """Start the node agent again if it alone has died (as a kubelet is restarted by its service manager);
+    it adopts the pods its predecessor ran. True when it was restarted."""
+    state = State.load(layout)
+    if state is None or not state.local_node:
+        return False
+    agents = [p for p in state.processes if p.name == NODE_AGENT]
+    others = [p for p in state.processes if p.name != NODE_AGENT]
+    if not agents or agents[-1].alive() or not others or not all(p.alive() for p in others):
+        return False
+    state.processes = others
+    spawn(layout, state, NODE_AGENT, agents[-1].args, env={"PYTHONPATH": str(REPO_ROOT)})
+    log(f"restarted the node agent (pid {state.processes[-1].pid}); it adopts the pods that still run")
+    return True
+
+
 def up(layout: Layout, started_by: str) -> tuple[State, bool]:
     """Start the cluster unless it runs already. Returns (state, started_now)."""
     began = time.monotonic()
     shape = NodeShape.from_env()
+    restart_node_agent(layout)
     state = running_state(layout)
     if state is not None:
         api = admin_api(layout, state.api_url)
@@ -119,6 +148,18 @@ def up(layout: Layout, started_by: str) -> tuple[State, bool]:
     for storage_class in storage_classes():
         api.create_or_update("/apis/storage.k8s.io/v1/storageclasses", storage_class)
     names = ensure_nodes(api, shape)
+    from hack.nodeagent.agent import cannot_run_pods  # the agent imports this package
+
+    why_not = cannot_run_pods()
+    if why_not is None:
+        spawn(layout, state, NODE_AGENT, args[NODE_AGENT], env={"PYTHONPATH": str(REPO_ROOT)})
+        state.local_node = LOCAL_NODE
+        names.append(LOCAL_NODE)
+        log(f"started the node agent (node {LOCAL_NODE}: its pods run here as processes)")
+    else:
+        state.no_local_node = why_not
+        log(f"no local node: {why_not}")
+    state.save(layout)
     log(f"created nodes {', '.join(names)}; waiting for them to be Ready and for default/default")
     wait_until("Ready nodes and the default ServiceAccount", cluster_ready(api, names), state)
     log(f"dev cluster ready in {time.monotonic() - began:.1f}s; kubeconfig: {layout.kubeconfig}")
@@ -140,6 +181,9 @@ def down(layout: Layout) -> int:
         log("no dev cluster recorded; nothing to stop")
         return 0
     stopped = stop_processes(state.processes)
+    from hack.nodeagent.agent import teardown  # the agent imports this package
+
+    teardown(layout.root, SERVICE_CIDR, log=log)  # whatever a killed node agent left behind
     layout.state_file.unlink(missing_ok=True)
     shutil.rmtree(layout.sessions, ignore_errors=True)
     log(f"stopped {stopped} process(es)")

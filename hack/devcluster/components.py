@@ -10,6 +10,8 @@ from typing import Any
 
 from hack.devcluster.layout import (
     BUILD_TOOLS,
+    LOCAL_NODE,
+    LOCAL_NODE_GPUS,
     POD_CIDR,
     PROVISIONER,
     PROVISIONER_NAME,
@@ -121,6 +123,15 @@ def component_args(layout: Layout, state: State, etcd_peer_port: int) -> dict[st
             "--manage-nodes-with-label-selector=type=kwok",
             "--node-lease-duration-seconds=40",
             f"--cidr={POD_CIDR}",
+        ],
+        "node-agent": [
+            sys.executable,
+            "-m",
+            "hack.nodeagent",
+            f"--dev-dir={layout.root}",
+            "run",
+            f"--node={LOCAL_NODE}",
+            f"--gpus={LOCAL_NODE_GPUS}",
         ],
         "local-provisioner": [
             sys.executable,

@@ -19,6 +19,10 @@ PROVISIONER = REPO_ROOT / "hack" / "local_provisioner.py"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+LOCAL_NODE = "local-0"
+"""The node agent's node (hack/nodeagent): its pods run on this machine."""
+LOCAL_NODE_GPUS = int(os.environ.get("FTO_DEV_LOCAL_GPUS", "2"))
+"""Fake `nvidia.com/gpu` capacity of the local node (the trainer runs on the CPU)."""
 NOT_READY_TAINT = "node.kubernetes.io/not-ready"
 STORAGE_CLASS = "standard"
 WAIT_STORAGE_CLASS = "standard-wffc"

@@ -54,6 +54,9 @@ class State:
     started_by: str
     started_at: float
     processes: list[ProcessRecord] = field(default_factory=list)
+    local_node: str = ""
+    """The node agent's node, or empty (then `no_local_node` says why)."""
+    no_local_node: str = ""
 
     @property
     def api_url(self) -> str:
@@ -96,7 +99,9 @@ def loopback_env(strip_proxies: bool) -> dict[str, str]:
     return env
 
 
-def spawn(layout: Layout, state: State, name: str, args: list[str]) -> ProcessRecord:
+def spawn(
+    layout: Layout, state: State, name: str, args: list[str], env: dict[str, str] | None = None
+) -> ProcessRecord:
     log_path = layout.logs / f"{name}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
@@ -105,7 +110,7 @@ def spawn(layout: Layout, state: State, name: str, args: list[str]) -> ProcessRe
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=loopback_env(strip_proxies=True),
+            env={**loopback_env(strip_proxies=True), **(env or {})},
             cwd=layout.root,
         )
     ticks = process_start_ticks(proc.pid)

@@ -20,11 +20,16 @@ from typing import Any
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hack import devcluster
+from hack.nodeagent.agent import running_containers
+from hack.nodeagent.init import old_pod_runner_active
+from hack.nodeagent.network import ClusterNetwork
 
 from tests.kube_helpers import (
     Cluster,
     KubectlError,
+    LocalNode,
     OperatorProcess,
+    cannot_run_pods,
     finish_pod,
     get_pod,
     kubectl_json,
@@ -516,10 +521,15 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
+    host_links = _host_links()
+    root = (tmp_path / "cluster").resolve()
+    network = ClusterNetwork.for_dev_dir(root, devcluster.SERVICE_CIDR)
     try:
         assert "dev cluster ready" in devcluster_cli("up")
-        first = devcluster.State.load(devcluster.Layout(tmp_path / "cluster"))
+        first = devcluster.State.load(devcluster.Layout(root))
         assert first is not None
+        if not first.local_node:
+            cannot_run_pods(first.no_local_node)
         assert [p.name for p in first.processes] == [
             "etcd",
             "kube-apiserver",
@@ -527,14 +537,66 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
             "kube-scheduler",
             "kwok",
             "local-provisioner",
+            "node-agent",
         ]
         assert all(p.alive() for p in first.processes)
 
         assert "already running" in devcluster_cli("up")
-        again = devcluster.State.load(devcluster.Layout(tmp_path / "cluster"))
+        again = devcluster.State.load(devcluster.Layout(root))
         assert again is not None
         assert [p.pid for p in again.processes] == [p.pid for p in first.processes]
+
+        # Something for `down` to clean up: a running pod of the local node, with a memory volume and a
+        # mount point made on this machine, behind a Service (a forwarder).
+        kube = Cluster(root / "kubeconfig", Path(first.bin_dir))
+        spec = {
+            **LocalNode.placement(),
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sleep", "300"],
+                    "volumeMounts": [{"name": "shm", "mountPath": f"/tmp/fto-down-test-{os.getpid()}"}],
+                }
+            ],
+            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory"}}],
+        }
+        kube.apply(
+            [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": "sleeper", "labels": {"a": "b"}},
+                    "spec": spec,
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "sleeper"},
+                    "spec": {"selector": {"a": "b"}, "ports": [{"port": 80}]},
+                },
+            ],
+            "default",
+        )
+        kube.kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s")
+        assert network.owned_netns() == [network.node_netns, network.pod_netns(1)]
+        assert running_containers(root)
+        uid = kubectl_json(kube, "get", "pod", "sleeper")["metadata"]["uid"]
+        assert Path(f"/dev/shm/fto-{uid}-shm").is_dir()
     finally:
         devcluster_cli("down")
     assert not any(p.alive() for p in first.processes)
     assert _processes_mentioning(str(tmp_path)) == []
+    assert network.owned_netns() == []
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert network.node_netns not in mounts
+    assert str(root) not in mounts
+    if not old_pod_runner_active():  # an older checkout's pod runner keeps every mount point it may use
+        assert not Path(f"/tmp/fto-down-test-{os.getpid()}").exists()
+    assert not Path(f"/dev/shm/fto-{uid}-shm").exists()
+    assert _host_links() == host_links  # every interface it made lived in its own namespaces
+
+
+def _host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip() for line in out.splitlines()}

@@ -9,17 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hack import pod_runner
 
 from tests.kube_helpers import Cluster, kubectl_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(pod_runner.cannot_run_pods() is not None, reason=str(pod_runner.cannot_run_pods())),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("local_node")]
 
 
 def test_demo_trains_the_example_job_to_success(cluster: Cluster, crds: list[str], tmp_path: Path) -> None:
@@ -49,6 +44,7 @@ def test_demo_trains_the_example_job_to_success(cluster: Cluster, crds: list[str
         metrics = job["status"]["metrics"]
         assert metrics["after"]["loss"] < metrics["before"]["loss"]
         assert "loss curve: " in out
+        assert "the node agent runs its trainer container here" in out
     finally:
         # The demo leaves its job for you to look at; its operator is gone, so drop the finalizer first.
         for name in cluster.kubectl("get", "ftj", "-n", namespace, "-o", "name", check=False).stdout.split():

@@ -1,30 +1,27 @@
 """The whole FineTuneJob lifecycle for real: the operator on the dev cluster admits the job and creates its
-pod, the pod's container (the trainer) runs on this machine with the pod's command, environment, volumes and
-ServiceAccount (hack/pod_runner.py), reports through the API, and the pod ends with the trainer's exit code.
+pod on the local node, whose agent (hack/nodeagent) runs the pod's container (the trainer) on this machine
+with the pod's command, environment, volumes and ServiceAccount; the trainer reports through the API, and
+the pod ends with its exit code. No test starts a pod: the node runs what is bound to it.
 
 A tiny Llama-style model and a small generated task (hack/make_tiny_model.py) keep it to about a minute."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hack import pod_runner
+from hack import nodeagent
 from hack.make_tiny_model import TinyAssets, make_tiny_assets
 
 from finetune_trainer.config import parse_config
 from finetune_trainer.exit_codes import REASONS, ExitCode
-from tests.kube_helpers import Cluster, OperatorProcess, kubectl_json, wait_for
+from tests.kube_helpers import Cluster, LocalNode, OperatorProcess, kubectl_json, wait_for
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.slow,
-    pytest.mark.skipif(pod_runner.cannot_run_pods() is not None, reason=str(pod_runner.cannot_run_pods())),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.usefixtures("local_node")]
 
 MAX_STEPS = 30
 JOB_LABEL = "finetune.dev/job"
@@ -66,8 +63,12 @@ def finetunejob(
             },
             "evaluation": {"everySteps": 10},
             "checkpointing": {"everySteps": 10, "storage": {"size": "1Gi"}},
-            # The fake GPU nodes are the only ones the pod may use; on this machine it trains on the CPU.
+            # The local node's fake GPUs place it; on this machine it trains on the CPU.
             "distributed": {"nodes": 1, "gpusPerNode": 1, "precision": "fp32"},
+            "resources": {
+                "nodeSelector": dict(nodeagent.NODE_SELECTOR),
+                "tolerations": [dict(nodeagent.TOLERATION)],
+            },
         },
     }
 
@@ -98,10 +99,30 @@ def running_trainer_pod(cluster: Cluster, namespace: str, name: str, attempt: in
     def running() -> dict[str, Any] | None:
         selector = f"{JOB_LABEL}={name},finetune.dev/attempt={attempt}"
         pods = kubectl_json(cluster, "get", "pods", "-n", namespace, "-l", selector)["items"]
-        live = [p for p in pods if p["status"].get("phase") == "Running"]
+        # Started: Running, or already ended (a failing trainer can end between two polls).
+        live = [p for p in pods if p["status"].get("phase") in ("Running", "Succeeded", "Failed")]
         return live[0] if len(live) == 1 else None
 
     return wait_for(running, 120, f"the trainer pod of {namespace}/{name} to be Running")
+
+
+def ended_pod(cluster: Cluster, namespace: str, name: str, timeout: float = 480) -> dict[str, Any]:
+    """The pod once its container has ended (Succeeded or Failed), as the local node reports it."""
+
+    def ended() -> dict[str, Any] | None:
+        pod: dict[str, Any] = kubectl_json(cluster, "get", "pod", name, "-n", namespace)
+        return pod if pod["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    return wait_for(ended, timeout, f"pod {namespace}/{name} to end")
+
+
+def exit_code(pod: dict[str, Any]) -> int:
+    [status] = pod["status"]["containerStatuses"]
+    return int(status["state"]["terminated"]["exitCode"])
+
+
+def trainer_log(cluster: Cluster, namespace: str, name: str) -> str:
+    return cluster.kubectl("logs", name, "-n", namespace).stdout
 
 
 def volume_dir(cluster: Cluster, namespace: str, pod: dict[str, Any], container_path: str) -> Path:
@@ -137,7 +158,7 @@ def status_writers(job: dict[str, Any]) -> dict[str, set[str]]:
 
 
 def test_finetunejob_trains_for_real_and_succeeds_with_an_artifact(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, local_node: LocalNode
 ) -> None:
     cluster.apply(finetunejob("tiny", tiny.model_dir, tiny.data_path), namespace)
     wait_condition(cluster, namespace, "tiny", "Admitted")
@@ -151,12 +172,15 @@ def test_finetunejob_trains_for_real_and_succeeds_with_an_artifact(
     config = parse_config(json.loads(config_map["data"]["trainer.json"]))
     assert config.hyperparameters.max_steps == MAX_STEPS
 
-    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
-    run = pod_runner.run_pod(kube, namespace, pod["metadata"]["name"], log_path=tmp_path / "trainer.log")
-    assert run.exit_code == 0, run.log()
+    name = pod["metadata"]["name"]
+    assert pod["spec"]["nodeName"] == local_node.name
+    ended = ended_pod(cluster, namespace, name)
+    log = trainer_log(cluster, namespace, name)
+    assert exit_code(ended) == 0, log
     # In-cluster reporting had only the pod's own credentials: the projected ServiceAccount token.
-    assert not {"KUBECONFIG", "FTO_STATUS_KUBECONFIG"} & set(run.env)
-    assert "status patch" not in run.log(), run.log()
+    env = {e["name"] for c in pod["spec"]["containers"] for e in c.get("env", [])}
+    assert not {"KUBECONFIG", "FTO_STATUS_KUBECONFIG"} & env
+    assert "status patch" not in log, log
 
     job = wait_condition(cluster, namespace, "tiny", "Succeeded")
     status = job["status"]
@@ -200,10 +224,11 @@ def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
     cluster.apply(finetunejob("bad-data", tiny.model_dir, bad.data_path, max_bad_ratio=0.05), namespace)
     pod = running_trainer_pod(cluster, namespace, "bad-data")
 
-    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
-    run = pod_runner.run_pod(kube, namespace, pod["metadata"]["name"], log_path=tmp_path / "trainer.log")
-    assert run.exit_code == ExitCode.DATA_ERROR, run.log()
-    assert run.termination_message, run.log()  # the trainer says why, where the kubelet would read it
+    ended = ended_pod(cluster, namespace, pod["metadata"]["name"])
+    log = trainer_log(cluster, namespace, pod["metadata"]["name"])
+    assert exit_code(ended) == ExitCode.DATA_ERROR, log
+    # The trainer says why, where the kubelet reads it.
+    assert ended["status"]["containerStatuses"][0]["state"]["terminated"].get("message"), log
 
     job = wait_condition(cluster, namespace, "bad-data", "Failed")
     failed = condition(job, "Failed")
@@ -217,8 +242,9 @@ def test_malformed_dataset_fails_the_job_at_once_with_the_trainers_reason(
     assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
 
 
+@pytest.mark.timeout(1200)  # two attempts of 600 steps: a busy machine needs more than pytest's default
 def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
-    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, tmp_path: Path
+    cluster: Cluster, namespace: str, operator: OperatorProcess, tiny: TinyAssets, local_node: LocalNode
 ) -> None:
     # Long enough that the kill lands well before the end even on a fast, idle machine (a tiny model
     # trains hundreds of steps a second); the checkpoint is watched closely for the same reason.
@@ -230,40 +256,29 @@ def test_a_killed_trainer_restarts_the_gang_and_resumes_from_its_checkpoint(
     checkpoints = volume_dir(cluster, namespace, first, "/workspace/checkpoints")
 
     # Attempt 1 is killed (SIGKILL, as the OOM killer would) once it has a complete checkpoint.
-    kube = pod_runner.Kube(kubectl=cluster.kubectl_path, kubeconfig=cluster.kubeconfig)
-    containers: list[pod_runner.Container] = []
-    runs: list[pod_runner.PodRun] = []
-    log1 = tmp_path / "attempt-1.log"
-    runner = threading.Thread(
-        target=lambda: runs.append(
-            pod_runner.run_pod(
-                kube, namespace, first["metadata"]["name"], log_path=log1, on_start=containers.append
-            )
-        )
-    )
-    runner.start()
     wait_for(
         lambda: any(checkpoints.glob("step-*/COMPLETE")),
         300,
         "a complete checkpoint of attempt 1",
         interval=0.02,
     )
-    containers[0].signal(signal.SIGKILL)
-    runner.join(120)
-    [killed] = runs
-    assert killed.exit_code == 128 + signal.SIGKILL, killed.log()
+    [trainer] = [c for c in local_node.containers() if c.pod == first["metadata"]["name"]]
+    assert trainer.main_pid is not None
+    os.kill(trainer.main_pid, signal.SIGKILL)
     saved = max(int(p.parent.name.removeprefix("step-")) for p in checkpoints.glob("step-*/COMPLETE"))
     assert saved < steps
 
     # The operator replaces the whole gang: attempt 2, same claim, and the trainer resumes there.
     second = running_trainer_pod(cluster, namespace, "resume", attempt=2)
     assert volume_dir(cluster, namespace, second, "/workspace/checkpoints") == checkpoints
-    run = pod_runner.run_pod(kube, namespace, second["metadata"]["name"], log_path=tmp_path / "attempt-2.log")
-    assert run.exit_code == 0, run.log()
+    ended = ended_pod(cluster, namespace, second["metadata"]["name"])
+    assert exit_code(ended) == 0, trainer_log(cluster, namespace, second["metadata"]["name"])
 
     job = wait_condition(cluster, namespace, "resume", "Succeeded")
     assert job["status"]["attempt"] == 2
     assert job["status"]["restarts"] == 1
+    # The killed pod (gone now: the operator replaced the gang) was reported with the kill's exit code.
+    assert f"exit code {128 + signal.SIGKILL}" in job["status"]["lastFailure"], job["status"]
     assert job["status"]["progress"]["step"] == steps
     output = claim_dir(cluster, namespace, job["status"]["artifact"]["modelCard"]).parent
     events = [

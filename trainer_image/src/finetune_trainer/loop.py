@@ -12,6 +12,7 @@ import math
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -65,12 +66,22 @@ class Trainer:
     def _prepare_data(self, tokenizer: Any) -> Any:
         from finetune_trainer.data.pipeline import prepare
 
-        # Every rank prepares (deterministic); only rank 0 writes the report next to the outputs.
-        if self.dist.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            return prepare(self.cfg.data, tokenizer, self.output_dir, model_license=self.cfg.model.license)
+        # Rank 0 prepares into the cache on the job's volume, next to the checkpoints (a restarted attempt
+        # with the same data reuses it) and writes the report next to the outputs; the other ranks wait for
+        # it and memory-map the result (docs/data-preparation.md).
+        attempt = self.dist.broadcast(uuid.uuid4().hex)
+        store = Path(self.cfg.checkpointing.dir).parent / "data-cache"
         with tempfile.TemporaryDirectory() as scratch:
-            return prepare(self.cfg.data, tokenizer, Path(scratch), model_license=self.cfg.model.license)
+            workdir = self.output_dir if self.dist.is_main else Path(scratch)
+            return prepare(
+                self.cfg.data,
+                tokenizer,
+                workdir,
+                model_license=self.cfg.model.license,
+                store=store,
+                attempt=attempt,
+                wait=not self.dist.is_main,
+            )
 
     def _train_examples(self, indices: list[int]) -> list[Any]:
         """The prepared training examples at ``indices`` (in that order)."""

@@ -7,10 +7,10 @@ from dataclasses import replace
 from finetune_trainer.data.config import AugmentationConfig
 from finetune_trainer.data.mapping import Message, Record
 
-__all__ = ["augment"]
+__all__ = ["augment", "with_prompt"]
 
 
-def _with_prompt(record: Record, variant: str) -> Record:
+def with_prompt(record: Record, variant: str) -> Record:
     def rewrite(prompt: str) -> str:
         return variant.replace("{prompt}", prompt)
 
@@ -38,7 +38,7 @@ def augment(records: list[Record], cfg: AugmentationConfig) -> list[Record]:
     for copy in range(1, cfg.copies + 1):
         variant = cfg.variants[copy % len(cfg.variants)]
         for record in records:
-            rewritten = _with_prompt(record, variant)
+            rewritten = with_prompt(record, variant)
             if rewritten != record:
                 extra.append(rewritten)
     return [*records, *extra]

@@ -57,6 +57,9 @@ _SKIP_TAGS = frozenset({"script", "style", "noscript", "template"})
 _TAG_HINT = re.compile(r"<[A-Za-z!/][^>]*>|&[#A-Za-z0-9]+;")
 _SPACES = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
+#: What _collapse_whitespace changes: whitespace other than a single inner space (a text without any of it
+#: is returned as it is, which is most texts).
+_COLLAPSIBLE = re.compile(r"[^\S ]|  |^ | $")
 
 
 class _TextExtractor(HTMLParser):
@@ -93,6 +96,8 @@ def strip_html(text: str) -> str:
 
 
 def _collapse_whitespace(text: str) -> str:
+    if not _COLLAPSIBLE.search(text):
+        return text
     lines = [
         _SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     ]

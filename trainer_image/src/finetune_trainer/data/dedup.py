@@ -53,6 +53,8 @@ class NearDeduplicator:
         self._lsh = MinHashLSH(threshold=cfg.near_threshold * _CANDIDATE_FACTOR, num_perm=cfg.num_perm)
         self._signatures: dict[str, Any] = {}
         self._count = 0
+        #: How this datasketch version hashes by default (signatures rebuilt from values must say it).
+        self._scheme = getattr(MinHash(num_perm=cfg.num_perm, seed=1), "scheme", None)
 
     def _signature(self, record: Record) -> Any:
         text = "\n".join(record.texts())
@@ -61,7 +63,16 @@ class NearDeduplicator:
         return signature
 
     def is_near_duplicate(self, record: Record) -> bool:
-        signature = self._signature(record)
+        return self._check(self._signature(record))
+
+    def is_near_duplicate_signature(self, hashvalues: Any) -> bool:
+        """:meth:`is_near_duplicate` for a signature computed elsewhere (``stages.minhash_values``)."""
+        signature = self._minhash(
+            num_perm=self._cfg.num_perm, seed=1, hashvalues=hashvalues, scheme=self._scheme
+        )
+        return self._check(signature)
+
+    def _check(self, signature: Any) -> bool:
         for key in self._lsh.query(signature):
             if signature.jaccard(self._signatures[key]) >= self._cfg.near_threshold:
                 return True

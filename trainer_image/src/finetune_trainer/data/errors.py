@@ -13,6 +13,10 @@ class DataError(Exception):
         #: Short CamelCase cause, e.g. ``TooManyBadRows``, ``LicenseNotAllowed``, ``EmptySplit``.
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[DataError], tuple[str], dict[str, str]]:
+        # Raised in a preparation worker process, it crosses back pickled: keep the reason.
+        return (type(self), (str(self),), {"reason": self.reason})
+
     @property
     def message(self) -> str:
         return str(self)

@@ -21,7 +21,7 @@ from typing import Any
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.sources import ResolvedSource, load_hub_dataset
 
-__all__ = ["RawRow", "read_rows"]
+__all__ = ["RawRow", "jsonl_lines", "read_rows"]
 
 # Fields of a CSV record may be large (long documents); the default limit is 128 KiB.
 csv.field_size_limit(1 << 30)
@@ -37,23 +37,28 @@ class RawRow:
     error: str | None = None
 
 
-def _read_jsonl(src: ResolvedSource) -> Iterator[RawRow]:
+def jsonl_lines(src: ResolvedSource) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file with their 1-based numbers, unparsed (parsing is per row)."""
     with src.path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             text = raw.strip()
             if number == 1:
                 text = text.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
-            if not text:
-                continue
-            try:
-                value = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield RawRow(src.uri, number, None, f"invalid JSON: {exc}")
-                continue
-            if not isinstance(value, dict):
-                yield RawRow(src.uri, number, None, f"expected a JSON object, got {type(value).__name__}")
-                continue
-            yield RawRow(src.uri, number, value)
+            if text:
+                yield number, text
+
+
+def _read_jsonl(src: ResolvedSource) -> Iterator[RawRow]:
+    for number, text in jsonl_lines(src):
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            yield RawRow(src.uri, number, None, f"invalid JSON: {exc}")
+            continue
+        if not isinstance(value, dict):
+            yield RawRow(src.uri, number, None, f"expected a JSON object, got {type(value).__name__}")
+            continue
+        yield RawRow(src.uri, number, value)
 
 
 def _read_csv(src: ResolvedSource) -> Iterator[RawRow]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer.data.config import FieldMapping
@@ -42,10 +42,14 @@ class Record:
 
     def map_texts(self, fn: Callable[[str], str]) -> Record:
         """The same record with ``fn`` applied to every text field."""
-        return replace(
-            self,
+        return Record(
+            self.source,
+            self.line,
+            self.kind,
             parts={name: fn(value) for name, value in self.parts.items()},
             messages=tuple(Message(m.role, fn(m.content)) for m in self.messages),
+            label=self.label,
+            row_id=self.row_id,
         )
 
     def target_text(self) -> str:
@@ -70,9 +74,34 @@ class Record:
     def content_digest(self) -> str:
         return hashlib.sha256(self.content().encode()).hexdigest()
 
-    def split_key(self) -> str:
-        """The stable identity of the row: its id column when configured, else its content."""
-        return f"id:{self.row_id}" if self.row_id is not None else f"content:{self.content_digest()}"
+    def split_key(self, content_digest: str | None = None) -> str:
+        """The stable identity of the row: its id column when configured, else its content (pass
+        ``content_digest`` when it is already known)."""
+        if self.row_id is not None:
+            return f"id:{self.row_id}"
+        return f"content:{content_digest or self.content_digest()}"
+
+    def dumps(self) -> str:
+        """Compact JSON of everything but source and line (kept beside it): how stages pass records on."""
+        return json.dumps(
+            [self.kind, self.parts, [[m.role, m.content] for m in self.messages], self.label, self.row_id],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, text: str, *, source: str = "", line: int = 0) -> Record:
+        """The record :meth:`dumps` wrote."""
+        kind, parts, messages, label, row_id = json.loads(text)
+        return cls(
+            source,
+            line,
+            kind,
+            parts=parts,
+            messages=tuple(Message(role, content) for role, content in messages),
+            label=label,
+            row_id=row_id,
+        )
 
 
 class MappingError(ValueError):

@@ -7,17 +7,21 @@ Public API (stable; the trainer codes against it)::
     from finetune_trainer.data.report import DataReport, render_data_section, write_report
 
     prepared: PreparedData = prepare(cfg.data, tokenizer, workdir, model_license="apache-2.0")
-    prepared.train / .validation / .test   # list[Example]; Example = {"input_ids": list[int],
-                                           #   "attention_mask": list[int], "labels": list[int]}
+    prepared.train / .validation / .test   # Sequence[Example] read by index from memory-mapped Arrow;
+                                           #   Example = {"input_ids": list[int], "attention_mask":
+                                           #   list[int], "labels": list[int]}; slices give lists.
                                            # labels are -100 on prompt tokens (completionOnlyLoss) and, for
                                            # kind "classification", a one-element list [class_id].
     prepared.samples["validation"]         # list[TextSample(prompt, completion)]: rendered prompt text for
                                            #   generation samples and the reference completion (<= 32 each)
     prepared.label_names                   # class names for kind "classification", else None
     prepared.report                        # DataReport; prepare() already wrote workdir/data_report.json
-                                           #   and workdir/provenance.json (workdir may be the output folder:
-                                           #   downloaded sources go to a temporary folder, or cache_dir=)
-    render_data_section(prepared.report)   # Markdown "## Data" section for the model card
+                                           #   and workdir/provenance.json
+
+With ``store=`` (a folder on the job's volume) the prepared examples are cached there under a key of the
+data config, the sources' hashes and the tokenizer (:mod:`finetune_trainer.data.keys`) and reused by any
+later call with the same key; ``attempt=`` + ``wait=True`` make a rank wait for the preparing rank of the same
+attempt and memory-map its result instead of preparing (:mod:`finetune_trainer.data.sharing`).
 
 ``prepare`` raises :class:`DataError` (message names the cause; ``.reason`` is a CamelCase code) for: too many
 malformed rows, PII rejections above the limit, a licence not in the allowlist, an unreadable or empty source,
@@ -25,32 +29,46 @@ an empty train split. The trainer maps it to ``ExitCode.DATA_ERROR``. Examples a
 pads (``tokenizer.pad_token_id`` for input_ids, 0 for attention_mask, -100 for labels). ``prepare`` is
 deterministic: the same config, data and tokenizer give the same examples in the same order on every rank.
 
+How it runs (memory does not grow with the rows, except exact de-duplication's 16 bytes a row and
+near-duplicate detection's index): the sources are streamed into an Arrow table (:func:`_read`); a batched,
+multi-process ``datasets`` map parses, maps, cleans, scrubs and places every row
+(:func:`stages.examine_rows`);
+sequential passes over small columns count, de-duplicate and split; a second map renders and tokenizes
+(:func:`stages.encode_rows`) into Arrow ``int32`` lists, which the trainer reads by index.
+
 Tests build a tiny tokenizer with ``trainer_image/tests/tiny_tokenizer.py`` (``make_tiny_tokenizer()``:
 a character-level ``PreTrainedTokenizerFast`` with pad/eos/bos and a chatml-like chat template; no download).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_trainer.data.augmentation import augment
-from finetune_trainer.data.cleaning import clean_record, length_violation
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finetune_trainer.data.augmentation import with_prompt
 from finetune_trainer.data.compliance import check_licences, config_digest
 from finetune_trainer.data.config import DataConfig
-from finetune_trainer.data.dedup import ExactDeduplicator, NearDeduplicator
-from finetune_trainer.data.encoding import Example, encode_batch, pack
+from finetune_trainer.data.encoding import IGNORE_INDEX, Example
 from finetune_trainer.data.errors import DataError
-from finetune_trainer.data.formats import read_rows
+from finetune_trainer.data.formats import jsonl_lines, read_rows
+from finetune_trainer.data.keys import cache_key
 from finetune_trainer.data.mapping import MappingError, Record, map_row
-from finetune_trainer.data.pii import PiiDetector
 from finetune_trainer.data.report import (
+    CacheRecord,
     DataReport,
-    LicenceRecord,
     PiiRecord,
     Provenance,
     SourceRecord,
@@ -59,10 +77,21 @@ from finetune_trainer.data.report import (
     histogram,
     write_report,
 )
+from finetune_trainer.data.sharing import Publisher, wait_for
 from finetune_trainer.data.sources import ResolvedSource, resolve_source
-from finetune_trainer.data.split import SPLITS, assign_split
-from finetune_trainer.data.templates import Rendered, render
+from finetune_trainer.data.split import SPLITS
+from finetune_trainer.data.stages import READ_SCHEMA, ROLES, encode_rows, examine_rows
+from finetune_trainer.data.store import (
+    META,
+    READY,
+    forget_mapped_tables,
+    memory_mapped_table,
+    open_split,
+    read_meta,
+)
+from finetune_trainer.data.templates import render
 from finetune_trainer.data.validation import BadRowLog
+from finetune_trainer.durable import fsync_path, write_text_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -73,6 +102,12 @@ log = logging.getLogger(__name__)
 
 #: Text samples kept per evaluation split for generation.
 SAMPLES_KEPT = 32
+#: Rows per Arrow record batch (and per map batch).
+BATCH_ROWS = 1000
+#: Below this many rows one process does the maps (starting workers costs more than it saves).
+ROWS_PER_PROCESS = 20_000
+#: Environment variable that caps the preparation processes (default: the CPUs this process may use).
+NUM_PROC_ENV = "FTO_DATA_NUM_PROC"
 
 
 @dataclass(frozen=True)
@@ -85,12 +120,14 @@ class TextSample:
 
 @dataclass
 class PreparedData:
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
+    train: Sequence[Example]
+    validation: Sequence[Example]
+    test: Sequence[Example]
     report: DataReport
     samples: dict[str, list[TextSample]] = field(default_factory=dict)
     label_names: list[str] | None = None
+    #: The prepared folder the examples are memory-mapped from.
+    folder: Path | None = None
 
 
 class _Stages:
@@ -105,8 +142,11 @@ class _Stages:
         log.info("data stage %s: %d -> %d rows %s", name, rows_in, rows_out, removed or "")
 
 
-def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
-    counter[key] = counter.get(key, 0) + n
+def default_num_proc() -> int:
+    configured = os.environ.get(NUM_PROC_ENV)
+    if configured:
+        return max(1, int(configured))
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _resolve_all(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
@@ -126,201 +166,565 @@ def _resolve_all(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
     return sources
 
 
-def _read(
-    cfg: DataConfig, sources: list[ResolvedSource], bad: BadRowLog
-) -> tuple[list[tuple[str, Record]], list[SourceRecord]]:
-    rows: list[tuple[str, Record]] = []
+# ------------------------------------------------------------------------------------------------- reading
+class _BatchWriter:
+    """Rows appended one by one, written as Arrow record batches of :data:`BATCH_ROWS`."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._writer = pa.ipc.new_stream(str(path), schema)
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.rows = 0
+
+    def add(self, **values: Any) -> None:
+        for name, column in self._columns.items():
+            column.append(values.get(name))
+        self.rows += 1
+        if len(self._columns[self.schema.names[0]]) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._columns[self.schema.names[0]]:
+            self._writer.write_batch(pa.RecordBatch.from_pydict(self._columns, schema=self.schema))
+            self._columns = {name: [] for name in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def _read(cfg: DataConfig, sources: list[ResolvedSource], path: Path) -> tuple[list[SourceRecord], list[str]]:
+    """Stream every source into the read table (JSONL lines unparsed: parsing is part of the parallel map;
+    CSV, Parquet and saved datasets mapped here, where their readers run)."""
+    writer = _BatchWriter(path, READ_SCHEMA)
     records: list[SourceRecord] = []
-    for src in sources:
-        count = 0
-        try:
-            for raw in read_rows(src, hf_split=cfg.hf_split):
-                count += 1
-                bad.row_read()
-                if raw.data is None:
-                    bad.bad(raw.source, raw.line, raw.error or "malformed")
-                    continue
-                try:
-                    rows.append((src.role, map_row(raw.data, cfg.fields, source=raw.source, line=raw.line)))
-                except MappingError as exc:
-                    bad.bad(raw.source, raw.line, str(exc))
-        except (OSError, ValueError) as exc:  # a damaged file (pyarrow's errors derive from these)
-            raise DataError(
-                f"{src.uri}: unreadable after {count} rows: {exc}", reason="SourceUnreadable"
-            ) from exc
-        for name, digest, size in src.hashes:
-            uri = src.uri if len(src.hashes) == 1 else f"{src.uri.rstrip('/')}/{name}"
-            records.append(
-                SourceRecord(
-                    uri=uri,
-                    role=src.role,
-                    sha256=digest,
-                    bytes=size,
-                    rows=count if len(src.hashes) == 1 else 0,
+    names: list[str] = []
+    try:
+        for index, src in enumerate(sources):
+            names.append(src.uri)
+            role = ROLES.index(src.role)
+            count = 0
+            try:
+                if src.format == "jsonl":
+                    for line, raw in jsonl_lines(src):
+                        count += 1
+                        writer.add(source=index, line=line, role=role, raw=raw)
+                else:
+                    for row in read_rows(src, hf_split=cfg.hf_split):
+                        count += 1
+                        if row.data is None:
+                            writer.add(source=index, line=row.line, role=role, error=row.error or "malformed")
+                            continue
+                        try:
+                            mapped = map_row(row.data, cfg.fields, source=row.source, line=row.line).dumps()
+                        except MappingError as exc:
+                            writer.add(source=index, line=row.line, role=role, error=str(exc))
+                        else:
+                            writer.add(source=index, line=row.line, role=role, record=mapped)
+            except (OSError, ValueError) as exc:  # a damaged file (pyarrow's errors derive from these)
+                raise DataError(
+                    f"{src.uri}: unreadable after {count} rows: {exc}", reason="SourceUnreadable"
+                ) from exc
+            for name, digest, size in src.hashes:
+                uri = src.uri if len(src.hashes) == 1 else f"{src.uri.rstrip('/')}/{name}"
+                records.append(
+                    SourceRecord(
+                        uri=uri,
+                        role=src.role,
+                        sha256=digest,
+                        bytes=size,
+                        rows=count if len(src.hashes) == 1 else 0,
+                    )
                 )
-            )
-        if len(src.hashes) > 1 and records:  # a saved dataset: rows belong to the folder, not one file
-            records[-1] = records[-1].model_copy(update={"rows": count})
-    return rows, records
+            if len(src.hashes) > 1 and records:  # a saved dataset: rows belong to the folder, not one file
+                records[-1] = records[-1].model_copy(update={"rows": count})
+    finally:
+        writer.close()
+    return records, names
 
 
-def _clean(cfg: DataConfig, rows: list[tuple[str, Record]], stages: _Stages) -> list[tuple[str, Record]]:
-    removed: dict[str, int] = {}
-    kept = []
-    for role, record in rows:
-        cleaned = clean_record(record, cfg.cleaning)
-        violation = length_violation(cleaned, cfg.cleaning)
-        if violation:
-            _count(removed, violation)
-        else:
-            kept.append((role, cleaned))
-    stages.add("clean", len(rows), len(kept), removed)
-    return kept
+# ----------------------------------------------------------------------------------------------- the maps
+def _map(
+    source: Path,
+    function: Any,
+    target: Path,
+    *,
+    num_proc: int,
+    fingerprint: str,
+    fn_kwargs: dict[str, Any],
+) -> list[Path]:
+    """A batched ``datasets`` map from one memory-mapped Arrow file into ``target`` (one file per process)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    dataset = datasets.Dataset.from_file(str(source))
+    processes = max(1, min(num_proc, len(dataset) // ROWS_PER_PROCESS))
+    result = dataset.with_format("arrow").map(
+        function,
+        batched=True,
+        batch_size=BATCH_ROWS,
+        remove_columns=dataset.column_names,
+        num_proc=processes if processes > 1 else None,
+        cache_file_name=str(target),
+        new_fingerprint=fingerprint,
+        load_from_cache_file=False,
+        fn_kwargs=fn_kwargs,
+        desc=None,
+    )
+    files = [Path(f["filename"]) for f in result.cache_files]
+    del result, dataset
+    return files
 
 
-def _scrub(
-    cfg: DataConfig, rows: list[tuple[str, Record]], stages: _Stages
-) -> tuple[list[tuple[str, Record]], PiiRecord]:
-    detector = PiiDetector(cfg.pii)
+def _column(paths: Sequence[Path], name: str) -> pa.ChunkedArray:
+    return pa.chunked_array(
+        [chunk for p in paths for chunk in memory_mapped_table(str(p)).column(name).chunks],
+        type=memory_mapped_table(str(paths[0])).schema.field(name).type,
+    )
+
+
+def _valid_rows(column: pa.ChunkedArray) -> np.ndarray:
+    return np.flatnonzero(pc.is_valid(column).to_numpy(zero_copy_only=False))
+
+
+def _counts(values: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ counting passes
+@dataclass
+class _Placed:
+    """What the sequential passes decided: the surviving rows of each split (rows of the examined table)."""
+
+    splits: dict[str, np.ndarray]
+    labels: pa.ChunkedArray
+
+
+def _check_bad_rows(
+    cfg: DataConfig, read: Path, rows: Sequence[Path], names: list[str], bad: BadRowLog, stages: _Stages
+) -> int:
+    errors = _column(rows, "error")
+    bad.total = len(errors)
+    failing = _valid_rows(errors)
+    if len(failing):
+        table = memory_mapped_table(str(read))
+        where = pa.array(failing)
+        source = table.column("source").take(where).to_pylist()
+        line = table.column("line").take(where).to_pylist()
+        for s, n, reason in zip(source, line, errors.take(where).to_pylist(), strict=True):
+            bad.bad(names[s], n, reason)
+    stages.add("read", bad.total, bad.total - bad.count, {"malformed": bad.count})
+    bad.check(cfg.bad_rows.max_ratio)
+    return bad.total - bad.count
+
+
+def _place(
+    cfg: DataConfig, rows: Sequence[Path], read_rows_out: int, stages: _Stages
+) -> tuple[_Placed, PiiRecord]:
+    removed = _column(rows, "removed")
+    removed_at = _valid_rows(removed)
+    stages.add(
+        "clean",
+        read_rows_out,
+        read_rows_out - len(removed_at),
+        _counts(removed.take(pa.array(removed_at)).to_pylist()),
+    )
+    kept_after_clean = read_rows_out - len(removed_at)
+
+    pii_column = _column(rows, "pii")
+    with_pii_at = _valid_rows(pii_column)
     matches: dict[str, int] = {}
-    with_pii = 0
-    kept = []
-    for role, record in rows:
-        found: dict[str, int] = {}
-
-        def scrub(text: str, found: dict[str, int] = found) -> str:
-            result = detector.scan(text)
-            for kind, n in result.counts.items():
-                _count(found, kind, n)
-            return result.text
-
-        scrubbed = record.map_texts(scrub)
-        for kind, n in found.items():
-            _count(matches, kind, n)
-        if found:
-            with_pii += 1
-        if found and cfg.pii.policy == "reject":
-            continue
-        kept.append((role, scrubbed if cfg.pii.policy == "scrub" else record))
-    rejected = len(rows) - len(kept)
-    stages.add("pii", len(rows), len(kept), {"pii": rejected})
-    pii = PiiRecord(policy=cfg.pii.policy, matches=matches, rows_with_pii=with_pii, rows_rejected=rejected)
-    if rows and rejected / len(rows) > cfg.pii.max_reject_ratio:
+    for found in pii_column.take(pa.array(with_pii_at)).to_pylist():
+        for kind, n in json.loads(found).items():
+            matches[kind] = matches.get(kind, 0) + n
+    rejected = len(with_pii_at) if cfg.pii.policy == "reject" else 0
+    stages.add("pii", kept_after_clean, kept_after_clean - rejected, {"pii": rejected})
+    pii = PiiRecord(
+        policy=cfg.pii.policy, matches=matches, rows_with_pii=len(with_pii_at), rows_rejected=rejected
+    )
+    if kept_after_clean and rejected / kept_after_clean > cfg.pii.max_reject_ratio:
         raise DataError(
-            f"{rejected} of {len(rows)} rows contain personal data ({rejected / len(rows):.2%} > "
-            f"pii.maxRejectRatio {cfg.pii.max_reject_ratio:.2%}); found {matches}. Use policy 'scrub' or "
-            "clean the data.",
+            f"{rejected} of {kept_after_clean} rows contain personal data "
+            f"({rejected / kept_after_clean:.2%} > pii.maxRejectRatio {cfg.pii.max_reject_ratio:.2%}); "
+            f"found {matches}. Use policy 'scrub' or clean the data.",
             reason="TooMuchPersonalData",
         )
-    return kept, pii
 
+    digests = _column(rows, "digest")
+    alive = pc.is_valid(digests).to_numpy(zero_copy_only=False)
+    if cfg.pii.policy == "reject" and len(with_pii_at):
+        alive[with_pii_at] = False
+    candidates = np.flatnonzero(alive)
+    removed_dedup: dict[str, int] = {}
+    survivors = candidates
+    if cfg.dedup.exact and len(candidates):
+        keys = np.frombuffer(
+            digests.take(pa.array(candidates)).combine_chunks().buffers()[1], dtype=np.uint64
+        ).reshape(-1, 2)[: len(candidates)]
+        _, first = np.unique(keys, axis=0, return_index=True)
+        survivors = candidates[np.sort(first)]
+        removed_dedup["exact_duplicate"] = len(candidates) - len(survivors)
+    if cfg.dedup.near and len(survivors):
+        survivors, near = _near_dedup(cfg, rows, survivors)
+        removed_dedup["near_duplicate"] = near
+    stages.add("dedup", len(candidates), len(survivors), removed_dedup)
 
-def _dedup(cfg: DataConfig, rows: list[tuple[str, Record]], stages: _Stages) -> list[tuple[str, Record]]:
-    exact = ExactDeduplicator() if cfg.dedup.exact else None
-    near = NearDeduplicator(cfg.dedup) if cfg.dedup.near else None
-    removed: dict[str, int] = {}
-    kept = []
-    for role, record in rows:
-        if exact is not None and exact.seen(record):
-            _count(removed, "exact_duplicate")
-        elif near is not None and near.is_near_duplicate(record):
-            _count(removed, "near_duplicate")
-        else:
-            kept.append((role, record))
-    stages.add("dedup", len(rows), len(kept), removed)
-    return kept
-
-
-def _split(cfg: DataConfig, rows: list[tuple[str, Record]], stages: _Stages) -> dict[str, list[Record]]:
-    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
-    for role, record in rows:
-        splits[role if role != "main" else assign_split(record.split_key(), cfg.split)].append(record)
-    stages.add("split", len(rows), sum(len(v) for v in splits.values()))
-    if not splits["train"]:
+    split_of = _column(rows, "split").take(pa.array(survivors)).to_numpy(zero_copy_only=False)
+    splits = {name: survivors[split_of == index] for index, name in enumerate(SPLITS)}
+    stages.add("split", len(survivors), sum(len(v) for v in splits.values()))
+    if not len(splits["train"]):
         raise DataError("the train split is empty after filtering; see data_report.json", reason="EmptySplit")
     for name, wanted in (
         ("validation", cfg.split.validation_source or cfg.split.validation > 0),
         ("test", cfg.split.test_source or cfg.split.test > 0),
     ):
-        if wanted and not splits[name]:
+        if wanted and not len(splits[name]):
             raise DataError(
-                f"the {name} split is empty ({len(rows)} rows after filtering); add rows, raise "
+                f"the {name} split is empty ({len(survivors)} rows after filtering); add rows, raise "
                 f"split.{name}, give split.{name}Source, or set split.{name} to 0",
                 reason="EmptySplit",
             )
-    return splits
+    return _Placed(splits, _column(rows, "label")), pii
 
 
-def _label_names(records: Iterable[Record]) -> list[str]:
-    names = {r.label for r in records if r.label is not None}
+def _near_dedup(cfg: DataConfig, rows: Sequence[Path], candidates: np.ndarray) -> tuple[np.ndarray, int]:
+    """MinHash LSH over the exact-unique rows, in order (the first of near copies wins)."""
+    from finetune_trainer.data.dedup import NearDeduplicator
+
+    near = NearDeduplicator(cfg.dedup)
+    signatures = _column(rows, "minhash")
+    kept: list[int] = []
+    for start in range(0, len(candidates), BATCH_ROWS):
+        chunk = candidates[start : start + BATCH_ROWS]
+        for row, value in zip(chunk.tolist(), signatures.take(pa.array(chunk)).to_pylist(), strict=True):
+            if not near.is_near_duplicate_signature(np.frombuffer(value, dtype=np.uint32)):
+                kept.append(row)
+    return np.asarray(kept, dtype=np.int64), len(candidates) - len(kept)
+
+
+def _label_names(labels: pa.ChunkedArray, rows: np.ndarray) -> list[str]:
+    names = set(pc.unique(labels.take(pa.array(rows))).drop_null().to_pylist()) if len(rows) else set()
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
 
 
-def _encode_split(
-    cfg: DataConfig,
-    records: list[Record],
-    tokenizer: Any,
-    label_index: dict[str, int] | None,
-    dropped: dict[str, int],
-) -> tuple[list[Example], list[tuple[Record, Rendered]], int]:
-    try:
-        rendered = [render(r, cfg, tokenizer) for r in records]
-    except ValueError as exc:
-        raise DataError(
-            f"cannot render rows with template {cfg.template!r}: {exc}", reason="TemplateError"
-        ) from exc
-    encoded = encode_batch(
-        rendered,
-        tokenizer,
-        max_length=cfg.max_seq_length,
-        truncation=cfg.truncation,
-        completion_only=cfg.completion_only_loss and cfg.fields.kind != "text",
-        add_eos=cfg.add_eos and cfg.fields.kind != "classification",
-        add_special_tokens=cfg.template != "tokenizer",
+# ------------------------------------------------------------------------------------------- encoding passes
+@dataclass
+class _Plan:
+    """The rows to encode, in order: train rows, then each augmentation copy of them, then validation and
+    test. ``ranges[split]`` is that split's [start, stop) in the plan (and in the encoded table)."""
+
+    rows: np.ndarray
+    copies: np.ndarray
+    ranges: dict[str, tuple[int, int]]
+
+
+def _plan(cfg: DataConfig, splits: dict[str, np.ndarray]) -> _Plan:
+    train = splits["train"]
+    copies = cfg.augmentation.copies if cfg.augmentation.strategy != "none" else 0
+    parts_rows = [train] + [train] * copies + [splits["validation"], splits["test"]]
+    parts_copies = [np.full(len(train), c, dtype=np.int8) for c in range(copies + 1)] + [
+        np.zeros(len(splits["validation"]), dtype=np.int8),
+        np.zeros(len(splits["test"]), dtype=np.int8),
+    ]
+    train_stop = len(train) * (copies + 1)
+    validation_stop = train_stop + len(splits["validation"])
+    return _Plan(
+        np.concatenate(parts_rows).astype(np.int64),
+        np.concatenate(parts_copies),
+        {
+            "train": (0, train_stop),
+            "validation": (train_stop, validation_stop),
+            "test": (validation_stop, validation_stop + len(splits["test"])),
+        },
     )
-    examples: list[Example] = []
-    kept: list[tuple[Record, Rendered]] = []
-    truncated = 0
-    for record, item, result in zip(records, rendered, encoded, strict=True):
-        if label_index is not None and result.dropped == "no_loss_tokens":
-            result.dropped = None  # classification: the label is the target, not the tokens
-        if result.dropped or result.example is None:
-            if result.dropped is None:
-                raise AssertionError("an encoded example is missing")
-            _count(dropped, result.dropped)
-            continue
-        example = result.example
-        if label_index is not None and record.label is not None:
-            example = Example(
-                input_ids=example["input_ids"],
-                attention_mask=example["attention_mask"],
-                labels=[label_index[record.label]],
+
+
+def _write_plan(plan: _Plan, path: Path) -> None:
+    schema = pa.schema([("row", pa.int64()), ("copy", pa.int8())])
+    with pa.ipc.new_stream(str(path), schema) as writer:
+        for start in range(0, len(plan.rows), BATCH_ROWS * 10):
+            stop = start + BATCH_ROWS * 10
+            writer.write_batch(
+                pa.RecordBatch.from_arrays(
+                    [pa.array(plan.rows[start:stop]), pa.array(plan.copies[start:stop])], schema=schema
+                )
             )
-        truncated += result.truncated
-        examples.append(example)
-        kept.append((record, item))
-    return examples, kept, truncated
 
 
-def _split_record(
-    examples: list[Example], truncated: int, max_length: int, classification: bool
-) -> SplitRecord:
-    lengths = [len(e["input_ids"]) for e in examples]
-    loss_tokens = (
-        len(examples) if classification else sum(sum(1 for t in e["labels"] if t != -100) for e in examples)
-    )
+def _split_record(lengths: np.ndarray, loss: int, truncated: int, max_length: int) -> SplitRecord:
+    as_list = lengths.tolist()
     return SplitRecord(
-        rows=len(examples),
-        tokens=sum(lengths),
-        loss_tokens=loss_tokens,
+        rows=len(as_list),
+        tokens=int(lengths.sum()),
+        loss_tokens=loss,
         truncated=truncated,
-        length_histogram=histogram(lengths, max(lengths, default=max_length)),
-        min_tokens=min(lengths, default=0),
-        max_tokens=max(lengths, default=0),
-        mean_tokens=sum(lengths) / len(lengths) if lengths else 0.0,
+        length_histogram=histogram(as_list, max(as_list, default=max_length)),
+        min_tokens=min(as_list, default=0),
+        max_tokens=max(as_list, default=0),
+        mean_tokens=float(lengths.sum()) / len(as_list) if as_list else 0.0,
     )
+
+
+def _record_of(rows: Sequence[Path], cfg: DataConfig, row: int, copy: int) -> Record:
+    record = Record.loads(_column(rows, "record")[row].as_py())
+    if copy:
+        record = with_prompt(record, cfg.augmentation.variants[copy % len(cfg.augmentation.variants)])
+    return record
+
+
+def _pack(encoded: Sequence[Path], stop: int, block: int, target: Path) -> tuple[int, int]:
+    """Concatenate the training examples (encoded rows [0, stop); dropped rows are empty) and cut the
+    stream into ``block``-token blocks, streaming; return blocks kept and blocks without loss tokens."""
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    carry_ids = np.zeros(0, dtype=np.int32)
+    carry_labels = np.zeros(0, dtype=np.int32)
+    kept = empty = 0
+
+    def emit(
+        writer: Any, ids: np.ndarray, labels: np.ndarray, *, final: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal kept, empty
+        full = len(ids) // block
+        cut = full * block if not final else len(ids)
+        if cut == 0:
+            return ids, labels
+        bounds = np.arange(0, cut, block, dtype=np.int64)
+        bounds = np.append(bounds, cut)
+        block_ids, block_labels = ids[:cut], labels[:cut]
+        has_loss = np.add.reduceat((block_labels != IGNORE_INDEX).astype(np.int64), bounds[:-1]) > 0
+        starts, stops = bounds[:-1][has_loss], bounds[1:][has_loss]
+        empty += int((~has_loss).sum())
+        if len(starts):
+            index = np.concatenate(
+                [np.arange(a, b) for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+            )
+            offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32)
+            writer.write_batch(
+                pa.RecordBatch.from_arrays(
+                    [
+                        pa.ListArray.from_arrays(pa.array(offsets), pa.array(block_ids[index])),
+                        pa.ListArray.from_arrays(pa.array(offsets), pa.array(block_labels[index])),
+                    ],
+                    schema=schema,
+                )
+            )
+            kept += len(starts)
+        return ids[cut:], labels[cut:]
+
+    with pa.ipc.new_stream(str(target), schema) as writer:
+        for ids_chunk, labels_chunk in _row_chunks(encoded, stop):
+            carry_ids = np.concatenate([carry_ids, ids_chunk])
+            carry_labels = np.concatenate([carry_labels, labels_chunk])
+            carry_ids, carry_labels = emit(writer, carry_ids, carry_labels, final=False)
+        emit(writer, carry_ids, carry_labels, final=True)
+    return kept, empty
+
+
+def _row_chunks(paths: Sequence[Path], stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The flat ids and labels of encoded rows [0, stop), batch by batch, read (not mapped) so that a pass
+    over everything does not stay resident."""
+    seen = 0
+    for path in paths:
+        with pa.OSFile(str(path), "rb") as handle:
+            reader = pa.ipc.open_stream(handle)
+            for batch in reader:
+                if seen >= stop:
+                    return
+                batch = batch.slice(0, min(len(batch), stop - seen))
+                seen += len(batch)
+                ids = batch.column(batch.schema.get_field_index("input_ids"))
+                labels = batch.column(batch.schema.get_field_index("labels"))
+                yield _flat(ids), _flat(labels)
+
+
+def _flat(lists: pa.Array) -> np.ndarray:
+    offsets = lists.offsets.to_numpy()
+    values: np.ndarray = lists.values.to_numpy()
+    return values[offsets[0] : offsets[-1]]
+
+
+def _fingerprint(paths: Sequence[Path], stop: int) -> str:
+    """``finetune_trainer.train.fingerprint`` of rows [0, stop): SHA-256 over each example's int32 ids then
+    its labels, in order (dropped rows are empty, so they add nothing)."""
+    digest = hashlib.sha256()
+    seen = 0
+    for path in paths:
+        with pa.OSFile(str(path), "rb") as handle:
+            for batch in pa.ipc.open_stream(handle):
+                if seen >= stop:
+                    return digest.hexdigest()[:16]
+                batch = batch.slice(0, min(len(batch), stop - seen))
+                seen += len(batch)
+                digest.update(_interleaved(batch.column(0), batch.column(1)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _interleaved(ids: pa.Array, labels: pa.Array) -> np.ndarray:
+    """ids[0], labels[0], ids[1], labels[1], … of a batch of rows as one int32 array."""
+    id_offsets, label_offsets = ids.offsets.to_numpy(), labels.offsets.to_numpy()
+    source: np.ndarray = np.concatenate([ids.values.to_numpy(), labels.values.to_numpy()])
+    shift = len(ids.values)
+    starts = np.stack([id_offsets[:-1], label_offsets[:-1] + shift], axis=1).ravel()
+    lengths = np.stack([np.diff(id_offsets), np.diff(label_offsets)], axis=1).ravel()
+    total = int(lengths.sum())
+    if not total:
+        return source[:0]
+    out_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    index = np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
+    gathered: np.ndarray = source[index]
+    return gathered
+
+
+# -------------------------------------------------------------------------------------------- the stages
+def _build(
+    cfg: DataConfig,
+    tokenizer: Any,
+    sources: list[ResolvedSource],
+    folder: Path,
+    key: str,
+    num_proc: int,
+    stages: _Stages,
+    bad: BadRowLog,
+    report: DataReport,
+) -> None:
+    """Prepare everything into ``folder`` (a private temporary folder; published by the caller)."""
+    work = folder / "work"
+    work.mkdir(parents=True)
+    read = work / "read.arrow"
+    report.provenance.sources, names = _read(cfg, sources, read)
+    rows = _map(
+        read,
+        examine_rows,
+        work / "rows.arrow",
+        num_proc=num_proc,
+        fingerprint=f"{key}-rows",
+        fn_kwargs={"cfg": cfg, "sources": names},
+    )
+    read_rows_out = _check_bad_rows(cfg, read, rows, names, bad, stages)
+    report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
+    placed, report.pii = _place(cfg, rows, read_rows_out, stages)
+
+    classification = cfg.fields.kind == "classification"
+    label_names = (
+        _label_names(placed.labels, np.concatenate(list(placed.splits.values()))) if classification else None
+    )
+    label_index = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
+    plan = _plan(cfg, placed.splits)
+    _write_plan(plan, work / "plan.arrow")
+    encoded = _map(
+        work / "plan.arrow",
+        encode_rows,
+        folder / "examples.arrow",
+        num_proc=num_proc,
+        fingerprint=f"{key}-encoded",
+        fn_kwargs={
+            "cfg": cfg,
+            "tokenizer": tokenizer,
+            "rows_paths": [str(p) for p in rows],
+            "label_index": label_index,
+        },
+    )
+
+    dropped = _column(encoded, "dropped").to_pylist()
+    lengths = _column(encoded, "length").to_numpy()
+    loss = _column(encoded, "loss_tokens").to_numpy()
+    truncated = _column(encoded, "truncated").to_numpy(zero_copy_only=False)
+    identical = np.asarray([d == "identical_copy" for d in dropped], dtype=bool)
+    kept = np.asarray([d is None for d in dropped], dtype=bool)
+    train_rows = len(placed.splits["train"])
+    if cfg.augmentation.strategy != "none":
+        start, stop = plan.ranges["train"]
+        report.augmented_rows = int((~identical[train_rows:stop]).sum())
+        stages.add("augment (train)", train_rows, train_rows + report.augmented_rows)
+    removed = _counts([d for d in dropped if d is not None and d != "identical_copy"])
+    samples: dict[str, list[dict[str, str]]] = {}
+    split_rows: dict[str, np.ndarray] = {}
+    for name in SPLITS:
+        start, stop = plan.ranges[name]
+        chosen = start + np.flatnonzero(kept[start:stop])
+        split_rows[name] = chosen
+        report.splits[name] = _split_record(
+            lengths[chosen],
+            len(chosen) if classification else int(loss[chosen].sum()),
+            int(truncated[chosen].sum()),
+            cfg.max_seq_length,
+        )
+        samples[name] = []
+        for position in chosen[:SAMPLES_KEPT].tolist():
+            record = _record_of(rows, cfg, int(plan.rows[position]), int(plan.copies[position]))
+            samples[name].append(
+                {
+                    "prompt": render(record, cfg, tokenizer).prompt_text,
+                    "completion": record.label if record.label is not None else record.target_text(),
+                }
+            )
+    encoded_in = int((~identical).sum())
+    stages.add("tokenize", encoded_in, int(kept.sum()), removed)
+    if not len(split_rows["train"]):
+        raise DataError("no training example is left after tokenization", reason="EmptySplit")
+
+    files: dict[str, list[str]] = {"examples": [p.name for p in encoded]}
+    train_stop = plan.ranges["train"][1]
+    if cfg.packing:
+        blocks, empty = _pack(encoded, train_stop, cfg.max_seq_length, folder / "packed.arrow")
+        stages.add("pack", len(split_rows["train"]), blocks, {"no_loss_tokens": empty})
+        report.splits["train"].packed_blocks = blocks
+        split_rows["train"] = np.arange(blocks, dtype=np.int64)
+        files["train"] = ["packed.arrow"]
+        fingerprint = _fingerprint([folder / "packed.arrow"], blocks)
+    else:
+        fingerprint = _fingerprint(encoded, train_stop)
+    for name, chosen in split_rows.items():
+        np.save(folder / f"{name}.rows.npy", chosen)
+    report.label_names = label_names
+    report.provenance.stages = stages.records
+    report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
+    shutil.rmtree(work)
+    meta = {
+        "key": key,
+        "files": files,
+        "fingerprint": fingerprint,
+        "samples": samples,
+        "labelNames": label_names,
+        "report": report.model_dump(mode="json", by_alias=True),
+    }
+    (folder / META).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _open(folder: Path, *, reused: bool) -> PreparedData:
+    meta = read_meta(folder)
+    report = DataReport.model_validate(meta["report"])
+    report.cache = CacheRecord(key=meta["key"], folder=str(folder), reused=reused)
+    return PreparedData(
+        train=open_split(folder, meta, "train"),
+        validation=open_split(folder, meta, "validation"),
+        test=open_split(folder, meta, "test"),
+        report=report,
+        samples={
+            name: [TextSample(s["prompt"], s["completion"]) for s in items]
+            for name, items in meta["samples"].items()
+        },
+        label_names=meta["labelNames"],
+        folder=folder,
+    )
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a fully written folder visible under its final name, atomically (a rename)."""
+    write_text_atomically(tmp / READY, "")
+    fsync_path(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process published the same key first: the same examples, keep theirs
+        if not (final / READY).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_path(final.parent)
 
 
 def prepare(
@@ -330,6 +734,10 @@ def prepare(
     *,
     model_license: str | None = None,
     cache_dir: Path | None = None,
+    store: Path | None = None,
+    attempt: str | None = None,
+    wait: bool = False,
+    num_proc: int | None = None,
 ) -> PreparedData:
     """Read, validate, clean, scrub, de-duplicate, split, render and tokenize; write the report into workdir.
 
@@ -338,103 +746,118 @@ def prepare(
     ``workdir`` also when a :class:`DataError` stops the preparation (as far as it got). Remote sources are
     downloaded into ``cache_dir`` (kept, re-downloaded on the next call) or, by default, into a temporary
     folder removed on return, so that no copy of the data lands in ``workdir``.
+
+    ``store``: the cache folder (the job's volume); without it the examples go to a temporary folder removed
+    when the result is garbage-collected. ``attempt`` (needs ``store``): the token shared by the ranks of
+    this attempt; with ``wait=True`` this call does not prepare but waits for the rank that does and
+    memory-maps its result (it writes no report). ``num_proc``: processes for the maps (default: the CPUs
+    this process may use, or ``$FTO_DATA_NUM_PROC``).
     """
+    if wait:
+        if store is None or attempt is None:
+            raise ValueError("wait=True needs store= and attempt=")
+        folder, reused = wait_for(store, attempt)
+        log.info("data prepared by another rank: memory-mapping %s", folder)
+        return _open(folder, reused=reused)
     workdir.mkdir(parents=True, exist_ok=True)
-    stages = _Stages()
-    bad = BadRowLog()
-    provenance = Provenance(
-        config_digest=config_digest(cfg),
-        tokenizer=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
-    )
-    report = DataReport(
-        provenance=provenance,
-        mapping_kind=cfg.fields.kind,
-        template=cfg.template,
-        pii=PiiRecord(policy=cfg.pii.policy),
-    )
+    publisher = Publisher(store, attempt) if store is not None and attempt is not None else None
+    if publisher is not None:
+        publisher.start()
     try:
-        if cache_dir is not None:
-            return _prepare(cfg, tokenizer, workdir, cache_dir, model_license, stages, bad, report)
-        with tempfile.TemporaryDirectory(prefix="fto-data-") as scratch:
-            return _prepare(cfg, tokenizer, workdir, Path(scratch), model_license, stages, bad, report)
-    except DataError:
-        report.provenance.stages = stages.records
-        report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
-        write_report(report, workdir)
+        prepared = _prepare(cfg, tokenizer, workdir, model_license, cache_dir, store, num_proc)
+    except BaseException as exc:
+        if publisher is not None:
+            publisher.failed(exc)
         raise
+    if publisher is not None and prepared.folder is not None and prepared.report.cache is not None:
+        publisher.ready(prepared.folder, reused=prepared.report.cache.reused)
+    return prepared
 
 
 def _prepare(
     cfg: DataConfig,
     tokenizer: Any,
     workdir: Path,
-    cache_dir: Path,
     model_license: str | None,
+    cache_dir: Path | None,
+    store: Path | None,
+    num_proc: int | None,
+) -> PreparedData:
+    stages = _Stages()
+    bad = BadRowLog()
+    report = DataReport(
+        provenance=Provenance(
+            config_digest=config_digest(cfg),
+            tokenizer=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        ),
+        mapping_kind=cfg.fields.kind,
+        template=cfg.template,
+        pii=PiiRecord(policy=cfg.pii.policy),
+    )
+    root = store
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="fto-prepared-"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="fto-data-") as scratch:
+            prepared = _prepare_into(
+                cfg,
+                tokenizer,
+                root,
+                cache_dir if cache_dir is not None else Path(scratch),
+                model_license,
+                num_proc if num_proc is not None else default_num_proc(),
+                stages,
+                bad,
+                report,
+            )
+    except DataError:
+        report.provenance.stages = stages.records
+        report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
+        write_report(report, workdir)
+        if store is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    except BaseException:
+        if store is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if store is None:
+        weakref.finalize(prepared, shutil.rmtree, root, True)
+    write_report(prepared.report, workdir)
+    return prepared
+
+
+def _prepare_into(
+    cfg: DataConfig,
+    tokenizer: Any,
+    root: Path,
+    downloads: Path,
+    model_license: str | None,
+    num_proc: int,
     stages: _Stages,
     bad: BadRowLog,
     report: DataReport,
 ) -> PreparedData:
-    licences: LicenceRecord = check_licences(cfg.compliance, model_license=model_license)
-    report.provenance.licences = licences
+    report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
     if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise DataError("template 'tokenizer' needs a tokenizer with a chat template", reason="TemplateError")
-
-    sources = _resolve_all(cfg, cache_dir)
-    rows, source_records = _read(cfg, sources, bad)
-    report.provenance.sources = source_records
-    stages.add("read", bad.total, len(rows), {"malformed": bad.count})
-    report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
-    bad.check(cfg.bad_rows.max_ratio)
-
-    rows = _clean(cfg, rows, stages)
-    rows, report.pii = _scrub(cfg, rows, stages)
-    rows = _dedup(cfg, rows, stages)
-    splits = _split(cfg, rows, stages)
-
-    if cfg.augmentation.strategy != "none":
-        train_records = augment(splits["train"], cfg.augmentation)
-        report.augmented_rows = len(train_records) - len(splits["train"])
-        stages.add("augment (train)", len(splits["train"]), len(train_records))
-        splits["train"] = train_records
-
-    classification = cfg.fields.kind == "classification"
-    label_names = _label_names(r for records in splits.values() for r in records) if classification else None
-    label_index = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
-
-    encoded: dict[str, list[Example]] = {}
-    samples: dict[str, list[TextSample]] = {}
-    dropped: dict[str, int] = {}
-    rows_in = sum(len(v) for v in splits.values())
-    for name in SPLITS:
-        examples, rendered, truncated = _encode_split(cfg, splits[name], tokenizer, label_index, dropped)
-        encoded[name] = examples
-        report.splits[name] = _split_record(examples, truncated, cfg.max_seq_length, classification)
-        samples[name] = [
-            TextSample(
-                prompt=item.prompt_text,
-                completion=record.label if record.label is not None else record.target_text(),
-            )
-            for record, item in rendered[:SAMPLES_KEPT]
-        ]
-    stages.add("tokenize", rows_in, sum(len(v) for v in encoded.values()), dropped)
-    if not encoded["train"]:
-        raise DataError("no training example is left after tokenization", reason="EmptySplit")
-
-    if cfg.packing:
-        blocks, empty = pack(encoded["train"], cfg.max_seq_length)
-        stages.add("pack", len(encoded["train"]), len(blocks), {"no_loss_tokens": empty})
-        report.splits["train"].packed_blocks = len(blocks)
-        encoded["train"] = blocks
-
-    report.label_names = label_names
-    report.provenance.stages = stages.records
-    report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
-    write_report(report, workdir)
-    return PreparedData(
-        train=encoded["train"],
-        validation=encoded["validation"],
-        test=encoded["test"],
-        report=report,
-        samples=samples,
-        label_names=label_names,
-    )
+    sources = _resolve_all(cfg, downloads)
+    key = cache_key(cfg, tokenizer, sources, model_license)
+    final = root / key
+    if (final / READY).is_file():
+        log.info("reusing the prepared data in %s (cache key %s)", final, key)
+        return _open(final, reused=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.{os.getpid()}.tmp"
+    for stale in root.glob(f".{key}.*.tmp"):  # left by a killed attempt (one preparing rank per key)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        _build(cfg, tokenizer, sources, tmp, key, num_proc, stages, bad, report)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        forget_mapped_tables()  # unmap the intermediate tables (their files are gone)
+    log.info("prepared the data into %s (cache key %s)", final, key)
+    return _open(final, reused=False)

@@ -17,6 +17,7 @@ __all__ = [
     "BAD_LINES_KEPT",
     "BadLine",
     "BadRowsRecord",
+    "CacheRecord",
     "DataReport",
     "Histogram",
     "LicenceRecord",
@@ -115,6 +116,12 @@ class Provenance(_ReportModel):
     licences: LicenceRecord = Field(default_factory=LicenceRecord, description="Licences and the check.")
 
 
+class CacheRecord(_ReportModel):
+    key: str = Field(description="Digest of the data config, the source files' hashes and the tokenizer.")
+    folder: str = Field(default="", description="Where the prepared examples are (Arrow, memory-mapped).")
+    reused: bool = Field(default=False, description="True when this run reused an earlier preparation.")
+
+
 class DataReport(_ReportModel):
     provenance: Provenance = Field(description="Inputs, hashes, config digest, per-stage counts.")
     mapping_kind: str = Field(description="Row layout (fields.kind).")
@@ -124,6 +131,7 @@ class DataReport(_ReportModel):
     splits: dict[str, SplitRecord] = Field(default_factory=dict, description="train / validation / test.")
     augmented_rows: int = Field(default=0, description="Rows added to train by augmentation.")
     label_names: list[str] | None = Field(default=None, description="Class names (kind classification).")
+    cache: CacheRecord | None = Field(default=None, description="The prepared-data cache entry used.")
 
     @property
     def stages(self) -> list[StageRecord]:
@@ -219,6 +227,9 @@ def render_data_section(report: DataReport) -> str:
             f"Licences: dataset `{lic.dataset or 'unknown'}`, base model `{lic.model or 'unknown'}`; "
             f"{verdict}.",
         ]
+    if report.cache is not None:
+        how = "reused from an earlier preparation" if report.cache.reused else "prepared by this run"
+        out += ["", f"Prepared examples (cache key `{report.cache.key[:16]}`): {how}."]
     out += ["", "### Splits", ""]
     out += _table(
         ["split", "examples", "tokens", "loss tokens", "truncated", "min / mean / max tokens"],

@@ -38,6 +38,9 @@ class CausalLM:
 
     @staticmethod
     def fingerprint(examples: Sequence[Example]) -> str:
+        computed = getattr(examples, "fingerprint", None)  # prepared data computed it while writing
+        if callable(computed):
+            return str(computed())
         digest = hashlib.sha256()
         for example in examples:
             digest.update(np.asarray(example["input_ids"], dtype=np.int32).tobytes())

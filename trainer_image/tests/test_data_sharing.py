@@ -1,0 +1,172 @@
+"""Prepared once, shared and reused: one rank prepares and the others memory-map its result; a restarted
+attempt reuses the cache; an edited source or config never does; a failure ends every rank with exit 4."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer.data.config import DataConfig
+from finetune_trainer.data.pipeline import prepare
+from finetune_trainer.data.sharing import PreparationLostError, status_path, wait_for
+from finetune_trainer.exit_codes import ExitCode
+from tiny_tokenizer import make_tiny_tokenizer
+from trainer_fixtures import (
+    make_config,
+    make_task_data,
+    make_tiny_model,
+    run_trainer,
+    trainer_env,
+    write_config,
+)
+
+RANK = Path(__file__).with_name("data_rank.py")
+
+
+def _data(path: Path, rows: int, start: int = 0) -> Path:
+    with path.open("a", encoding="utf-8") as handle:
+        for i in range(start, start + rows):
+            handle.write(json.dumps({"prompt": f"Question {i}?", "completion": f"Answer {i}."}) + "\n")
+    return path
+
+
+def _rank(config: dict[str, Any], store: Path, attempt: str, role: str, workdir: Path, *hold: str) -> Any:
+    return subprocess.Popen(
+        [sys.executable, str(RANK), json.dumps(config), str(store), attempt, role, str(workdir), *hold],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=trainer_env(),
+    )
+
+
+def _finish(process: Any) -> tuple[int, dict[str, Any]]:
+    out, err = process.communicate(timeout=300)
+    assert out.strip(), err[-3000:]
+    return process.returncode, json.loads(out.strip().splitlines()[-1])
+
+
+def _entries(store: Path) -> list[str]:
+    return sorted(p.name for p in store.iterdir() if p.name != "attempts")
+
+
+def test_two_ranks_prepare_once_the_second_waits_and_maps_the_first_result(tmp_path: Path) -> None:
+    config = {"source": str(_data(tmp_path / "d.jsonl", 400))}
+    store = tmp_path / "store"
+    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")  # started first: it must wait
+    time.sleep(1.0)
+    assert waiting.poll() is None
+    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
+    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    assert (code0, code1) == (0, 0)
+    assert second["train"] == first["train"]
+    assert len(first["train"]) > 300
+    assert second["folder"] == first["folder"]
+    assert second["key"] == first["key"]
+    assert second["seconds"] > first["seconds"]  # it waited for the whole preparation
+    assert _entries(store) == [first["key"]]  # one preparation, nothing half-written left
+    assert (tmp_path / "w0" / "data_report.json").is_file()
+    assert not (tmp_path / "w1").exists()  # the waiting rank writes nothing
+
+
+def test_a_sigkilled_attempt_is_restarted_and_reuses_the_cache(tmp_path: Path) -> None:
+    config = {"source": str(_data(tmp_path / "d.jsonl", 300))}
+    store = tmp_path / "store"
+    first = _rank(config, store, "a1", "prepare", tmp_path / "w", "--hold")
+    assert first.stdout is not None
+    prepared = json.loads(first.stdout.readline())  # prepared; now "training"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    code, restarted = _finish(_rank(config, store, "a2", "prepare", tmp_path / "w"))
+    assert code == 0
+    assert restarted["reused"] is True
+    assert prepared["reused"] is False
+    assert restarted["train"] == prepared["train"]
+    assert restarted["key"] == prepared["key"]
+    report = json.loads((tmp_path / "w" / "data_report.json").read_text())
+    assert report["cache"] == {"key": prepared["key"], "folder": restarted["folder"], "reused": True}
+
+
+def test_a_rank_killed_while_preparing_fails_its_waiters_and_the_restart_prepares_anew(
+    tmp_path: Path,
+) -> None:
+    config = {"source": str(_data(tmp_path / "d.jsonl", 30_000)), "maxSeqLength": 64}
+    store = tmp_path / "store"
+    killed = _rank(config, store, "a1", "prepare", tmp_path / "w")
+    deadline = time.monotonic() + 120
+    while not list(store.glob(".*.tmp/work/read.arrow")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert killed.poll() is None, "the preparation ended before it could be killed"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    with pytest.raises(PreparationLostError, match="stopped without a result"):
+        wait_for(store, "a1", stale_seconds=0.5)
+    code, restarted = _finish(_rank(config, store, "a2", "prepare", tmp_path / "w"))
+    assert code == 0
+    assert restarted["reused"] is False
+    assert _entries(store) == [restarted["key"]]  # the killed attempt's half-written folder is gone
+
+
+def test_an_edited_source_or_config_invalidates_the_cache(tmp_path: Path) -> None:
+    source = _data(tmp_path / "d.jsonl", 200)
+    store = tmp_path / "store"
+    tokenizer = make_tiny_tokenizer()
+
+    def run(**overrides: Any) -> Any:
+        cfg = DataConfig.model_validate({"source": str(source), **overrides})
+        return prepare(cfg, tokenizer, tmp_path / "w", store=store).report.cache
+
+    first = run()
+    again = run()
+    assert (first.reused, again.reused, again.key) == (False, True, first.key)
+    _data(source, 1, start=200)  # one appended row
+    edited = run()
+    assert edited.reused is False
+    assert edited.key != first.key
+    other_config = run(maxSeqLength=512)
+    assert other_config.reused is False
+    assert other_config.key not in (first.key, edited.key)
+    assert run(maxSeqLength=512).reused is True
+    other_tokenizer = make_tiny_tokenizer(extra_chars="é")
+    cfg = DataConfig.model_validate({"source": str(source)})
+    assert prepare(cfg, other_tokenizer, tmp_path / "w", store=store).report.cache.key != edited.key
+
+
+def test_a_failure_on_the_preparing_rank_ends_the_waiting_rank_with_its_data_error(tmp_path: Path) -> None:
+    source = _data(tmp_path / "d.jsonl", 40)
+    source.write_text(source.read_text() + "{broken\n" * 5)
+    config = {"source": str(source)}
+    store = tmp_path / "store"
+    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")
+    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
+    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    assert code0 == code1 == 4
+    assert first == second
+    assert first["reason"] == "TooManyBadRows"
+    assert "5 of 45 rows are malformed" in second["error"]
+    report = json.loads((tmp_path / "w0" / "data_report.json").read_text())
+    assert report["badRows"]["count"] == 5
+    assert json.loads(status_path(store, "a1").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_data_error_ends_both_trainer_ranks_with_exit_4_and_the_report(tmp_path: Path) -> None:
+    """Two ranks under torchrun, as in a pod: rank 0 finds too many bad rows while rank 1 waits for its
+    result; both end with the data error (each rank logs its own code), the pod with exit code 4."""
+    model_dir = make_tiny_model(tmp_path / "model", hidden=16, layers=1)
+    data = make_task_data(tmp_path / "data" / "train.jsonl", rows=40)
+    data.write_text(data.read_text() + "{not json\n" * 4)
+    config = write_config(tmp_path, make_config(tmp_path, model_dir, data))
+    result = run_trainer(config, PET_NPROC_PER_NODE="2")
+    assert result.returncode == ExitCode.DATA_ERROR, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} failed (exit code 4): DataError: 4 of 44 rows are malformed" in result.stderr
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["badRows"]["count"] == 4
