@@ -11,9 +11,11 @@ pods (real processes on the dev cluster's local node) are the e2e tests'.
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
-from tests.kube_helpers import Cluster, kubectl_json, wait_for
+from tests.kube_helpers import REPO_ROOT, Cluster, kubectl_json, wait_for
 
 SERVED_KINDS = "deployments,services,configmaps,secrets,poddisruptionbudgets,networkpolicies"
 LABEL = "finetune.dev/deployment"
@@ -94,6 +96,14 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
     assert not children(cluster, namespace, "bot"), "nothing is deployed before the model exists"
 
     cluster.apply(finetunejob("src"), namespace)
+    # The job's checkpoint claim (its child) holds the artifact; a Succeeded job always has it.
+    wait_for(
+        lambda: (
+            cluster.kubectl("get", "pvc", "src-checkpoints", "-n", namespace, check=False).returncode == 0
+        ),
+        120,
+        "the FineTuneJob's checkpoint claim",
+    )
     succeed(cluster, namespace, "src", "pvc://src-checkpoints/output/final/model")
 
     def deployed() -> dict[str, Any] | None:
@@ -226,3 +236,84 @@ def test_a_canary_without_evidence_is_inconclusive_then_rolled_back(
     assert {"CanaryStarted", "AnalysisInconclusiveTimeout"} <= reasons
     deployment = kubectl_json(cluster, "get", "deployment", "cny", "-n", namespace)
     assert deployment["metadata"]["labels"]["finetune.dev/revision"] == first, "the stable was never touched"
+
+
+def gateway_api_crd() -> Path:
+    """The Gateway API's HTTPRoute CRD (standard channel) at the version Kueue's module graph pins
+    (hack/tools/kueue/go.mod), from the Go module cache (downloaded from the module proxy on first use).
+    Fails, never skips, when it can't be had."""
+    tools = REPO_ROOT / "hack" / "tools" / "kueue"
+    subprocess.run(["go", "mod", "download", "sigs.k8s.io/gateway-api"], cwd=tools, check=True, timeout=300)
+    found = subprocess.run(
+        ["go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api"],
+        cwd=tools, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    path = Path(found.stdout.strip()) / "config/crd/standard/gateway.networking.k8s.io_httproutes.yaml"
+    assert path.is_file(), f"no HTTPRoute CRD at {path}"
+    return path
+
+
+def test_with_the_gateway_api_a_canary_is_split_by_exact_httproute_weights(
+    cluster: Cluster, namespace: str, operator: Any
+) -> None:
+    crd = gateway_api_crd()
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    try:
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "crd/httproutes.gateway.networking.k8s.io", "--timeout=60s"
+        )
+        _canary_through_a_route(cluster, namespace)
+    finally:
+        # The Gateway API stays this test's: later tests see a cluster without it.
+        cluster.kubectl("delete", "modeldeployment", "routed", "-n", namespace, "--ignore-not-found")
+        cluster.kubectl("delete", "-f", str(crd), "--ignore-not-found", "--timeout=60s", check=False)
+
+
+def _canary_through_a_route(cluster: Cluster, namespace: str) -> None:
+    canary = {
+        "strategy": "Canary",
+        "canary": {
+            "steps": [{"weight": 20, "pauseSeconds": 3600}],
+            "analysis": {"intervalSeconds": 5, "inconclusiveTimeoutSeconds": 3600},
+            "gatewayRef": {"name": "inference", "namespace": "gateways"},
+        },
+    }
+    spec = {"model": {"uri": "file:///models/tiny", "task": "causal-lm"}, "rollout": canary}
+    cluster.apply(modeldeployment("routed", **spec), namespace)
+
+    def stable_ready() -> dict[str, Any] | None:
+        body = get_md(cluster, namespace, "routed")
+        return body if (body.get("status") or {}).get("readyReplicas") == 1 else None
+
+    wait_for(stable_ready, 180, "the first revision's replica")
+    cluster.kubectl(
+        "patch", "modeldeployment", "routed", "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"runtime":{"maxNewTokens":32}}}',
+    )  # fmt: skip
+
+    def routed() -> dict[str, Any] | None:
+        found = cluster.kubectl("get", "httproute", "routed", "-n", namespace, "-o", "json", check=False)
+        if found.returncode != 0:
+            return None
+        route: dict[str, Any] = json.loads(found.stdout)
+        weights = [b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]]
+        return route if weights == [80, 20] else None
+
+    route = wait_for(routed, 180, "the HTTPRoute to send 20 % to the canary")
+    assert [b["name"] for b in route["spec"]["rules"][0]["backendRefs"]] == ["routed-stable", "routed-canary"]
+    assert route["spec"]["parentRefs"] == [
+        {
+            "group": "gateway.networking.k8s.io",
+            "kind": "Gateway",
+            "name": "inference",
+            "namespace": "gateways",
+        }
+    ]
+    kinds = children(cluster, namespace, "routed")
+    assert {
+        ("Service", "routed-stable"),
+        ("Service", "routed-canary"),
+        ("Deployment", "routed-canary"),
+    } <= kinds
+    body = get_md(cluster, namespace, "routed")
+    assert body["status"]["rollout"]["weight"] == 20, "exact, not the replica proportion (50 % with 1 + 1)"

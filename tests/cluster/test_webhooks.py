@@ -4,6 +4,7 @@ down, RBAC refusals (impersonation) never audited as allowed, and an audit file 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import subprocess
@@ -168,6 +169,7 @@ def test_webhooks_refuse_record_and_fail_closed(
     # A valid job passes, with the requesting user recorded (whatever the request itself claimed).
     good = ftj("good", gpus=1)
     good["metadata"]["annotations"] = {CREATED_BY: "someone-else"}
+    good["spec"]["credentialsSecret"] = "keys"  # its value is a marker that must never be copied
     done = create(cluster, namespace, good)
     assert done.returncode == 0, done.stderr
     assert get_ftj(cluster, namespace, "good")["metadata"]["annotations"][CREATED_BY] == me
@@ -200,6 +202,15 @@ def test_webhooks_refuse_record_and_fail_closed(
     )  # fmt: skip
     assert patch.returncode != 0
     assert "spec.distributed: can't change while the job is Running: suspend it first" in patch.stderr
+
+    # Secrets by reference only: the marker is in no ConfigMap, status or Event (plain or base64).
+    marker = "k3y-v4lue-c0ffee"
+    seen = "".join(
+        cluster.kubectl("get", kind, "-n", namespace, "-o", "json").stdout
+        for kind in ("configmaps", "finetunejobs", "events", "jobs")
+    )
+    assert marker not in seen
+    assert base64.b64encode(marker.encode()).decode() not in seen
 
     # A user without rights is refused by RBAC (403) before admission: never audited as allowed.
     forbidden = create(cluster, namespace, ftj("intruder", gpus=1), "--as=mallory")
@@ -241,7 +252,8 @@ def test_webhooks_refuse_record_and_fail_closed(
     assert not [r for r in records if r["name"] == "while-down"]  # the webhook never saw it
     # The delete that went through while the webhook was down is not recorded (failurePolicy Ignore);
     # no Secret value reaches the log.
-    assert "k3y-v4lue-c0ffee" not in "".join(p.read_text() for p in audit_dir.glob("*.jsonl"))
+    assert marker not in "".join(p.read_text() for p in audit_dir.glob("*.jsonl"))
+    assert marker not in proc.logs()
 
     cli = [sys.executable, "-m", "finetune_operator", "audit"]
     env = {"PYTHONPATH": str(REPO_ROOT / "operator")}
