@@ -9,8 +9,10 @@
 `<id>` and the pod subnet are derived from the dev cluster's folder, so several dev clusters on one machine
 never share a namespace name, and every interface lives inside a namespace of its own cluster (interface
 names are per namespace; none is made in the host's namespace). Removing the namespaces removes every
-interface, address and route with them. The host reaches pods only through the agent, whose sockets for pod
-traffic are made inside the node namespace (`NodeSockets`); nothing outside this machine is ever addressed."""
+interface, address and route with them; the one route in the host's namespace is an `unreachable` route for
+the pod subnet, so that nothing dialled there from the host leaves the machine, removed by `teardown`. The
+host reaches pods only through the agent, whose sockets for pod traffic are made inside the node namespace
+(`NodeSockets`); nothing outside this machine is ever addressed."""
 
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ class ClusterNetwork:
 
     def ensure_node(self) -> None:
         """Make the node namespace and its bridge (idempotent)."""
+        self.ensure_host_route()
         if self.netns_path(self.node_netns).exists():
             return
         ns = self.node_netns
@@ -94,6 +97,13 @@ class ClusterNetwork:
         ip("-n", ns, "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", BRIDGE)
         ip("-n", ns, "link", "set", BRIDGE, "up")
         ip("-n", ns, "route", "add", "local", str(self.service_cidr), "dev", "lo")
+
+    def ensure_host_route(self) -> None:
+        """An `unreachable` route for the pod subnet in the host's namespace: a host process that dials a pod
+        address (e.g. the API server's pods/proxy) fails at once instead of sending it to the default route,
+        off this machine. The only change to the host's network; `teardown` removes it."""
+        if str(self.subnet) not in ip("route", "show", "type", "unreachable").stdout:
+            ip("route", "add", "unreachable", str(self.subnet))
 
     def add_pod(self, slot: int) -> str:
         """The pod's namespace with its address; returns the address. Replaces a stale one of the slot."""
@@ -122,6 +132,8 @@ class ClusterNetwork:
         names = self.owned_netns()
         for name in sorted(names, key=lambda n: n == self.node_netns):  # pods first, the node last
             ip("netns", "del", name, check=False)
+        if str(self.subnet) in ip("route", "show", "type", "unreachable").stdout:
+            ip("route", "del", "unreachable", str(self.subnet), check=False)
         return names
 
 

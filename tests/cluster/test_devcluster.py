@@ -521,7 +521,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
-    host_links = _host_links()
+    host_links, host_routes = _host_links(), _host_routes()
     root = (tmp_path / "cluster").resolve()
     network = ClusterNetwork.for_dev_dir(root, devcluster.SERVICE_CIDR)
     try:
@@ -580,6 +580,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         )
         kube.kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s")
         assert network.owned_netns() == [network.node_netns, network.pod_netns(1)]
+        assert f"unreachable {network.subnet}" in _host_routes()
         assert running_containers(root)
         uid = kubectl_json(kube, "get", "pod", "sleeper")["metadata"]["uid"]
         assert Path(f"/dev/shm/fto-{uid}-shm").is_dir()
@@ -595,6 +596,13 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert not Path(f"/tmp/fto-down-test-{os.getpid()}").exists()
     assert not Path(f"/dev/shm/fto-{uid}-shm").exists()
     assert _host_links() == host_links  # every interface it made lived in its own namespaces
+    assert _host_routes() == host_routes
+
+
+def _host_routes() -> str:
+    return subprocess.run(
+        ["ip", "route", "show", "table", "all"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def _host_links() -> set[str]:
