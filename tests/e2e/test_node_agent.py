@@ -79,6 +79,18 @@ try:
     secrets = "allowed"
 except ApiException as exc:
     secrets = exc.status
+def web_answer():
+    # This pod starts with the web Deployment: its Service answers once a replica is ready.
+    import time, urllib.request
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            url = f"http://{os.environ['WEB_SERVICE_IP']}/"
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 Path("/data/out.txt").write_text("written by " + os.environ["POD_NAME"])
 Path("/dev/termination-log").write_text("bye from the pod")
 report = {
@@ -95,8 +107,7 @@ report = {
     "api_configmap": allowed,
     "api_secrets": secrets,
     "python": sys.executable,
-    "web": __import__("urllib.request").request.urlopen(
-        f"http://{os.environ['WEB_SERVICE_IP']}/", timeout=5).read().decode(),
+    "web": web_answer(),
 }
 print("REPORT " + json.dumps(report), flush=True)
 sys.exit(3)
