@@ -2,7 +2,7 @@
 DeepSpeed loop: the same tiny Llama-style model, tokenized data, batch order and number of optimizer steps,
 in one process.
 
-Ours is the real ``finetune_trainer.train.Trainer`` with its defaults (metrics every step to the JSON-lines
+Ours is the real ``finetune_trainer.loop.Trainer`` with its defaults (metrics every step to the JSON-lines
 log, Prometheus gauges, loss read back every step); only evaluation and periodic checkpoints are turned off,
 which the other loops don't do either. Steps/s are measured between the first and the last optimizer step
 (the first step is warm-up), and each loop runs ``REPEATS`` times interleaved, alternating which goes first,
@@ -32,9 +32,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from finetune_trainer.config import parse_config  # noqa: E402
+from finetune_trainer.data_order import DataOrder  # noqa: E402
 from finetune_trainer.engine import lr_lambda  # noqa: E402
 from finetune_trainer.env import TorchrunEnv  # noqa: E402
-from finetune_trainer.train import DataOrder, Trainer, collate  # noqa: E402
+from finetune_trainer.loop import Trainer  # noqa: E402
+from finetune_trainer.tasks.causal_lm import CausalLM  # noqa: E402
 from trainer_fixtures import make_config, make_task_data, make_tiny_model  # noqa: E402
 
 STEPS = 100
@@ -95,7 +97,7 @@ def run_plain(model_dir: Path, train: list[dict[str, list[int]]], raw: dict[str,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, STEPS))
     times = []
     for indices in batches(train, cfg.seed):
-        batch = collate([train[i] for i in indices], pad_id, torch.device("cpu"))
+        batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
@@ -127,7 +129,7 @@ def run_deepspeed(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     times = []
     for indices in batches(train, cfg.seed):
-        batch = collate([train[i] for i in indices], pad_id, torch.device("cpu"))
+        batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

@@ -1,5 +1,6 @@
 """`python -m finetune_operator [--namespace NS ... | --all-namespaces] [--health-port P]
-[--metrics-port M]`.
+[--metrics-port M]`;
+`python -m finetune_operator audit verify|query ...` (see finetune_operator.audit.cli).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        from finetune_operator.audit.cli import main as audit_main
+
+        return audit_main(argv[1:])
     args = parse_args(argv)
     import kopf  # here, not at the top: after `__main__` has hidden the kubernetes client
     import uvloop
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # at scale and say nothing the controller's own transition lines don't; errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    from finetune_operator import main as _registers_handlers  # noqa: F401 - after env is set
+    from finetune_operator import startup as _registers_handlers  # noqa: F401 - after env is set
 
     if not args.namespace and not args.all_namespaces:
         logging.getLogger(__name__).info("no --namespace given: serving all namespaces")

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from finetune_operator.scheduling.queue import AdmissionPolicy
+
 ENV_PREFIX = "FTO_"
 
 
@@ -18,7 +20,13 @@ class OperatorConfig(BaseModel):
     trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
     """Image of the trainer pods when a FineTuneJob sets no `image` override (FTO_TRAINER_IMAGE)."""
     image_pull_policy: str = "IfNotPresent"
-    """Pull policy of trainer containers (FTO_IMAGE_PULL_POLICY)."""
+    """Pull policy of trainer and server containers (FTO_IMAGE_PULL_POLICY)."""
+    server_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    """Image of the built-in inference server (`python -m finetune_server`; it ships in the trainer image)
+    when a ModelDeployment sets no `runtime.image` (FTO_SERVER_IMAGE)."""
+    vllm_image: str = "vllm/vllm-openai:v0.10.2"
+    """Image of `runtime.type: vllm` servers when a ModelDeployment sets no `runtime.image`
+    (FTO_VLLM_IMAGE)."""
     default_pvc_size: str = "50Gi"
     """Size of the checkpoint/output PVC when the job sets no claim or size (FTO_DEFAULT_PVC_SIZE)."""
     storage_class: str | None = None
@@ -45,6 +53,14 @@ class OperatorConfig(BaseModel):
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)
     """Optional GPU quota per namespace, e.g. `team-a=16,team-b=8` (FTO_GPU_QUOTA_PER_NAMESPACE);
     admitted jobs' GPUs count against it. Namespaces not listed are unlimited."""
+    admission_policy: AdmissionPolicy = AdmissionPolicy.STRICT
+    """`strict` (default): when the highest-priority waiting gang does not fit, the nodes it needs are
+    held for it and gangs behind it are admitted only where they cannot delay it, so it is never starved.
+    `best-effort`: gangs behind it that fit are admitted anywhere (Kueue's BestEffortFIFO; it may wait as
+    long as smaller jobs keep coming) (FTO_ADMISSION_POLICY)."""
+    preemption_min_run_seconds: float = Field(default=300.0, ge=0)
+    """A gang is not preempted before it has run this long since its admission, so a preempted job that
+    resumes is not preempted again at once (FTO_PREEMPTION_MIN_RUN_SECONDS)."""
     metrics_port: int = Field(default=9090, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 turns it off (FTO_METRICS_PORT, or --metrics-port)."""
     request_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -16,10 +16,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+
+from finetune_operator.api import finetunejob, modeldeployment
+from finetune_operator.api.common import API_VERSION
+from finetune_operator.timestamps import now_rfc3339
 
 FIELD_MANAGER = "finetune-operator"
 logger = logging.getLogger(__name__)
@@ -39,8 +42,14 @@ _PLURALS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("batch/v1", "Job"): "jobs",
-    ("finetune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
-    ("finetune.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
+    ("apps/v1", "Deployment"): "deployments",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    (API_VERSION, finetunejob.KIND): finetunejob.PLURAL,
+    (API_VERSION, modeldeployment.KIND): modeldeployment.PLURAL,
 }
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 _CLUSTER_SCOPED = frozenset({"Node", "Namespace"})
@@ -74,10 +83,6 @@ def resource_path(
     if subresource:
         path += f"/{subresource}"
     return path
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KubeClient:

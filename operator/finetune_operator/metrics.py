@@ -85,3 +85,32 @@ class OperatorMetrics:
         tally = Tally(phase_by_job.values())
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(tally.get(phase, 0))
+
+
+class FineTuneJobGauges:
+    """The last committed phase and GPUs of every FineTuneJob (`namespace/name`), behind the gauges."""
+
+    def __init__(self, metrics: OperatorMetrics) -> None:
+        self._metrics = metrics
+        self._phases: dict[str, str] = {}
+        self._gpus: dict[str, tuple[int, int]] = {}
+        """(requested, admitted) GPUs per job."""
+
+    def record(self, job: str, phase: str, requested: int, admitted: int) -> None:
+        self._phases[job] = phase
+        self._gpus[job] = (requested, admitted)
+        self._update()
+
+    def forget(self, job: str) -> None:
+        self._phases.pop(job, None)
+        self._gpus.pop(job, None)
+        self._update()
+
+    def in_phases(self, *phases: str) -> list[str]:
+        """The jobs whose last committed phase is one of `phases`."""
+        return [job for job, phase in self._phases.items() if phase in phases]
+
+    def _update(self) -> None:
+        self._metrics.set_phases(self._phases)
+        self._metrics.gpus_requested.set(sum(r for r, _ in self._gpus.values()))
+        self._metrics.gpus_admitted.set(sum(a for _, a in self._gpus.values()))

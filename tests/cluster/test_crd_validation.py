@@ -24,11 +24,12 @@ from finetune_operator.api.finetunejob import (
 )
 from finetune_operator.api.modeldeployment import (
     AnalysisResult,
-    CanaryStatus,
     ModelDeploymentStatus,
     QualityResult,
     ResolvedModel,
     Revision,
+    RolloutEvent,
+    RolloutStatus,
     parse_modeldeployment,
 )
 from tests.api_examples import EXAMPLES, InvalidExample, invalid_examples, load, valid_examples
@@ -129,20 +130,39 @@ def _deployment_status() -> ModelDeploymentStatus:
     return ModelDeploymentStatus(
         observed_generation=1,
         conditions=[Condition(type="Ready", status="True", reason="Serving", last_transition_time=WHEN)],
-        endpoint="http://support-bot.ns.svc:8080/v1",
-        model=ResolvedModel(uri="pvc://ftj-x/model", task="causal-lm", sha256="cd" * 32),
+        endpoint="http://support-bot.ns.svc/v1",
+        api_key_secret="support-bot-api-keys",
+        model=ResolvedModel(uri="pvc://ftj-x/model", task="causal-lm", sha256="cd" * 32, fine_tune_job="x"),
         replicas=3,
         ready_replicas=3,
-        current_revision="support-bot-1",
-        revisions=[Revision(name="support-bot-1", model_uri="pvc://ftj-x/model", created_at=WHEN, weight=90)],
-        canary=CanaryStatus(
-            revision="support-bot-2",
+        revisions=[Revision(name="5d1c2f9a0b", model_uri="pvc://ftj-x/model", created_at=WHEN)],
+        rollout=RolloutStatus(
+            stable_revision="5d1c2f9a0b",
+            canary_revision="77aa01c3e2",
             step=0,
             weight=10,
             step_started_at=WHEN,
             analysis=AnalysisResult(
-                requests=120, error_rate=0.0, latency_p95_ms=812.5, passed=True, checked_at=WHEN
+                verdict="Pass",
+                requests=120,
+                errors=0,
+                error_rate=0.0,
+                p95_latency_ms=812.5,
+                stable_error_rate=0.0,
+                message="120 requests, 0 errors",
+                checked_at=WHEN,
             ),
+            history=[
+                RolloutEvent(
+                    time=WHEN,
+                    revision="77aa01c3e2",
+                    decision="Started",
+                    step=0,
+                    weight=10,
+                    reason="CanaryStarted",
+                    message="canary 77aa01c3e2 at 10 %",
+                )
+            ],
         ),
         quantization=QualityResult(
             method="int8-dynamic",
@@ -150,6 +170,7 @@ def _deployment_status() -> ModelDeploymentStatus:
             baseline=4.48,
             value=4.52,
             quality_drop=0.009,
+            max_quality_drop=0.02,
             size_bytes=130_000_000,
             original_size_bytes=500_000_000,
             passed=True,
@@ -190,7 +211,9 @@ def test_printer_columns_short_names_and_category(cluster: Cluster, crds: list[s
     wide_header = cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
     assert wide_header.split()[1:3] == ["TASK", "METHOD"]
     header = cluster.kubectl("get", "mdep", "-n", namespace).stdout.splitlines()[0]
-    assert header.split() == ["NAME", "READY", "ENDPOINT", "QUANTIZATION", "AGE"]
+    assert header.split() == ["NAME", "READY", "REASON", "REPLICAS", "CANARY", "AGE"]
+    wide = cluster.kubectl("get", "mdep", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
+    assert {"QUANTIZATION", "QUALITY-DROP", "REVISION", "ENDPOINT"} <= set(wide.split())
     listed = cluster.kubectl("get", "finetune", "-n", namespace, "-o", "name").stdout.split()
     assert sorted(listed) == [
         "finetunejob.finetune.dev/support-bot-lora",

@@ -428,7 +428,8 @@ def test_model_deployment_gets_a_first_status(cluster: Cluster, namespace: str, 
         return body if status.get("observedGeneration") == body["metadata"]["generation"] else None
 
     body = wait_for(acknowledged, 60, "the ModelDeployment's observedGeneration")
-    assert body["status"]["conditions"][0]["type"] == "Progressing"
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "WaitingForFineTuneJob")
 
 
 def test_a_pod_deleted_under_the_gang_counts_as_a_failed_attempt(

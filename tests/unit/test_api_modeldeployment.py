@@ -30,7 +30,9 @@ def test_minimal_deployment_gets_the_documented_defaults() -> None:
     assert spec.rollout.strategy == "RollingUpdate"
     assert spec.fixed_replicas == 1
     assert spec.resources.gpus == 0
-    assert spec.auth is None
+    assert spec.auth.enabled is True
+    assert spec.auth.api_key_secret_ref is None
+    assert spec.runtime.type == "builtin"
     assert spec.feedback.enabled is False
 
 
@@ -63,3 +65,51 @@ def test_status_ready_condition_and_unknown_keys() -> None:
     assert status.quantization is not None
     assert status.quantization.passed is False
     assert "newerField" not in status.to_k8s()
+
+
+def test_rollout_status_history_parses() -> None:
+    status = ModelDeploymentStatus.model_validate(
+        {
+            "rollout": {
+                "stableRevision": "r1",
+                "canaryRevision": "r2",
+                "weight": 50,
+                "history": [
+                    {
+                        "time": "2026-01-01T00:00:00Z",
+                        "revision": "r2",
+                        "decision": "Promoted",
+                        "step": 1,
+                        "weight": 50,
+                        "reason": "AnalysisPassed",
+                    }
+                ],
+            }
+        }
+    )
+    assert status.rollout is not None
+    assert status.rollout.history[0].decision == "Promoted"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (
+            {"runtime": {"type": "vllm"}, "resources": {"gpus": 1}, "quantization": {"method": "bnb-int8"}},
+            "spec.quantization.method",
+        ),
+        ({"quantization": {"method": "fp8-dynamic"}}, "spec.quantization.method"),
+        ({"pruning": {"method": "2:4", "sparsity": 0.7}}, "spec.pruning.sparsity"),
+    ],
+)
+def test_cross_field_rules_name_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidResourceError) as refused:
+        parse_modeldeployment(_body(**spec))
+    assert field in [path for path, _ in refused.value.problems]
+
+
+def test_vllm_with_fp8_on_gpus_is_accepted() -> None:
+    spec = parse_modeldeployment(
+        _body(runtime={"type": "vllm"}, resources={"gpus": 1}, quantization={"method": "fp8-dynamic"})
+    ).spec
+    assert spec.runtime.type == "vllm"

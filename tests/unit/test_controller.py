@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+from finetune_operator.api.conditions import set_condition
+from finetune_operator.api.finetunejob_status import derive_phase
 from finetune_operator.config import OperatorConfig
-from finetune_operator.controllers.children import (
+from finetune_operator.controllers.finetunejob import _failure, restart_delay
+from finetune_operator.controllers.summaries import (
     JobSummary,
     PodSummary,
     exit_code_from_message,
     summarize_job,
     summarize_pod,
 )
-from finetune_operator.controllers.conditions import derive_phase, set_condition
-from finetune_operator.controllers.finetunejob import _failure, restart_delay
-from finetune_operator.controllers.runtime import ReconcileQueue
+from finetune_operator.controllers.work_queue import WorkQueue as ReconcileQueue
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.controllers.children import summarize_pod
 from finetune_operator.controllers.finetunejob import _failure
+from finetune_operator.controllers.summaries import summarize_pod
 
 
 def trainer_pod(phase: str, state: dict[str, Any], *conditions: dict[str, str]) -> dict[str, Any]:

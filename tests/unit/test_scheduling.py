@@ -175,3 +175,57 @@ def test_namespace_quota() -> None:
 def test_gpu_free_jobs_are_admitted_without_placement() -> None:
     plan = plan_admission([], [demand("ns/cpu", gpus=0, node_selector={})])
     assert plan.admit == ["ns/cpu"]
+
+
+AMD = "amd.com/gpu"
+AMD_TOLERATION = {"key": AMD, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def amd_node(name: str, gpus: int) -> dict[str, Any]:
+    body = node(name, 0, taint=False)
+    body["metadata"]["labels"] = {}
+    body["status"]["allocatable"] = {AMD: str(gpus)}
+    return body
+
+
+def test_capacity_is_counted_for_the_resource_the_pods_request() -> None:
+    nodes = [node("gpu-node-0", 8), amd_node("amd-0", 4)]
+    pods = [
+        pod("gpu-node-0", 8),
+        {
+            "spec": {
+                "nodeName": "amd-0",
+                "containers": [{"name": "c", "resources": {"requests": {AMD: "1"}}}],
+            },
+            "status": {"phase": "Running"},
+        },
+    ]
+    assert {n.name: n.free for n in free_gpus_by_node(nodes, pods)} == {"gpu-node-0": 0}
+    assert {n.name: n.free for n in free_gpus_by_node(nodes, pods, AMD)} == {"amd-0": 3}
+    assert pod_gpu_request(pods[1], AMD) == 1
+    assert pod_gpu_request(pods[1]) == 0
+
+
+def test_a_job_is_placed_only_on_capacity_of_its_own_resource() -> None:
+    raw = [node("gpu-node-0", 8, taint=False), amd_node("amd-0", 4)]
+    capacity = free_gpus_by_node(raw, []) + free_gpus_by_node(raw, [], AMD)
+    on_amd = demand("ns/amd", gpus=4, node_selector={}, tolerations=(AMD_TOLERATION,), gpu_resource=AMD)
+    too_big = demand("ns/amd-big", gpus=8, node_selector={}, tolerations=(AMD_TOLERATION,), gpu_resource=AMD)
+    plan = plan_admission(capacity, [on_amd, too_big])
+    assert plan.admit == ["ns/amd"]
+    assert plan.placements["ns/amd"] == ["amd-0"]
+    # 8 nvidia.com/gpu are free on an untainted node, but they are not what the pods ask for.
+    assert plan.waiting["ns/amd-big"].message == f"needs 1 node {TIMES} 8 {AMD}; largest free: 0 on amd-0"
+    nvidia = demand("ns/nvidia", gpus=8, node_selector={})
+    assert plan_admission(capacity, [on_amd, nvidia]).placements == {
+        "ns/amd": ["amd-0"],
+        "ns/nvidia": ["gpu-node-0"],
+    }
+
+
+def test_a_job_asking_for_a_resource_no_node_has_says_so() -> None:
+    capacity = free_gpus_by_node([node("gpu-node-0", 8)], [])
+    mig = "nvidia.com/mig-1g.10gb"
+    plan = plan_admission(capacity, [demand("ns/mig", gpus=1, node_selector={}, gpu_resource=mig)])
+    assert plan.waiting["ns/mig"].reason == "InsufficientGPUs"
+    assert plan.waiting["ns/mig"].message == f"needs 1 node {TIMES} 1 {mig}; no ready node has {mig} capacity"

@@ -12,6 +12,7 @@ import torch
 
 from finetune_trainer.checkpoint import CheckpointManager, checkpoint_name, complete_checkpoints
 from finetune_trainer.config import ConfigError, Hyperparameters, TrainerConfig, parse_config
+from finetune_trainer.data_order import DataOrder
 from finetune_trainer.deepspeed_config import (
     deepspeed_config,
     load_deepspeed_config,
@@ -24,7 +25,8 @@ from finetune_trainer.env import DEEPSPEED_CONFIG_ENV, TorchrunEnv
 from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
 from finetune_trainer.export import output_address
 from finetune_trainer.launch import read_exit_code, torchrun_command
-from finetune_trainer.train import DataOrder, TrainState, classify, improved
+from finetune_trainer.state import TrainState, improved
+from finetune_trainer.train import classify
 
 
 def test_data_order_gives_each_example_to_one_rank_once_per_epoch() -> None:

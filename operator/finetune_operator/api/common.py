@@ -228,13 +228,19 @@ Toleration = Annotated[
 # --- pods and volumes ----------------------------------------------------------------------------------
 
 
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+"""The extended resource that counts GPUs when `resources.gpuResourceName` is not set."""
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+"""Node label that `resources.gpuProduct` is matched against (set by NVIDIA's GPU feature discovery)."""
+
+
 class PodResources(ApiModel):
     """What each pod requests, and where it may run."""
 
     gpu_product: Annotated[str, Field(min_length=1, max_length=63)] | None = None
     """GPU model to run on, matched against the node label `nvidia.com/gpu.product`
     (e.g. `NVIDIA-H100-80GB-HBM3`); any when omitted."""
-    gpu_resource_name: Annotated[str, Field(min_length=1, max_length=253)] = "nvidia.com/gpu"
+    gpu_resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
     """Extended resource that counts GPUs on nodes."""
     cpu: Quantity | None = None
     """CPU request and limit per pod (e.g. `8`, `500m`)."""

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
+from finetune_operator.api import finetunejob, modeldeployment
 from finetune_operator.api.common import GROUP, NAME_SCHEMA, VERSION
 from finetune_operator.api.finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator.api.modeldeployment import ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus
@@ -57,8 +58,8 @@ class Resource:
 
 RESOURCES = (
     Resource(
-        kind="FineTuneJob",
-        plural="finetunejobs",
+        kind=finetunejob.KIND,
+        plural=finetunejob.PLURAL,
         short_names=["ftj"],
         model=FineTuneJob,
         spec=FineTuneJobSpec,
@@ -75,18 +76,37 @@ RESOURCES = (
         ],
     ),
     Resource(
-        kind="ModelDeployment",
-        plural="modeldeployments",
+        kind=modeldeployment.KIND,
+        plural=modeldeployment.PLURAL,
         short_names=["mdep"],
         model=ModelDeployment,
         spec=ModelDeploymentSpec,
         status=ModelDeploymentStatus,
         printer_columns=[
             {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
-            {"name": "Quantization", "type": "string", "jsonPath": ".status.quantization.method"},
-            {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "priority": 1},
-            {"name": "Canary", "type": "integer", "jsonPath": ".status.canary.weight", "priority": 1},
+            {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+            {"name": "Replicas", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {
+                "name": "Quantization",
+                "type": "string",
+                "jsonPath": ".spec.quantization.method",
+                "priority": 1,
+            },
+            {
+                "name": "Quality-Drop",
+                "type": "number",
+                "jsonPath": ".status.quantization.qualityDrop",
+                "format": "float",
+                "priority": 1,
+            },
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.rollout.weight"},
+            {
+                "name": "Revision",
+                "type": "string",
+                "jsonPath": ".status.rollout.stableRevision",
+                "priority": 1,
+            },
+            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     ),

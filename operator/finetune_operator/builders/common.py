@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finetune_operator.api.finetunejob import FineTuneJob
+from finetune_operator.api.modeldeployment import ModelDeployment
 
 JOB_LABEL = "finetune.dev/job"
 """On every child and every trainer pod: the owning FineTuneJob's name (kopf watches children by it)."""
@@ -65,13 +66,13 @@ def child_labels(job: FineTuneJob, component: str) -> dict[str, str]:
     return {**MANAGED_BY, JOB_LABEL: job_name(job), COMPONENT_LABEL: component}
 
 
-def owner_reference(job: FineTuneJob) -> dict[str, Any]:
-    """Controller reference: garbage collection deletes the child with its FineTuneJob."""
+def owner_reference(owner: FineTuneJob | ModelDeployment) -> dict[str, Any]:
+    """Controller reference: garbage collection deletes the child with its owner."""
     return {
-        "apiVersion": job.api_version,
-        "kind": job.kind,
-        "name": job_name(job),
-        "uid": str(job.metadata["uid"]),
+        "apiVersion": owner.api_version,
+        "kind": owner.kind,
+        "name": str(owner.metadata["name"]),
+        "uid": str(owner.metadata["uid"]),
         "controller": True,
         "blockOwnerDeletion": True,
     }

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from finetune_operator.api.finetunejob import FineTuneJob
+from finetune_operator.builders import pods
 from finetune_operator.builders.common import (
     ATTEMPT_LABEL,
     CONFIG_DIR,
@@ -38,7 +39,6 @@ from finetune_trainer.exit_codes import EXIT_CODE_FILE_ENV, NON_RETRYABLE
 #: Rank 0's Prometheus endpoint: the trainer's default reporting.metricsPort (the operator keeps it).
 TRAINER_METRICS_PORT = Reporting().metrics_port
 
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: command + args == finetune_trainer.launch.pod_command(config path): the trainer's own entrypoint, which
 #: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the
@@ -77,31 +77,16 @@ def pod_failure_policy() -> dict[str, Any]:
 
 def pod_tolerations(job: FineTuneJob) -> list[dict[str, Any]]:
     """The user's tolerations, plus one for the GPU taint when the pods request GPUs."""
-    tolerations = [dict(t) for t in job.spec.resources.tolerations]
-    resource = job.spec.resources.gpu_resource_name
-    if job.spec.distributed.gpus_per_node > 0 and not any(t.get("key") == resource for t in tolerations):
-        tolerations.append({"key": resource, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
+    return pods.tolerations(job.spec.resources, job.spec.distributed.gpus_per_node)
 
 
 def node_selector(job: FineTuneJob) -> dict[str, str]:
     """The pods' node selector: the user's labels plus the GPU product label."""
-    selector = dict(job.spec.resources.node_selector)
-    if job.spec.resources.gpu_product:
-        selector[GPU_PRODUCT_LABEL] = job.spec.resources.gpu_product
-    return selector
+    return pods.node_selector(job.spec.resources)
 
 
 def _resources(job: FineTuneJob) -> dict[str, Any]:
-    res = job.spec.resources
-    amounts: dict[str, Any] = {}
-    if res.cpu is not None:
-        amounts["cpu"] = str(res.cpu)
-    if res.memory is not None:
-        amounts["memory"] = str(res.memory)
-    if job.spec.distributed.gpus_per_node > 0:
-        amounts[res.gpu_resource_name] = str(job.spec.distributed.gpus_per_node)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    return pods.container_resources(job.spec.resources, job.spec.distributed.gpus_per_node)
 
 
 def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[str, Any]]:

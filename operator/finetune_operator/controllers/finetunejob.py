@@ -1,63 +1,67 @@
 """reconcile_finetunejob: level-triggered, idempotent; reads actual state and moves the job one step on.
 
-Each call: read the FineTuneJob; apply its children (server-side apply) when its generation changed;
-then, from the current attempt's Job and Pods (kopf indexes fed by watches), decide: suspend,
-deadline, admission, start, success, failure (non-retryable → Failed at once; retryable → whole-gang
-restart with exponential backoff up to maxRestarts), TTL. Status is merge-patched (only the fields the
-operator owns; `progress`, `metrics`, `checkpoints`, `artifact` belong to the trainer) and only when it
-changed; every phase transition posts an Event. The return value asks for the next reconcile in N s.
+Each call reads the FineTuneJob (from the cache) and the current attempt's Job and Pods (kopf indexes fed by
+watches), then asks each concern in turn (`CONCERNS`), until one decides: finished (sticky; only the TTL),
+children (applied when the generation changed), suspend, deadline, claims, admission by Kueue or by the
+operator's gang plan, a gang restart under way, and observing the current attempt (success; failure →
+Failed at once when non-retryable, else a whole-gang restart with exponential backoff up to maxRestarts;
+running). Each concern returns `Done(requeue)` or None; the "fail → release the GPUs → commit → TTL"
+ending is `Step.fail`/`Step.end`. Status goes through the kind-generic writer with the FineTuneJob's
+`STATUS_RULES` (only the fields the operator owns; `progress`, `metrics`, `checkpoints`, `artifact` belong
+to the trainer). The return value asks for the next reconcile in N s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_operator.api.common import InvalidResourceError
+from finetune_operator.api.common import API_VERSION, InvalidResourceError
+from finetune_operator.api.conditions import find, is_true
 from finetune_operator.api.finetunejob import (
     CONDITION_ADMITTED,
     CONDITION_FAILED,
     CONDITION_RUNNING,
     CONDITION_SUCCEEDED,
     CONDITION_SUSPENDED,
+    KIND,
     FineTuneJob,
+    Scheduling,
     parse_finetunejob,
+)
+from finetune_operator.api.finetunejob_status import (
+    CONDITION_ORDER,
+    EXPLAINED_BY,
+    REASON_RESTARTING,
+    RELEASED_PHASES,
+    WARNING_PHASES,
+    derive_phase,
+    is_terminal,
 )
 from finetune_operator.builders import build_children, build_trainer_job
 from finetune_operator.builders.common import FINALIZER, build_finalizer_intent, checkpoint_claim_name
 from finetune_operator.builders.trainer_config import named_claims
-from finetune_operator.controllers.admission import admission_decision, release
-from finetune_operator.controllers.children import (
+from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.status import StatusRules, StatusWriter
+from finetune_operator.controllers.summaries import (
     JobSummary,
     PodSummary,
     exit_code_from_message,
     of_attempt,
 )
-from finetune_operator.controllers.conditions import (
-    REASON_RESTARTING,
-    derive_phase,
-    find,
-    is_terminal,
-    is_true,
-    rfc3339,
-    set_condition,
-)
-from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.work_queue import ObjectKey
 from finetune_operator.k8s import ApiError
+from finetune_operator.timestamps import parse_rfc3339, rfc3339
 from finetune_trainer.config import ConfigError
 from finetune_trainer.exit_codes import NON_RETRYABLE, REASONS
 
 logger = logging.getLogger(__name__)
 
-API_VERSION = "finetune.dev/v1alpha1"
-KIND = "FineTuneJob"
 WAITING_FOR = " - waiting for the old gang's pods to go: "
-RELEASED_PHASES = ("Succeeded", "Failed", "Suspended")
-"""Phases in which no pod of the job runs, so our finalizer is dropped."""
 OWNED_STATUS_FIELDS = (
     "phase",
     "observedGeneration",
@@ -70,12 +74,15 @@ OWNED_STATUS_FIELDS = (
     "completionTime",
     "lastFailure",
 )
-
-
-def parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+"""Status fields the operator writes; `progress`, `metrics`, `checkpoints`, `artifact` are the trainer's."""
+STATUS_RULES = StatusRules(
+    owned_fields=OWNED_STATUS_FIELDS,
+    condition_order=CONDITION_ORDER,
+    derive_phase=derive_phase,
+    explained_by=EXPLAINED_BY,
+    fallback_condition=CONDITION_ADMITTED,
+    warning_phases=WARNING_PHASES,
+)
 
 
 def restart_delay(backoff_seconds: float, restarts: int, max_seconds: float) -> float:
@@ -83,104 +90,30 @@ def restart_delay(backoff_seconds: float, restarts: int, max_seconds: float) -> 
     return float(min(max_seconds, backoff_seconds * 2 ** max(0, restarts - 1)))
 
 
-class StatusWriter:
-    """Collects the operator-owned status fields, then patches only what changed and posts Events."""
-
-    def __init__(self, runtime: Runtime, body: dict[str, Any], now: datetime) -> None:
-        self.runtime = runtime
-        self.body = body
-        self.now = now
-        self.generation = int(body["metadata"].get("generation") or 0)
-        status = body.get("status") or {}
-        self.original = {k: copy.deepcopy(status.get(k)) for k in OWNED_STATUS_FIELDS}
-        self.fields: dict[str, Any] = copy.deepcopy(self.original)
-        self.fields["conditions"] = list(self.fields.get("conditions") or [])
-        self.gpus = 0
-        """GPUs the job asks for, for the operator's metrics; set once the spec is parsed."""
-
-    @property
-    def conditions(self) -> list[dict[str, Any]]:
-        return list(self.fields["conditions"])
-
-    def set(self, type_: str, status: bool, reason: str, message: str) -> None:
-        self.fields["conditions"] = set_condition(
-            self.fields["conditions"],
-            type_,
-            status,
-            reason,
-            message,
-            generation=self.generation,
-            now=self.now,
-        )
-
-    def fail(self, reason: str, message: str) -> None:
-        self.set(CONDITION_FAILED, True, reason, message)
-        self.set(CONDITION_RUNNING, False, reason, message)
-        self.fields["completionTime"] = self.fields.get("completionTime") or rfc3339(self.now)
-
-    async def commit(self) -> None:
-        self.fields["observedGeneration"] = self.generation
-        self.fields["phase"] = derive_phase(self.fields["conditions"])
-        changed = {k: v for k, v in self.fields.items() if v != self.original.get(k)}
-        key = f"{self.body['metadata']['namespace']}/{self.body['metadata']['name']}"
-        phase = self.fields["phase"]
-        active = phase not in ("Succeeded", "Failed", "Suspended")
-        admitted = active and is_true(self.fields["conditions"], CONDITION_ADMITTED)
-        self.runtime.record(key, phase, self.gpus if active else 0, self.gpus if admitted else 0)
-        if not changed:
-            return
-        meta = self.body["metadata"]
-        updated = await self.runtime.client.patch_status(
-            API_VERSION, KIND, meta["name"], meta["namespace"], changed
-        )
-        if updated is not None:
-            self.runtime.remember(updated)
-        old_phase, new_phase = self.original.get("phase"), self.fields["phase"]
-        if old_phase != new_phase:
-            reason, message = self._why(new_phase)
-            warning = new_phase in ("Failed", "Restarting")
-            logger.info("%s: %s -> %s (%s) %s", key, old_phase, new_phase, reason, message)
-            self.runtime.spawn(
-                self.runtime.client.post_event(
-                    self.body, type_="Warning" if warning else "Normal", reason=reason, message=message
-                )
-            )
-        self.original = copy.deepcopy(self.fields)
-
-    def _why(self, phase: str) -> tuple[str, str]:
-        conditions = self.fields["conditions"]
-        by_phase = {
-            "Failed": CONDITION_FAILED,
-            "Succeeded": CONDITION_SUCCEEDED,
-            "Suspended": CONDITION_SUSPENDED,
-            "Restarting": CONDITION_RUNNING,
-            "Running": CONDITION_RUNNING,
-            "Queued": CONDITION_ADMITTED,
-        }
-        condition = find(conditions, by_phase.get(phase, CONDITION_RUNNING)) or find(
-            conditions, CONDITION_ADMITTED
-        )
-        if condition is None:
-            return phase, f"phase is now {phase}"
-        return str(condition.get("reason") or phase), str(condition.get("message") or f"phase is now {phase}")
+def fail(writer: StatusWriter, reason: str, message: str) -> None:
+    writer.set(CONDITION_FAILED, True, reason, message)
+    writer.set(CONDITION_RUNNING, False, reason, message)
+    writer.fields["completionTime"] = writer.fields.get("completionTime") or rfc3339(writer.now)
 
 
-async def reconcile_finetunejob(runtime: Runtime, key: str) -> float | None:
-    """Reconcile the FineTuneJob `namespace/name`; returns seconds until it wants to run again, or None."""
-    namespace, name = key.split("/", 1)
-    with runtime.metrics.time_reconcile(KIND):
-        return await _reconcile(runtime, key, namespace, name)
+def _record_gauges(runtime: Runtime, ref: str, gpus: int) -> Callable[[Mapping[str, Any]], None]:
+    """The writer's commit hook: the job's phase and GPUs (requested while active, admitted) in the gauges."""
+
+    def record(fields: Mapping[str, Any]) -> None:
+        phase = str(fields["phase"])
+        active = phase not in RELEASED_PHASES
+        admitted = active and is_true(fields["conditions"], CONDITION_ADMITTED)
+        runtime.gauges.record(ref, phase, gpus if active else 0, gpus if admitted else 0)
+
+    return record
 
 
-def _index(runtime: Runtime, name: str, key: str) -> list[Any]:
-    index = runtime.indexes.get(name)
-    return list(index.get(key, [])) if index is not None else []
-
-
-async def _delete_jobs(runtime: Runtime, namespace: str, jobs: Sequence[JobSummary]) -> None:
-    await asyncio.gather(
-        *(runtime.client.delete("batch/v1", "Job", j.name, namespace) for j in jobs if not j.deleting)
-    )
+def forget_finetunejob(runtime: Runtime, key: ObjectKey) -> None:
+    """The FineTuneJob is gone: free its GPUs and drop everything known about it."""
+    runtime.gang.release(key.ref)
+    runtime.gang.forget(key.ref)
+    runtime.gauges.forget(key.ref)
+    runtime.forget(key)
 
 
 async def _apply_children(runtime: Runtime, job: FineTuneJob) -> None:
@@ -226,22 +159,27 @@ def _failure(job: JobSummary | None, pods: Sequence[PodSummary]) -> tuple[int | 
     return found[0]
 
 
-async def _reconcile(runtime: Runtime, key: str, namespace: str, name: str) -> float | None:
-    body = runtime.bodies.get(key)
-    if body is None:  # not seen by the watch yet (or forgotten): read it
-        body = await runtime.client.get(API_VERSION, KIND, name, namespace)
-        if body is not None:
-            runtime.remember(body)
+async def reconcile_finetunejob(runtime: Runtime, key: ObjectKey) -> float | None:
+    """Reconcile one FineTuneJob; returns seconds until it wants to run again, or None."""
+    assert key.kind == KIND, key
+    body = await runtime.current_body(key)
     if body is None:
         return None
     finalizers = body["metadata"].get("finalizers") or []
     if body["metadata"].get("deletionTimestamp"):
         # Children go with their owner (ownerReferences + garbage collection); free its GPUs first.
-        release(runtime, key)
+        runtime.gang.release(key.ref)
         await _hold_finalizer(runtime, body, present=False)
         return None
-    writer = StatusWriter(runtime, body, datetime.now(UTC))
-    requeue = await _step(runtime, key, body, writer)
+    try:
+        job: FineTuneJob | InvalidResourceError = parse_finetunejob(body)
+    except InvalidResourceError as exc:
+        job = exc
+    gpus = job.spec.gpus_total if isinstance(job, FineTuneJob) else 0
+    writer = StatusWriter(
+        runtime, body, datetime.now(UTC), STATUS_RULES, on_commit=_record_gauges(runtime, key.ref, gpus)
+    )
+    requeue = await _step(runtime, key, body, job, writer)
     if FINALIZER in finalizers and writer.fields.get("phase") in RELEASED_PHASES:
         await _hold_finalizer(runtime, body, present=False)  # nothing runs any more: nothing to guard
     return requeue
@@ -256,20 +194,12 @@ async def _hold_finalizer(runtime: Runtime, body: dict[str, Any], *, present: bo
     if (FINALIZER in (body["metadata"].get("finalizers") or [])) == present:
         return True
     try:
-        runtime.remember(await runtime.client.apply(build_finalizer_intent(body, present=present)))
+        runtime.cache.remember(await runtime.client.apply(build_finalizer_intent(body, present=present)))
     except ApiError as exc:
         if exc.status in (404, 409):  # deleted meanwhile (409: the uid of a deleted object)
             return False
         raise
     return True
-
-
-async def _start_attempt(
-    runtime: Runtime, body: dict[str, Any], job: FineTuneJob, attempt: int, placement: Sequence[str] = ()
-) -> None:
-    """Create the Job of `attempt`, holding our finalizer first (its pods will hold GPUs)."""
-    if await _hold_finalizer(runtime, body, present=True):
-        await runtime.client.create(build_trainer_job(job, attempt, runtime.config, placement))
 
 
 def _placement_status(nodes: Sequence[str], gpus_per_node: int) -> list[dict[str, Any]]:
@@ -293,246 +223,315 @@ async def _missing_claims(runtime: Runtime, job: FineTuneJob) -> list[str]:
     ]
 
 
-async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: StatusWriter) -> float | None:
-    """One reconcile step of a live (not deleting) job; returns seconds until the next, or None."""
-    namespace = body["metadata"]["namespace"]
-    config, now = runtime.config, writer.now
-    status = body.get("status") or {}
-    jobs: list[JobSummary] = _index(runtime, "trainer_jobs", key)
-    pods: list[PodSummary] = _index(runtime, "trainer_pods", key)
+@dataclass(frozen=True)
+class Done:
+    """A concern decided this reconcile: stop here, and run again in `requeue` seconds (None: on events)."""
 
-    try:
-        job = parse_finetunejob(body)
-        writer.gpus = job.spec.gpus_total
-    except InvalidResourceError as exc:
+    requeue: float | None = None
+
+
+@dataclass
+class Step:
+    """What one reconcile of a live, valid FineTuneJob knows; each concern below reads and moves it on."""
+
+    runtime: Runtime
+    key: ObjectKey
+    body: dict[str, Any]
+    job: FineTuneJob
+    writer: StatusWriter
+    jobs: list[JobSummary]
+    """The batch Jobs of every attempt (kopf index)."""
+    pods: list[PodSummary]
+    """The pods of every attempt (kopf index)."""
+    attempt: int
+    restarts: int
+    admitted: bool
+    """The Admitted condition as this reconcile found it."""
+    deadline_in: float | None = None
+    """Seconds until activeDeadlineSeconds runs out, once the job has started."""
+
+    @property
+    def ref(self) -> str:
+        return self.key.ref
+
+    @property
+    def namespace(self) -> str:
+        return self.key.namespace
+
+    @property
+    def scheduling(self) -> Scheduling:
+        return self.job.spec.scheduling
+
+    @property
+    def restarting(self) -> dict[str, Any] | None:
+        """The Running condition while a gang restart is under way (its lastTransitionTime starts the
+        backoff)."""
+        running = find(self.writer.conditions, CONDITION_RUNNING)
+        if running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING:
+            return running
+        return None
+
+    def queued(self) -> None:
+        self.writer.fields["queuedSince"] = self.writer.fields.get("queuedSince") or rfc3339(self.writer.now)
+
+    async def delete_jobs(self, jobs: Sequence[JobSummary]) -> None:
+        await asyncio.gather(
+            *(
+                self.runtime.client.delete("batch/v1", "Job", j.name, self.namespace)
+                for j in jobs
+                if not j.deleting
+            )
+        )
+
+    async def start_attempt(self, placement: Sequence[str] = ()) -> None:
+        """Create the Job of the current attempt, holding our finalizer first (its pods will hold GPUs)."""
+        if await _hold_finalizer(self.runtime, self.body, present=True):
+            job = build_trainer_job(self.job, self.attempt, self.runtime.config, placement)
+            await self.runtime.client.create(job)
+
+    async def end(self) -> Done:
+        """The job is finished (its conditions say how): free its GPUs, record it, then only its TTL."""
+        self.runtime.gang.release(self.ref)
+        await self.writer.commit()
+        return Done(await _ttl(self.runtime, self.job, self.writer))
+
+    async def fail(self, reason: str, message: str, *, last_failure: str | None = None) -> Done:
+        fail(self.writer, reason, message)
+        if last_failure is not None:
+            self.writer.fields["lastFailure"] = last_failure
+        return await self.end()
+
+
+Concern = Callable[[Step], Awaitable[Done | None]]
+
+
+async def _step(
+    runtime: Runtime,
+    key: ObjectKey,
+    body: dict[str, Any],
+    parsed: FineTuneJob | InvalidResourceError,
+    writer: StatusWriter,
+) -> float | None:
+    """One reconcile of a live (not deleting) job: the first concern that decides ends it; returns seconds
+    until the next, or None."""
+    if isinstance(parsed, InvalidResourceError):
         if not is_terminal(writer.conditions):
-            writer.fail("InvalidSpec", str(exc))
-            release(runtime, key)
+            fail(writer, "InvalidSpec", str(parsed))
+            runtime.gang.release(key.ref)
         await writer.commit()
         return None
-    scheduling = job.spec.scheduling
+    status = body.get("status") or {}
+    step = Step(
+        runtime=runtime,
+        key=key,
+        body=body,
+        job=parsed,
+        writer=writer,
+        jobs=runtime.observed.trainer_jobs(key.ref),
+        pods=runtime.observed.trainer_pods(key.ref),
+        attempt=int(status.get("attempt") or 0),
+        restarts=int(status.get("restarts") or 0),
+        admitted=is_true(writer.conditions, CONDITION_ADMITTED),
+    )
+    for concern in CONCERNS:
+        done = await concern(step)
+        if done is not None:
+            return done.requeue
+    raise AssertionError("observing the current attempt always decides")
 
-    # --- finished: sticky; only TTL and making sure nothing still runs --------------------------------
-    if is_terminal(writer.conditions):
-        # A failed Job's controller stops its own pods; failed pods stay for `kubectl logs`. Anything
-        # else still running (a deadline, a gang whose Job didn't fail yet) is stopped here.
-        live_attempts = {p.attempt for p in pods if not p.terminated and not p.deleting}
-        await _delete_jobs(
-            runtime, namespace, [j for j in jobs if j.attempt in live_attempts and not j.failed]
-        )
-        runtime.admitted_override[key] = False
-        await writer.commit()
-        return await _ttl(runtime, job, writer)
 
-    # --- children --------------------------------------------------------------------------------------
-    if runtime.applied_generation.get(key) != writer.generation:
-        try:
-            await _apply_children(runtime, job)
-        except ConfigError as exc:
-            writer.fail(REASONS[3], str(exc))
-            release(runtime, key)
-            await writer.commit()
-            return await _ttl(runtime, job, writer)
-        runtime.applied_generation[key] = writer.generation
+async def finished(step: Step) -> Done | None:
+    """Succeeded/Failed is sticky: only the TTL, and making sure nothing still runs."""
+    if not is_terminal(step.writer.conditions):
+        return None
+    # A failed Job's controller stops its own pods; failed pods stay for `kubectl logs`. Anything else
+    # still running (a deadline, a gang whose Job didn't fail yet) is stopped here.
+    live_attempts = {p.attempt for p in step.pods if not p.terminated and not p.deleting}
+    await step.delete_jobs([j for j in step.jobs if j.attempt in live_attempts and not j.failed])
+    step.runtime.gang.set_not_admitted(step.ref)
+    await step.writer.commit()
+    return Done(await _ttl(step.runtime, step.job, step.writer))
 
-    attempt = int(status.get("attempt") or 0)
-    restarts = int(status.get("restarts") or 0)
-    admitted_condition = is_true(writer.conditions, CONDITION_ADMITTED)
 
-    # --- suspend / resume ------------------------------------------------------------------------------
-    if scheduling.suspend:
-        await _delete_jobs(runtime, namespace, jobs)
-        message = f"suspended: pods deleted, checkpoints kept on claim {checkpoint_claim_name(job)}"
+async def children(step: Step) -> Done | None:
+    """Apply the children when the generation changed since they were last applied (or never were here)."""
+    applied = step.runtime.applied
+    if applied.is_current(step.key, step.writer.generation):
+        return None
+    try:
+        await _apply_children(step.runtime, step.job)
+    except ConfigError as exc:
+        return await step.fail(REASONS[3], str(exc))
+    applied.mark(step.key, step.writer.generation)
+    return None
+
+
+async def suspend(step: Step) -> Done | None:
+    """`suspend: true` stops the pods and keeps the checkpoints; resuming lets the next attempt start."""
+    writer = step.writer
+    if step.scheduling.suspend:
+        await step.delete_jobs(step.jobs)
+        message = f"suspended: pods deleted, checkpoints kept on claim {checkpoint_claim_name(step.job)}"
         writer.set(CONDITION_SUSPENDED, True, "Suspended", message)
         writer.set(CONDITION_RUNNING, False, "Suspended", message)
         writer.set(CONDITION_ADMITTED, False, "Suspended", "no GPUs are held or requested while suspended")
         writer.fields["admission"] = None
         writer.fields["queuedSince"] = None
-        if admitted_condition or runtime.admitted_override.get(key):
-            release(runtime, key)
+        if step.admitted or step.runtime.gang.admitted(step.ref):
+            step.runtime.gang.release(step.ref)
         await writer.commit()
-        return None
+        return Done()
     if is_true(writer.conditions, CONDITION_SUSPENDED):
-        writer.set(
-            CONDITION_SUSPENDED,
-            False,
-            "Resumed",
-            "resumed: the next attempt continues from the newest checkpoint",
-        )
+        message = "resumed: the next attempt continues from the newest checkpoint"
+        writer.set(CONDITION_SUSPENDED, False, "Resumed", message)
+    return None
 
-    # --- deadline --------------------------------------------------------------------------------------
-    deadline_in: float | None = None
-    start_time = parse_time(writer.fields.get("startTime"))
-    if scheduling.active_deadline_seconds and start_time:
-        deadline_in = (
-            start_time + timedelta(seconds=scheduling.active_deadline_seconds) - now
-        ).total_seconds()
-        if deadline_in <= 0:
-            await _delete_jobs(runtime, namespace, jobs)
-            writer.fail(
-                "DeadlineExceeded",
-                f"running since {rfc3339(start_time)}, longer than activeDeadlineSeconds="
-                f"{scheduling.active_deadline_seconds}",
-            )
-            release(runtime, key)
-            await writer.commit()
-            return await _ttl(runtime, job, writer)
 
-    # --- admission -------------------------------------------------------------------------------------
-    if not admitted_condition and not runtime.admitted_override.get(key):
-        missing = await _missing_claims(runtime, job)
-        if missing:  # its pods would wait in Pending for the claim, saying nothing here
-            writer.set(CONDITION_ADMITTED, False, "ClaimNotFound", "; ".join(missing))
-            writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
-            await writer.commit()
-            return config.requeue_seconds
-    # The Running condition while a gang restart is under way (its lastTransitionTime starts the backoff).
-    running = find(writer.conditions, CONDITION_RUNNING)
-    restarting = (
-        running
-        if running and running.get("status") == "False" and running.get("reason") == REASON_RESTARTING
-        else None
+async def deadline(step: Step) -> Done | None:
+    """activeDeadlineSeconds, counted from the first admission (`startTime`)."""
+    limit = step.scheduling.active_deadline_seconds
+    start_time = parse_rfc3339(step.writer.fields.get("startTime"))
+    if not limit or not start_time:
+        return None
+    step.deadline_in = (start_time + timedelta(seconds=limit) - step.writer.now).total_seconds()
+    if step.deadline_in > 0:
+        return None
+    await step.delete_jobs(step.jobs)
+    return await step.fail(
+        "DeadlineExceeded",
+        f"running since {rfc3339(start_time)}, longer than activeDeadlineSeconds={limit}",
     )
-    if scheduling.queue_name and restarting is None:
-        if attempt == 0:
-            attempt = 1
-            writer.fields["attempt"] = 1
-            await writer.commit()
-        current = next((j for j in jobs if j.attempt == attempt), None)
-        if current is None:
-            await _start_attempt(runtime, body, job, attempt)
-        if current is None or current.suspended:
-            writer.set(
-                CONDITION_ADMITTED,
-                False,
-                "WaitingForKueue",
-                f"waiting for Kueue LocalQueue {scheduling.queue_name} to admit the gang",
-            )
-            writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
-            await writer.commit()
-            return None
-        if not admitted_condition:
-            writer.set(
-                CONDITION_ADMITTED, True, "AdmittedByKueue", f"admitted by Kueue ({scheduling.queue_name})"
-            )
-            writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
-            writer.fields["queuedSince"] = None
-    elif not scheduling.queue_name:
-        admitted = runtime.admitted_override.get(key, admitted_condition)
-        if not admitted:
-            decision = await admission_decision(runtime, key)
-            if not decision.admitted:
-                assert decision.waiting is not None
-                writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
-                writer.fields["queuedSince"] = writer.fields.get("queuedSince") or rfc3339(now)
-                writer.fields["admission"] = (
-                    {"queuePosition": decision.queue_position} if decision.queue_position else None
-                )
-                await writer.commit()
-                return config.requeue_seconds
-        if not admitted_condition:
-            attempt += 1
-            spec = job.spec.distributed
-            placement = runtime.placements.get(key, [])
-            where = f" on {', '.join(placement)}" if placement else ""
-            writer.set(
-                CONDITION_ADMITTED,
-                True,
-                "GangAdmitted",
-                f"{spec.nodes} {'node' if spec.nodes == 1 else 'nodes'} x {spec.gpus_per_node} GPUs{where}",
-            )
-            writer.fields["attempt"] = attempt
-            writer.fields["admission"] = {
-                "admittedAt": rfc3339(now),
-                "gpus": spec.nodes * spec.gpus_per_node,
-                "placement": _placement_status(placement, spec.gpus_per_node),
-            }
-            queued_since = parse_time(writer.fields.get("queuedSince"))
-            if queued_since:
-                runtime.metrics.time_queued.observe((now - queued_since).total_seconds())
-            writer.fields["queuedSince"] = None
-            writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
-            writer.set(CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt}")
-            await writer.commit()  # the attempt is recorded before its Job exists: a crash can't lose it
-            await _start_attempt(runtime, body, job, attempt, placement)
-            return deadline_in
 
-    # --- restarting: old gang gone, backoff over → next attempt ----------------------------------------
-    if restarting is not None:
-        await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
-        leftovers = [p for p in pods if p.attempt <= attempt]
-        if leftovers:
-            # Say what the restart waits for: a pod on an unreachable node can stay Terminating for long.
-            waiting = ", ".join(sorted(p.name + (f" on {p.node}" if p.node else "") for p in leftovers))
-            message = str(restarting.get("message") or "").split(WAITING_FOR)[0]
-            writer.set(CONDITION_RUNNING, False, REASON_RESTARTING, f"{message}{WAITING_FOR}{waiting}")
-            await writer.commit()
-            return 5.0  # pod deletions wake us sooner
-        changed_at = parse_time(restarting.get("lastTransitionTime")) or now
-        delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
-        wait = (changed_at + timedelta(seconds=delay) - now).total_seconds()
-        if wait > 0:
-            await writer.commit()
-            return wait
-        attempt += 1
-        writer.fields["attempt"] = attempt
-        writer.set(
-            CONDITION_RUNNING, False, "Starting", f"starting attempt {attempt} from the newest checkpoint"
-        )
+
+async def claims(step: Step) -> Done | None:
+    """A job not yet admitted waits for every claim its spec names, as its pods would (silently)."""
+    if step.admitted or step.runtime.gang.admitted(step.ref):
+        return None
+    missing = await _missing_claims(step.runtime, step.job)
+    if not missing:
+        return None
+    step.writer.set(CONDITION_ADMITTED, False, "ClaimNotFound", "; ".join(missing))
+    step.queued()
+    await step.writer.commit()
+    return Done(step.runtime.config.requeue_seconds)
+
+
+async def admit_by_kueue(step: Step) -> Done | None:
+    """With `queueName`, Kueue admits: the Job is created suspended; Admitted follows its `suspend`."""
+    queue_name = step.scheduling.queue_name
+    if not queue_name or step.restarting is not None:
+        return None
+    writer = step.writer
+    if step.attempt == 0:
+        step.attempt = 1
+        writer.fields["attempt"] = 1
         await writer.commit()
-        await _start_attempt(runtime, body, job, attempt)
-        return deadline_in
+    current = next((j for j in step.jobs if j.attempt == step.attempt), None)
+    if current is None:
+        await step.start_attempt()
+    if current is None or current.suspended:
+        message = f"waiting for Kueue LocalQueue {queue_name} to admit the gang"
+        writer.set(CONDITION_ADMITTED, False, "WaitingForKueue", message)
+        step.queued()
+        await writer.commit()
+        return Done()
+    if not step.admitted:
+        writer.set(CONDITION_ADMITTED, True, "AdmittedByKueue", f"admitted by Kueue ({queue_name})")
+        writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(writer.now)
+        writer.fields["queuedSince"] = None
+    return None
 
-    # --- the current attempt ---------------------------------------------------------------------------
-    current_job = next((j for j in jobs if j.attempt == attempt), None)
-    current_pods = of_attempt(pods, attempt)
+
+async def admit_by_plan(step: Step) -> Done | None:
+    """Without `queueName`, the operator's own gang admission decides; admitted → the next attempt."""
+    if step.scheduling.queue_name:
+        return None
+    runtime, writer, now = step.runtime, step.writer, step.writer.now
+    if not runtime.gang.admitted(step.ref, step.admitted):
+        decision = await runtime.gang.decide(step.ref)
+        if not decision.admitted:
+            assert decision.waiting is not None
+            writer.set(CONDITION_ADMITTED, False, decision.waiting.reason, decision.waiting.message)
+            step.queued()
+            position = decision.queue_position
+            writer.fields["admission"] = {"queuePosition": position} if position else None
+            await writer.commit()
+            return Done(runtime.config.requeue_seconds)
+    if step.admitted:
+        return None
+    step.attempt += 1
+    spec = step.job.spec.distributed
+    placement = runtime.gang.placement(step.ref)
+    where = f" on {', '.join(placement)}" if placement else ""
+    gang = f"{spec.nodes} {'node' if spec.nodes == 1 else 'nodes'} x {spec.gpus_per_node} GPUs{where}"
+    writer.set(CONDITION_ADMITTED, True, "GangAdmitted", gang)
+    writer.fields["attempt"] = step.attempt
+    writer.fields["admission"] = {
+        "admittedAt": rfc3339(now),
+        "gpus": spec.nodes * spec.gpus_per_node,
+        "placement": _placement_status(placement, spec.gpus_per_node),
+    }
+    queued_since = parse_rfc3339(writer.fields.get("queuedSince"))
+    if queued_since:
+        runtime.metrics.time_queued.observe((now - queued_since).total_seconds())
+    writer.fields["queuedSince"] = None
+    writer.fields["startTime"] = writer.fields.get("startTime") or rfc3339(now)
+    writer.set(CONDITION_RUNNING, False, "Starting", f"starting attempt {step.attempt}")
+    await writer.commit()  # the attempt is recorded before its Job exists: a crash can't lose it
+    await step.start_attempt(placement)
+    return Done(step.deadline_in)
+
+
+async def restart(step: Step) -> Done | None:
+    """A whole-gang restart under way: the old gang gone and the backoff over → the next attempt."""
+    restarting = step.restarting
+    if restarting is None:
+        return None
+    writer = step.writer
+    await step.delete_jobs([j for j in step.jobs if j.attempt <= step.attempt])
+    leftovers = [p for p in step.pods if p.attempt <= step.attempt]
+    if leftovers:
+        # Say what the restart waits for: a pod on an unreachable node can stay Terminating for long.
+        waiting = ", ".join(sorted(p.name + (f" on {p.node}" if p.node else "") for p in leftovers))
+        message = str(restarting.get("message") or "").split(WAITING_FOR)[0]
+        writer.set(CONDITION_RUNNING, False, REASON_RESTARTING, f"{message}{WAITING_FOR}{waiting}")
+        await writer.commit()
+        return Done(5.0)  # pod deletions wake us sooner
+    changed_at = parse_rfc3339(restarting.get("lastTransitionTime")) or writer.now
+    config = step.runtime.config
+    delay = restart_delay(step.scheduling.backoff_seconds, step.restarts, config.restart_backoff_max_seconds)
+    wait = (changed_at + timedelta(seconds=delay) - writer.now).total_seconds()
+    if wait > 0:
+        await writer.commit()
+        return Done(wait)
+    step.attempt += 1
+    writer.fields["attempt"] = step.attempt
+    message = f"starting attempt {step.attempt} from the newest checkpoint"
+    writer.set(CONDITION_RUNNING, False, "Starting", message)
+    await writer.commit()
+    await step.start_attempt()
+    return Done(step.deadline_in)
+
+
+async def observe_attempt(step: Step) -> Done:
+    """The current attempt's Job and pods decide: success, failure (→ Failed or a gang restart), running."""
+    writer, attempt = step.writer, step.attempt
+    current_job = next((j for j in step.jobs if j.attempt == attempt), None)
+    current_pods = of_attempt(step.pods, attempt)
     if current_job is None and not current_pods:
-        await _start_attempt(runtime, body, job, attempt)
-    nodes = job.spec.distributed.nodes
+        await step.start_attempt()
+    nodes = step.job.spec.distributed.nodes
 
     succeeded_ranks = {p.rank for p in current_pods if p.phase == "Succeeded"}
     if (current_job is not None and current_job.complete) or len(succeeded_ranks) >= nodes:
         writer.set(CONDITION_SUCCEEDED, True, "Completed", f"all {nodes} pods of attempt {attempt} completed")
         writer.set(CONDITION_RUNNING, False, "Completed", "training finished")
-        writer.fields["completionTime"] = rfc3339(now)
-        release(runtime, key)
-        await writer.commit()
-        return await _ttl(runtime, job, writer)
+        writer.fields["completionTime"] = rfc3339(writer.now)
+        return await step.end()
 
     failure = _failure(current_job, current_pods)
     if failure is not None:
-        code, description = failure
-        if code is not None and code in NON_RETRYABLE:
-            writer.fail(REASONS[code], f"{description} (not retried: exit code {code} is non-retryable)")
-            writer.fields["lastFailure"] = description
-            release(runtime, key)
-            await writer.commit()
-            return await _ttl(runtime, job, writer)
-        if restarts >= scheduling.max_restarts:
-            writer.fail(
-                "BackoffLimitExceeded",
-                f"attempt {attempt} failed after {restarts} of {scheduling.max_restarts} restarts: "
-                f"{description}",
-            )
-            writer.fields["lastFailure"] = description
-            release(runtime, key)
-            await writer.commit()
-            return await _ttl(runtime, job, writer)
-        restarts += 1
-        delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
-        writer.fields["restarts"] = restarts
-        writer.fields["lastFailure"] = description
-        writer.set(
-            CONDITION_RUNNING,
-            False,
-            REASON_RESTARTING,
-            f"attempt {attempt} failed: {description}; whole-gang restart {restarts} of "
-            f"{scheduling.max_restarts} in {delay:g}s from the newest checkpoint",
-        )
-        runtime.metrics.restarts.labels(reason="disruption" if code is None else "failure").inc()
-        await writer.commit()
-        await _delete_jobs(runtime, namespace, [j for j in jobs if j.attempt <= attempt])
-        return max(delay, 1.0)
+        return await _failed_attempt(step, *failure)
 
     live = [p for p in current_pods if p.phase in ("Running", "Succeeded") and not p.deleting]
     if len(live) >= nodes:
@@ -541,20 +540,64 @@ async def _step(runtime: Runtime, key: str, body: dict[str, Any], writer: Status
         admission = writer.fields.get("admission")
         if admission:  # where this attempt actually runs (a restart after a node loss lands elsewhere)
             ranked = sorted(live, key=lambda p: int(p.rank) if p.rank.isdigit() else 0)
-            actual = _placement_status([p.node for p in ranked], job.spec.distributed.gpus_per_node)
+            actual = _placement_status([p.node for p in ranked], step.job.spec.distributed.gpus_per_node)
             if admission.get("placement") != actual:
                 writer.fields["admission"] = {**admission, "placement": actual}
     else:
-        writer.set(
-            CONDITION_RUNNING, False, "Starting", f"{len(live)} of {nodes} pods of attempt {attempt} running"
-        )
+        message = f"{len(live)} of {nodes} pods of attempt {attempt} running"
+        writer.set(CONDITION_RUNNING, False, "Starting", message)
     await writer.commit()
-    return deadline_in
+    return Done(step.deadline_in)
+
+
+async def _failed_attempt(step: Step, code: int | None, description: str) -> Done:
+    """A non-retryable exit fails the job; any other failure restarts the whole gang, up to maxRestarts."""
+    scheduling, attempt = step.scheduling, step.attempt
+    if code is not None and code in NON_RETRYABLE:
+        message = f"{description} (not retried: exit code {code} is non-retryable)"
+        return await step.fail(REASONS[code], message, last_failure=description)
+    if step.restarts >= scheduling.max_restarts:
+        message = (
+            f"attempt {attempt} failed after {step.restarts} of {scheduling.max_restarts} restarts: "
+            f"{description}"
+        )
+        return await step.fail("BackoffLimitExceeded", message, last_failure=description)
+    restarts = step.restarts + 1
+    config = step.runtime.config
+    delay = restart_delay(scheduling.backoff_seconds, restarts, config.restart_backoff_max_seconds)
+    writer = step.writer
+    writer.fields["restarts"] = restarts
+    writer.fields["lastFailure"] = description
+    writer.set(
+        CONDITION_RUNNING,
+        False,
+        REASON_RESTARTING,
+        f"attempt {attempt} failed: {description}; whole-gang restart {restarts} of "
+        f"{scheduling.max_restarts} in {delay:g}s from the newest checkpoint",
+    )
+    step.runtime.metrics.restarts.labels(reason="disruption" if code is None else "failure").inc()
+    await writer.commit()
+    await step.delete_jobs([j for j in step.jobs if j.attempt <= attempt])
+    return Done(max(delay, 1.0))
+
+
+CONCERNS: tuple[Concern, ...] = (
+    finished,
+    children,
+    suspend,
+    deadline,
+    claims,
+    admit_by_kueue,
+    admit_by_plan,
+    restart,
+    observe_attempt,
+)
+"""In order; the first that returns `Done` ends the reconcile."""
 
 
 async def _ttl(runtime: Runtime, job: FineTuneJob, writer: StatusWriter) -> float | None:
     ttl = job.spec.scheduling.ttl_seconds_after_finished
-    finished = parse_time(writer.fields.get("completionTime"))
+    finished = parse_rfc3339(writer.fields.get("completionTime"))
     if ttl is None or finished is None:
         return None
     remaining = (finished + timedelta(seconds=ttl) - writer.now).total_seconds()

@@ -1,5 +1,11 @@
 """kopf handlers; importing this package registers them."""
 
-from finetune_operator.handlers import children, finetunejob, modeldeployment
+from finetune_operator.handlers import (
+    finetunejob,
+    indexes,
+    modeldeployment,
+    serving_children,
+    trainer_children,
+)
 
-__all__ = ["children", "finetunejob", "modeldeployment"]
+__all__ = ["finetunejob", "indexes", "modeldeployment", "serving_children", "trainer_children"]

@@ -1,4 +1,8 @@
-"""A first ModelDeployment handler: acknowledges the object in its status (the controller comes later)."""
+"""Thin kopf handler for ModelDeployments: every event feeds the cache and, when it matters, the work queue.
+
+As for FineTuneJobs, no kopf change handlers: kopf keeps no diff-base annotation and no finalizer on the
+object; the ModelDeployment reconciler runs on the shared work queue.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,17 @@ from typing import Any
 import kopf
 
 from finetune_operator.api.common import GROUP, VERSION
-from finetune_operator.controllers.modeldeployment import reconcile_modeldeployment
+from finetune_operator.api.modeldeployment import PLURAL
+from finetune_operator.controllers.cache import key_of
+from finetune_operator.handlers.indexes import runtime_of
 
-PLURAL = "modeldeployments"
 
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-async def modeldeployment_changed(*, body: kopf.Body, memo: Any, **_: Any) -> None:
-    await reconcile_modeldeployment(memo.runtime, dict(body))
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def modeldeployment_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    runtime = runtime_of(memo, kwargs)
+    key = key_of(body)
+    if event["type"] == "DELETED":
+        runtime.forget(key)
+        return
+    if runtime.cache.observe(body):
+        runtime.enqueue(key)

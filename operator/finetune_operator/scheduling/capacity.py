@@ -1,6 +1,9 @@
 """Free GPUs per node, from the nodes' allocatable and the requests of the pods bound to them.
 
-Upstream kinds stay plain dicts (Node, Pod); only the facts admission needs are extracted here.
+GPUs are an extended resource whose name the job chooses (`resources.gpuResourceName`: `nvidia.com/gpu`,
+`amd.com/gpu`, a MIG profile such as `nvidia.com/mig-1g.10gb`, ...): capacity is always counted for the
+resource the pods will request, never for another. Upstream kinds stay plain dicts (Node, Pod); only the
+facts admission needs are extracted here.
 """
 
 from __future__ import annotations
@@ -9,21 +12,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+from finetune_operator.api.common import DEFAULT_GPU_RESOURCE
+
+GPU_RESOURCE = DEFAULT_GPU_RESOURCE
 _TERMINATED_PHASES = frozenset({"Succeeded", "Failed"})
 _BLOCKING_TAINT_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 
 
 @dataclass(frozen=True)
 class NodeGpus:
-    """One schedulable node as admission sees it."""
+    """One schedulable node as admission sees it, for one GPU resource."""
 
     name: str
     allocatable: int
     free: int
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Mapping[str, Any], ...] = ()
+    resource: str = GPU_RESOURCE
+    """The extended resource counted in `allocatable` and `free`."""
+    terminating: int = 0
+    """GPUs of pods being deleted here (e.g. preempted, saving a checkpoint): still used, soon free."""
 
 
 def gpu_count(value: object) -> int:
@@ -38,8 +46,9 @@ def gpu_count(value: object) -> int:
     return int(float(text))
 
 
-def pod_gpu_request(pod: Mapping[str, Any]) -> int:
-    """Effective GPU request of a pod, as the scheduler counts it: max(sum of containers, largest init)."""
+def pod_gpu_request(pod: Mapping[str, Any], resource: str = GPU_RESOURCE) -> int:
+    """Effective request of `resource` by a pod, as the scheduler counts it: max(sum of containers,
+    largest init container)."""
     spec = pod.get("spec") or {}
 
     def request(container: Mapping[str, Any]) -> int:
@@ -47,7 +56,7 @@ def pod_gpu_request(pod: Mapping[str, Any]) -> int:
         requests = resources.get("requests") or {}
         # Extended resources may be given as limits only; the API server copies them to requests.
         limits = resources.get("limits") or {}
-        return gpu_count(requests.get(GPU_RESOURCE, limits.get(GPU_RESOURCE)))
+        return gpu_count(requests.get(resource, limits.get(resource)))
 
     main = sum(request(c) for c in spec.get("containers") or [])
     init = max((request(c) for c in spec.get("initContainers") or []), default=0)
@@ -69,18 +78,23 @@ def _node_ready(node: Mapping[str, Any]) -> bool:
 
 
 def free_gpus_by_node(
-    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
+    nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]], resource: str = GPU_RESOURCE
 ) -> list[NodeGpus]:
-    """GPU allocatable minus the GPU requests of non-terminated pods bound to each ready node."""
+    """Allocatable `resource` minus the requests of it by non-terminated pods bound to each ready node;
+    nodes without any of it are left out. GPUs of pods being deleted are also counted as `terminating`."""
     used: dict[str, int] = {}
+    terminating: dict[str, int] = {}
     for pod in pods:
         node_name = (pod.get("spec") or {}).get("nodeName")
         if not node_name or is_pod_terminated(pod):
             continue
-        used[node_name] = used.get(node_name, 0) + pod_gpu_request(pod)
+        gpus = pod_gpu_request(pod, resource)
+        used[node_name] = used.get(node_name, 0) + gpus
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            terminating[node_name] = terminating.get(node_name, 0) + gpus
     result = []
     for node in nodes:
-        allocatable = gpu_count(((node.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE))
+        allocatable = gpu_count(((node.get("status") or {}).get("allocatable") or {}).get(resource))
         if allocatable <= 0 or not _node_ready(node):
             continue
         meta = node.get("metadata") or {}
@@ -92,6 +106,8 @@ def free_gpus_by_node(
                 free=max(0, allocatable - used.get(name, 0)),
                 labels=dict(meta.get("labels") or {}),
                 taints=tuple((node.get("spec") or {}).get("taints") or ()),
+                resource=resource,
+                terminating=min(terminating.get(name, 0), allocatable),
             )
         )
     return sorted(result, key=lambda n: n.name)

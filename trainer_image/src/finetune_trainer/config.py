@@ -9,85 +9,28 @@ files; Python code may use the snake_case field names (``populate_by_name``).
 
 from __future__ import annotations
 
-import difflib
 import enum
 import json
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
 
 from finetune_trainer.data.config import DataConfig
+from finetune_trainer.schema import ConfigSection, unknown_key_message, valid_keys
 
 #: The config schema version this trainer reads. Bump on incompatible changes; the operator renders it.
 CONFIG_VERSION = "v1"
 SUPPORTED_VERSIONS = frozenset({CONFIG_VERSION})
-
-
-def _valid_keys(model: type[BaseModel]) -> list[str]:
-    keys: list[str] = []
-    for name, info in model.model_fields.items():
-        keys.append(info.alias or name)
-        if info.alias and info.alias != name:
-            keys.append(name)
-    return keys
-
-
-def suggest_key(key: str, candidates: Iterable[str]) -> str | None:
-    """The closest valid key to ``key`` (case-insensitive difflib match), or None."""
-    lowered = {c.lower(): c for c in candidates}
-    match = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
-    return lowered[match[0]] if match else None
-
-
-def unknown_key_message(key: str, section: str, candidates: Iterable[str]) -> str:
-    candidates = list(candidates)
-    where = f" in {section}" if section else ""
-    suggestion = suggest_key(key, candidates)
-    if suggestion:
-        return f"unknown key {key!r}{where}; did you mean {suggestion!r}?"
-    preferred = sorted({c for c in candidates if "_" not in c})
-    return f"unknown key {key!r}{where}; valid keys: {', '.join(preferred)}"
-
-
-class ConfigSection(BaseModel):
-    """Base of every section: camelCase aliases, snake_case accepted, unknown keys refused with a hint."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        validate_assignment=True,
-        use_enum_values=False,
-    )
-
-    #: Name of the section in messages ("hyperparameters", "lora"...). Empty for the root.
-    section_name: ClassVar[str] = ""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            valid = _valid_keys(cls)
-            for key in data:
-                if isinstance(key, str) and key not in valid:
-                    raise PydanticCustomError(
-                        "unknown_key",
-                        unknown_key_message(key, cls.section_name, valid),
-                    )
-        return data
 
 
 class Task(enum.StrEnum):
@@ -472,7 +415,7 @@ def format_validation_error(error: ValidationError, root: type[BaseModel] = Base
         message = item["msg"]
         if item["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
             section = _section_model(root, loc) if root is not BaseModel else None
-            keys = _valid_keys(section) if section else []
+            keys = valid_keys(section) if section else []
             parent = ".".join(str(p) for p in loc[:-1])
             message = unknown_key_message(loc[-1], parent, keys) if keys else f"unknown key {loc[-1]!r}"
         elif item["type"] == "unknown_key":

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from finetune_trainer.config import Method, TrainerConfig
+from finetune_trainer.state import TrainState
 
 if TYPE_CHECKING:
     from finetune_trainer.distributed import Distributed
     from finetune_trainer.engine import Engine
-    from finetune_trainer.train import TrainState
 
 
 def _version(package: str) -> str | None:

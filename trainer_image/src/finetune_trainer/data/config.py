@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from finetune_trainer.schema import unknown_key_message
+
 __all__ = [
     "AugmentationConfig",
     "BadRowsConfig",
@@ -54,9 +56,6 @@ class _DataModel(BaseModel):
         valid = [key for name, info in cls.model_fields.items() for key in {info.alias or name, name}]
         unknown = [key for key in data if isinstance(key, str) and key not in valid]
         if unknown:
-            # Imported here: finetune_trainer.config imports this module (it embeds DataConfig).
-            from finetune_trainer.config import unknown_key_message
-
             raise PydanticCustomError("unknown_key", unknown_key_message(unknown[0], cls.section_name, valid))
         return data
 

@@ -1,4 +1,8 @@
-"""Conditions and the phase derived from them. Pure; the controller decides, this module records."""
+"""Conditions (type, status, reason, message, lastTransitionTime, observedGeneration), for every kind.
+
+Pure (kubernetes API conventions); the controller decides, this module records. Which condition types a kind
+has, their order and the phase derived from them belong to the kind (e.g. `api/finetunejob_status.py`).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api.finetunejob import (
-    CONDITION_ADMITTED,
-    CONDITION_FAILED,
-    CONDITION_RUNNING,
-    CONDITION_SUCCEEDED,
-    CONDITION_SUSPENDED,
-    CONDITION_TYPES,
-)
-
-REASON_RESTARTING = "Restarting"
+from finetune_operator.timestamps import rfc3339
 
 Conditions = list[dict[str, Any]]
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def find(conditions: Sequence[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -42,8 +33,11 @@ def set_condition(
     *,
     generation: int,
     now: datetime,
+    order: Sequence[str] = (),
 ) -> Conditions:
-    """A new list with `type_` set; `lastTransitionTime` moves only when the status flips."""
+    """A new list with `type_` set; `lastTransitionTime` moves only when the status flips.
+
+    The list is sorted by `order` (the kind's condition types); types not in it keep their place after."""
     value = "True" if status else "False"
     result: Conditions = []
     replaced = False
@@ -74,28 +68,5 @@ def set_condition(
                 "observedGeneration": generation,
             }
         )
-    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
-    return sorted(result, key=lambda c: order.get(str(c.get("type")), len(order)))
-
-
-def derive_phase(conditions: Sequence[dict[str, Any]]) -> str:
-    """Pending, Queued, Running, Restarting, Succeeded, Failed or Suspended, from the conditions alone."""
-    if is_true(conditions, CONDITION_FAILED):
-        return "Failed"
-    if is_true(conditions, CONDITION_SUCCEEDED):
-        return "Succeeded"
-    if is_true(conditions, CONDITION_SUSPENDED):
-        return "Suspended"
-    running = find(conditions, CONDITION_RUNNING)
-    if running and running.get("status") == "True":
-        return "Running"
-    if running and running.get("reason") == REASON_RESTARTING:
-        return "Restarting"
-    admitted = find(conditions, CONDITION_ADMITTED)
-    if admitted and admitted.get("status") == "False":
-        return "Queued"
-    return "Pending"
-
-
-def is_terminal(conditions: Sequence[dict[str, Any]]) -> bool:
-    return is_true(conditions, CONDITION_SUCCEEDED) or is_true(conditions, CONDITION_FAILED)
+    rank = {t: i for i, t in enumerate(order)}
+    return sorted(result, key=lambda c: rank.get(str(c.get("type")), len(rank)))

@@ -1,4 +1,4 @@
-"""Our child Jobs and Pods: indexed by owner and turned into wake-ups of the owner's reconcile.
+"""Events on our trainer Jobs and Pods, turned into wake-ups of their FineTuneJob's reconcile.
 
 No change handlers, timers or daemons here: those would put kopf annotations and finalizers on every
 child. The operator's startup sets server-side label selectors, so only our own Jobs and Pods stream in.
@@ -11,33 +11,9 @@ from typing import Any
 
 import kopf
 
-from finetune_operator.builders.common import JOB_LABEL
-from finetune_operator.controllers.children import (
-    JobSummary,
-    PodSummary,
-    owner_key,
-    summarize_job,
-    summarize_pod,
-)
-from finetune_operator.handlers.finetunejob import runtime_of
-
-OURS = {JOB_LABEL: kopf.PRESENT}
-
-
-@kopf.index("batch/v1", "jobs", labels=OURS)
-async def trainer_jobs(
-    *, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
-) -> dict[str, JobSummary] | None:
-    key = owner_key(namespace, labels)
-    return {key: summarize_job(body)} if key else None
-
-
-@kopf.index("v1", "pods", labels=OURS)
-async def trainer_pods(
-    *, body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
-) -> dict[str, PodSummary] | None:
-    key = owner_key(namespace, labels)
-    return {key: summarize_pod(body)} if key else None
+from finetune_operator.controllers.runtime import finetunejob_key
+from finetune_operator.controllers.summaries import owner_key, summarize_job, summarize_pod
+from finetune_operator.handlers.indexes import OURS, runtime_of
 
 
 def _wake(
@@ -49,14 +25,14 @@ def _wake(
     kwargs: Any,
 ) -> None:
     if event["type"] is None:
-        return  # initial listing: the owners' resume handlers reconcile everything once anyway
-    key = owner_key(namespace, labels)
-    if key is None:
+        return  # initial listing: the owners are reconciled once anyway when they are listed
+    owner = owner_key(namespace, labels)
+    if owner is None:
         return
     runtime = runtime_of(memo, kwargs)
     if frees or event["type"] == "DELETED":
-        runtime.capacity_changed()
-    runtime.enqueue(key)
+        runtime.gang.capacity_changed()
+    runtime.enqueue(finetunejob_key(owner))
 
 
 @kopf.on.event("batch/v1", "jobs", labels=OURS)

@@ -1,29 +1,47 @@
-"""kopf wiring: one startup hook with every setting, shared clients in `memo`, cleanup, login, probe.
+"""kopf's startup hooks: one startup hook with every setting, the runtime in `memo`, cleanup, login, probe.
 
-Importing this module registers all handlers (via `finetune_operator.handlers`).
+Importing this module registers all handlers (via `finetune_operator.handlers`). The one place where each
+kind's reconciler is registered on the shared work queue (`RECONCILERS`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 
 from finetune_operator import handlers  # noqa: F401 - registers the handlers
+from finetune_operator.api import finetunejob, modeldeployment
 from finetune_operator.builders.common import JOB_LABEL
+from finetune_operator.builders.serving_common import DEPLOYMENT_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.finetunejob import reconcile_finetunejob
-from finetune_operator.controllers.runtime import ReconcileQueue, Runtime
+from finetune_operator.controllers.modeldeployment import reconcile_modeldeployment
+from finetune_operator.controllers.runtime import Runtime
+from finetune_operator.controllers.work_queue import ObjectKey, Reconcile
 from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
 
-#: kopf's own finalizer, for kinds where kopf handlers need one (ModelDeployment). FineTuneJobs carry
-#: ours (builders.common.FINALIZER), which the reconciler adds and removes itself: a different name, so
-#: kopf never strips it for lack of a kopf handler that needs it.
+#: kopf's own finalizer and state, should a kopf change handler ever be added: none exists (every kind is
+#: reconciled from the work queue), so kopf writes neither to our objects. Set anyway, under kopf's own
+#: prefix: a different name from ours (builders.common.FINALIZER), so kopf never strips ours.
 KOPF_FINALIZER = "kopf.finetune.dev/finalizer"
 STORAGE_PREFIX = "kopf.finetune.dev"
+
+ReconcilerOf = Callable[[Runtime, ObjectKey], Awaitable[float | None]]
+RECONCILERS: dict[str, ReconcilerOf] = {
+    finetunejob.KIND: reconcile_finetunejob,
+    modeldeployment.KIND: reconcile_modeldeployment,
+}
+"""One reconciler per kind; the queue routes each key to its kind's."""
+
+
+def bind(runtime: Runtime, reconcilers: dict[str, ReconcilerOf]) -> dict[str, Reconcile[ObjectKey]]:
+    return {kind: functools.partial(reconcile, runtime) for kind, reconcile in reconcilers.items()}
 
 
 @kopf.on.login()
@@ -51,6 +69,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     # Only our own children stream in (server-side), not every Job and Pod of the namespace.
     settings.watching.label_selectors["batch/v1", "jobs"] = JOB_LABEL
     settings.watching.label_selectors["v1", "pods"] = JOB_LABEL
+    settings.watching.label_selectors["apps/v1", "deployments"] = DEPLOYMENT_LABEL
 
 
 @kopf.on.startup()
@@ -67,13 +86,8 @@ async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Lo
     metrics = OperatorMetrics()
     if config.metrics_port:
         metrics.serve(config.metrics_port)
-    runtime = Runtime(client=client, config=config, metrics=metrics)
-
-    async def reconcile(key: str) -> float | None:
-        return await reconcile_finetunejob(runtime, key)
-
-    runtime.queue = ReconcileQueue(reconcile, config.workers)
-    runtime.queue.start()
+    runtime = Runtime(client, config, metrics)
+    runtime.start(bind(runtime, RECONCILERS))
 
     async def resync_forever() -> None:
         while True:
@@ -90,10 +104,7 @@ async def cleanup(*, memo: Any, **_: Any) -> None:
     runtime: Runtime | None = getattr(memo, "runtime", None)
     if runtime is None:
         return
-    for task in list(runtime.background):
-        task.cancel()
-    if runtime.queue is not None:
-        await runtime.queue.stop()
+    await runtime.stop()
     await runtime.client.close()
 
 

@@ -1,9 +1,11 @@
-"""Small summaries of our child Jobs and Pods, kept in kopf indexes keyed by owner (`namespace/name`)."""
+"""The small facts kept in kopf indexes: summaries of our trainer Jobs and Pods (keyed by their owner,
+`namespace/name`) and of each FineTuneJob (what gang admission needs). Pure: bodies in, tuples out."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from finetune_operator.builders.common import ATTEMPT_LABEL, JOB_LABEL, TRAINER_CONTAINER
@@ -131,3 +133,29 @@ def exit_code_from_message(message: str) -> int | None:
 
 def of_attempt(items: Iterable[Any], attempt: int) -> list[Any]:
     return [item for item in items if item.attempt == attempt]
+
+
+class SpecDemand(NamedTuple):
+    """What admission needs from a FineTuneJob's spec (parsed once per generation)."""
+
+    priority: int
+    nodes: int
+    gpus_per_node: int
+    node_selector: tuple[tuple[str, str], ...]
+    tolerations: tuple[Mapping[str, Any], ...]
+    queue_name: str | None
+    suspend: bool
+    gpu_resource: str
+    """The extended resource the pods request (`resources.gpuResourceName`)."""
+
+
+class FtjSummary(NamedTuple):
+    """What admission needs to know about one FineTuneJob (a kopf index value)."""
+
+    key: str
+    namespace: str
+    created: datetime
+    spec: SpecDemand
+    terminal: bool
+    admitted: bool
+    phase: str

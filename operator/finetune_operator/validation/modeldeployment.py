@@ -1,0 +1,93 @@
+"""Admission review of a ModelDeployment. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from finetune_operator.api.modeldeployment import ModelDeployment, parse_modeldeployment
+from finetune_operator.validation.cluster import ClusterView
+from finetune_operator.validation.review import (
+    AdmissionPolicy,
+    Refusal,
+    Review,
+    check_scheme,
+    run_review,
+)
+from finetune_operator.validation.shape import check_pod_gpus
+
+VLLM_TASKS = ("causal-lm",)
+
+
+def review_modeldeployment(
+    new: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    view: ClusterView,
+    policy: AdmissionPolicy,
+) -> list[Refusal]:
+    def checks(review: Review, deployment: ModelDeployment) -> None:
+        spec = deployment.spec
+        check_scheme(review, "spec.model.uri", spec.model.uri, policy.allowed_model_schemes)
+        check_scheme(review, "spec.model.baseModel", spec.model.base_model, policy.allowed_model_schemes)
+        _check_model(review, deployment, view)
+        _check_secret(review, deployment, view)
+        check_pod_gpus(review, "spec.resources.gpus", spec.resources.gpus, spec.resources, view.nodes, policy)
+
+    return run_review(new, old, parse_modeldeployment, checks)
+
+
+def _check_model(review: Review, deployment: ModelDeployment, view: ClusterView) -> None:
+    spec, namespace = deployment.spec, view.namespace
+    source = spec.model.from_fine_tune_job
+    if source is not None:
+        facts = view.finetunejobs.get(source)
+        if facts is None:
+            review.refuse(
+                "spec.model.fromFineTuneJob",
+                f"FineTuneJob {source!r} not found in namespace {namespace!r}; "
+                "create it first or fix the name",
+            )
+        elif facts.phase == "Failed":
+            review.refuse(
+                "spec.model.fromFineTuneJob",
+                f"FineTuneJob {source!r} has Failed and will never have an artifact; name one that succeeded",
+            )
+        elif spec.runtime.type == "vllm" and facts.task not in VLLM_TASKS:
+            review.refuse(
+                "spec.runtime.type",
+                f"vllm serves causal-lm models, but FineTuneJob {source!r} trains {facts.task}; "
+                "use runtime.type builtin",
+            )
+    for field_path, uri in (
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.baseModel", spec.model.base_model),
+    ):
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            if claim not in view.claims:
+                review.refuse(
+                    field_path, f"PersistentVolumeClaim {claim!r} not found in namespace {namespace!r}"
+                )
+    existing = spec.feedback.storage.existing_claim
+    if existing and existing not in view.claims:
+        review.refuse(
+            "spec.feedback.storage.existingClaim",
+            f"PersistentVolumeClaim {existing!r} not found in namespace {namespace!r}",
+        )
+
+
+def _check_secret(review: Review, deployment: ModelDeployment, view: ClusterView) -> None:
+    ref = deployment.spec.auth.api_key_secret_ref
+    if ref is None:
+        return
+    keys = view.secrets.get(ref.name)
+    if keys is None:
+        review.refuse(
+            "spec.auth.apiKeySecretRef.name",
+            f"Secret {ref.name!r} not found in namespace {view.namespace!r}; create it first or fix the name",
+        )
+    elif ref.key not in keys:
+        listed = ", ".join(sorted(keys)) or "none"
+        review.refuse(
+            "spec.auth.apiKeySecretRef.key", f"Secret {ref.name!r} has no key {ref.key!r} (keys: {listed})"
+        )

@@ -1,0 +1,1 @@
+"""One module per training task; the loop (finetune_trainer.loop) stays task-agnostic."""
