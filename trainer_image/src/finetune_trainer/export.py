@@ -5,6 +5,9 @@ Layout of ``output.dir`` (the contract with the inference server and the operato
     model/               Hugging Face model (safetensors) + tokenizer: the full fine-tune, or the base
                          with the LoRA adapter merged (method lora/qlora with mergeAdapter)
     adapter/             LoRA adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+                         The served one of model/ and adapter/ also holds serving.json (the template the
+                         job trained with), quality_sample.jsonl (held-out rows for the server's quality
+                         gate) and sha256sums.json (finetune_trainer.serving_files)
     metrics.json         before/after metrics on validation and test, best step, steps, history
     README.md            model card (data, hyperparameters, metrics, loss curve)
     loss_curve.png
@@ -119,6 +122,7 @@ def _write(
 ) -> dict[str, Any]:
     from finetune_trainer.model_card import write_model_card
     from finetune_trainer.modeling import TORCH_DTYPES, load_tokenizer
+    from finetune_trainer.serving_files import write_serving_files
 
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +142,7 @@ def _write(
             _merge_adapter(cfg, adapter_dir, model_dir, dtype)
             tokenizer.save_pretrained(str(model_dir))
             artifact_dir, artifact_format = model_dir, "merged"
+    write_serving_files(artifact_dir, cfg, data)
     sha256, size = files_digest(artifact_dir)
     artifact = {
         "uri": artifact_address(cfg, artifact_dir.name),

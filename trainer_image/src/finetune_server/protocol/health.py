@@ -1,14 +1,22 @@
-"""Liveness and readiness: plain probes for Kubernetes and KServe's v2 health endpoints."""
+"""Liveness and readiness: plain probes for Kubernetes and KServe's v2 health endpoints.
+
+Readiness answers 503 until the model is loaded and its compression passed the quality gate; the body says
+why (``phase``, ``reason``, ``message``) and carries the measured figures (``quality``, ``sizeBytes``), which
+is where the operator reads them for the ModelDeployment's status.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
-from finetune_server.errors import ModelNotFoundError, ModelNotReadyError
-from finetune_server.model import TextGenerationModel
+from finetune_server.errors import ModelNotFoundError
+from finetune_server.models.base import LoadedModel
 
 
-def build_router(model: TextGenerationModel) -> APIRouter:
+def build_router(model: LoadedModel) -> APIRouter:
     router = APIRouter()
 
     @router.get("/healthz")
@@ -18,17 +26,19 @@ def build_router(model: TextGenerationModel) -> APIRouter:
 
     @router.get("/readyz")
     @router.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        if not model.ready:
-            raise ModelNotReadyError(f"model {model.name} is still loading")
-        return {"ready": True}
+    async def ready() -> JSONResponse:
+        return JSONResponse(model.health(), status_code=200 if model.ready else 503)
+
+    @router.get("/v2/models/{name}")
+    async def metadata(name: str) -> dict[str, Any]:
+        if name != model.name:
+            raise ModelNotFoundError(f"model {name!r} is not served here", param="name")
+        return model.health()
 
     @router.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> dict[str, object]:
+    async def model_ready(name: str) -> JSONResponse:
         if name != model.name:
-            raise ModelNotFoundError(f"model {name!r} is not served here")
-        if not model.ready:
-            raise ModelNotReadyError(f"model {model.name} is still loading")
-        return {"name": name, "ready": True}
+            raise ModelNotFoundError(f"model {name!r} is not served here", param="name")
+        return JSONResponse(model.health(), status_code=200 if model.ready else 503)
 
     return router
