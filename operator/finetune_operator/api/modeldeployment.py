@@ -68,6 +68,10 @@ class ModelReference(ApiModel):
     """Base model when `uri` points to a LoRA adapter (taken from the job with `fromFineTuneJob`)."""
     task: Task | None = None
     """The model's task; needed with `uri` (taken from the job with `fromFineTuneJob`)."""
+    verify_manifest: bool = True
+    """Check every file of the model folder against the sha256 manifest the trainer writes
+    (`sha256sums.json`) before serving; a missing or changed file keeps the server not ready. Set false
+    with `uri` to serve a model the trainer did not write; a FineTuneJob's artifact is always checked."""
 
     cel_rules = (
         CelRule(
@@ -86,6 +90,13 @@ class ModelReference(ApiModel):
             message="baseModel and task come from the FineTuneJob; set them only with uri",
             holds=lambda m: m.from_fine_tune_job is None or (m.base_model is None and m.task is None),
             field_path=".fromFineTuneJob",
+        ),
+        CelRule(
+            rule="!has(self.fromFineTuneJob) || !has(self.verifyManifest) || self.verifyManifest",
+            message="a FineTuneJob's artifact is always checked against its manifest; verifyManifest: false "
+            "is for a model given by uri",
+            holds=lambda m: m.from_fine_tune_job is None or m.verify_manifest,
+            field_path=".verifyManifest",
         ),
     )
 
