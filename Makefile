@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): # the name carries the content hash of both files: a checkout newer than the venv is no reason to reinstall
 	@echo "==> creating $(VENV) with pinned dependencies (first time: ~3 GB download for torch, a few minutes)"
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(VENV)/bin/pip install -q uv==0.13.8
