@@ -26,13 +26,14 @@ from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
 from tests.unit.test_controller import T0
 
-STATUS_PATH = "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/a/status"
+OBJECT_PATH = "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/a"
+STATUS_PATH = f"{OBJECT_PATH}/status"
 EVENTS_PATH = "/api/v1/namespaces/ns/events"
 
 
 class InProcessApi(KubeClient):
     """A `KubeClient` whose HTTP round trip is answered here: status merge patches are applied to one
-    stored object, Events are kept; every request is recorded."""
+    stored object, which can be deleted; Events are kept; every request is recorded."""
 
     def __init__(self, session: aiohttp.ClientSession, stored: dict[str, Any]) -> None:
         super().__init__(session, "https://api.invalid")
@@ -58,6 +59,8 @@ class InProcessApi(KubeClient):
             return copy.deepcopy(self.stored)
         if (method, path) == ("POST", EVENTS_PATH):
             return dict(body)
+        if (method, path) == ("DELETE", OBJECT_PATH):
+            return {"kind": "Status", "status": "Success"}
         raise AssertionError(f"unexpected request {method} {path}")
 
     def patches(self) -> list[dict[str, Any]]:
@@ -65,6 +68,9 @@ class InProcessApi(KubeClient):
 
     def events(self) -> list[tuple[str, str, str]]:
         return [(b["type"], b["reason"], b["message"]) for m, path, b in self.requests if path == EVENTS_PATH]
+
+    def deleted(self) -> bool:
+        return ("DELETE", OBJECT_PATH) in [(method, path) for method, path, _ in self.requests]
 
 
 def finetunejob() -> dict[str, Any]:
