@@ -45,12 +45,12 @@ class OperatorConfig(BaseModel):
     """How often a queued job looks at GPU capacity again (FTO_REQUEUE_SECONDS): pods of other workloads
     free GPUs without sending the operator an event."""
     drift_check_seconds: float = Field(default=300.0, gt=0)
-    """Every this many seconds all FineTuneJobs are reconciled again, spread over the interval, to repair
-    drift in their children (FTO_DRIFT_CHECK_SECONDS)."""
+    """Every this many seconds every object of every kind (FineTuneJobs, ModelDeployments) is reconciled
+    again, spread over the interval, to repair drift in its children (FTO_DRIFT_CHECK_SECONDS)."""
     workers: int = Field(default=32, ge=1)
-    """Concurrent reconciles of different FineTuneJobs (FTO_WORKERS); never two of one job at once. Like
-    Argo Workflows' 32 workflow workers: a burst of new jobs keeps pace with their creation (figures in
-    benchmarks/README.md)."""
+    """Concurrent reconciles of different objects, of every kind, on the one work queue (FTO_WORKERS);
+    never two of one object at once. Like Argo Workflows' 32 workflow workers: a burst of new jobs keeps
+    pace with their creation (figures in benchmarks/README.md)."""
     gpu_quota_per_namespace: dict[str, int] = Field(default_factory=dict)
     """Optional GPU quota per namespace, e.g. `team-a=16,team-b=8` (FTO_GPU_QUOTA_PER_NAMESPACE);
     admitted jobs' GPUs count against it. Namespaces not listed are unlimited."""

@@ -17,6 +17,8 @@ from typing import Any
 import kopf
 
 from finetune_operator.api.common import API_VERSION
+from finetune_operator.api.finetunejob import KIND as FINETUNEJOB
+from finetune_operator.api.modeldeployment import KIND as MODELDEPLOYMENT
 from finetune_operator.audit.log import AuditLog
 from finetune_operator.builders.webhooks import build_webhook_configurations
 from finetune_operator.config import OperatorConfig
@@ -38,7 +40,7 @@ from finetune_operator.validation.review import spec_changed
 
 logger = logging.getLogger(__name__)
 
-REVIEWS = {"FineTuneJob": review_finetunejob, "ModelDeployment": review_modeldeployment}
+REVIEWS = {FINETUNEJOB: review_finetunejob, MODELDEPLOYMENT: review_modeldeployment}
 CERT_CHECK_SECONDS = 12 * 3600
 """How often the serving certificate's expiry is checked (renewed 30 days before, caBundle re-applied)."""
 
@@ -72,7 +74,7 @@ async def cluster_view(client: KubeClient, namespace: str, needed: Lookups) -> C
         return name, await client.get("v1", "PersistentVolumeClaim", name, namespace) is not None
 
     async def job(name: str) -> tuple[str, FineTuneJobFacts | None]:
-        body = await client.get(API_VERSION, "FineTuneJob", name, namespace)
+        body = await client.get(API_VERSION, FINETUNEJOB, name, namespace)
         if body is None:
             return name, None
         status = body.get("status") or {}

@@ -206,8 +206,10 @@ def test_printer_columns_short_names_and_category(cluster: Cluster, crds: list[s
         "-p", json.dumps({"status": status.to_k8s()}),
     )  # fmt: skip
     header, row = cluster.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "RESTARTS", "AGE"]
-    assert row.split()[:5] == ["support-bot-lora", "Running", "42", "1.25", str(status.restarts)]
+    assert header.split() == ["NAME", "PHASE", "PROGRESS", "LOSS", "ATTEMPT", "RESTARTS", "AGE"]
+    assert row.split()[:6] == [
+        "support-bot-lora", "Running", "42", "1.25", str(status.attempt), str(status.restarts),
+    ]  # fmt: skip
     wide_header = cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
     assert wide_header.split()[1:3] == ["TASK", "METHOD"]
     header = cluster.kubectl("get", "mdep", "-n", namespace).stdout.splitlines()[0]

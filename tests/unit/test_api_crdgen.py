@@ -116,7 +116,7 @@ def test_names_subresource_and_printer_columns(resource: crdgen.Resource) -> Non
     declared = {path for path, _ in _walk(root)}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     wanted = {
-        "FineTuneJob": ["Phase", "Progress", "Loss", "Restarts", "Age"],
+        "FineTuneJob": ["Phase", "Progress", "Loss", "Attempt", "Restarts", "Age"],
         "ModelDeployment": ["Ready", "Endpoint", "Quantization", "Age"],
     }[resource.kind]
     assert set(wanted) <= set(columns)

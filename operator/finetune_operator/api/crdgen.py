@@ -71,6 +71,7 @@ RESOURCES = (
             {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "format": "float"},
             {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "format": "float"},
             {"name": "Eval-Loss", "type": "number", "jsonPath": ".status.metrics.evalLoss", "priority": 1},
+            {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
             {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from finetune_operator.audit.records import AuditRecord
 
 
+# Not timestamps.parse_rfc3339: this reads what a person types (a bare date, naive = UTC) and says why not.
 def parse_time(text: str) -> datetime:
     """ISO 8601 / RFC 3339 (`2026-12-02T18:00:00Z`, or a date); naive times are UTC."""
     try:

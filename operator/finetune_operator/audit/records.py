@@ -108,6 +108,7 @@ def correlation_id(kind: str, namespace: str, name: str, generation: int | None)
     return f"{kind}/{namespace}/{name}@{generation if generation is not None else '-'}"
 
 
+# Not timestamps.rfc3339 (metav1.Time, whole seconds): a record's time keeps microseconds (MicroTime).
 def rfc3339_micro(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

@@ -22,11 +22,10 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune_operator.api.common import API_VERSION
+from finetune_operator.api.common import GROUP, VERSION
 from finetune_operator.api.finetunejob import PLURAL as FINETUNEJOBS
 from finetune_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
 
-GROUP, VERSION = API_VERSION.split("/")
 ADMISSION_API = "admissionregistration.k8s.io/v1"
 
 VALIDATE_FINETUNEJOB = "validate-finetunejob"

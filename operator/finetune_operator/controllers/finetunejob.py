@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from finetune_operator.api.common import API_VERSION, InvalidResourceError
+from finetune_operator.api.common import API_VERSION, InvalidResourceError, parse_resource
 from finetune_operator.api.conditions import find, is_true
 from finetune_operator.api.finetunejob import (
     CONDITION_ADMITTED,
@@ -299,9 +299,7 @@ class Step:
 
     async def end(self) -> Done:
         """The job is finished (its conditions say how): free its GPUs, record it, then only its TTL."""
-        self.runtime.gang.release(self.ref)
-        await self.writer.commit()
-        return Done(await _ttl(self.runtime, self.job, self.writer))
+        return await _end(self.runtime, self.ref, self.writer, self.scheduling.ttl_seconds_after_finished)
 
     async def fail(self, reason: str, message: str, *, last_failure: str | None = None) -> Done:
         fail(self.writer, reason, message)
@@ -323,11 +321,12 @@ async def _step(
     """One reconcile of a live (not deleting) job: the first concern that decides ends it; returns seconds
     until the next, or None."""
     if isinstance(parsed, InvalidResourceError):
-        if not is_terminal(writer.conditions):
-            fail(writer, "InvalidSpec", str(parsed))
-            runtime.gang.release(key.ref)
-        await writer.commit()
-        return None
+        ttl_seconds = _declared_ttl(body)
+        if is_terminal(writer.conditions):
+            await writer.commit()
+            return await _ttl(runtime, ttl_seconds, writer)
+        fail(writer, "InvalidSpec", str(parsed))
+        return (await _end(runtime, key.ref, writer, ttl_seconds)).requeue
     status = body.get("status") or {}
     step = Step(
         runtime=runtime,
@@ -358,7 +357,7 @@ async def finished(step: Step) -> Done | None:
     await step.delete_jobs([j for j in step.jobs if j.attempt in live_attempts and not j.failed])
     step.runtime.gang.set_not_admitted(step.ref)
     await step.writer.commit()
-    return Done(await _ttl(step.runtime, step.job, step.writer))
+    return Done(await _ttl(step.runtime, step.scheduling.ttl_seconds_after_finished, step.writer))
 
 
 async def children(step: Step) -> Done | None:
@@ -641,8 +640,26 @@ CONCERNS: tuple[Concern, ...] = (
 """In order; the first that returns `Done` ends the reconcile."""
 
 
-async def _ttl(runtime: Runtime, job: FineTuneJob, writer: StatusWriter) -> float | None:
-    ttl = job.spec.scheduling.ttl_seconds_after_finished
+async def _end(runtime: Runtime, ref: str, writer: StatusWriter, ttl_seconds: int | None) -> Done:
+    """Every ending of a job (`Step.end`, and a spec the typed model refuses): free its GPUs, commit the
+    status its conditions now say, then only its TTL."""
+    runtime.gang.release(ref)
+    await writer.commit()
+    return Done(await _ttl(runtime, ttl_seconds, writer))
+
+
+def _declared_ttl(body: Mapping[str, Any]) -> int | None:
+    """`ttlSecondsAfterFinished` of a job whose spec the typed model refuses, if its `scheduling` parses
+    on its own (an invalid job is a failed job: it goes after its TTL like any other)."""
+    try:
+        scheduling = parse_resource(Scheduling, KIND, (body.get("spec") or {}).get("scheduling") or {})
+    except InvalidResourceError:
+        return None
+    return scheduling.ttl_seconds_after_finished
+
+
+async def _ttl(runtime: Runtime, ttl: int | None, writer: StatusWriter) -> float | None:
+    """Seconds until the finished job's TTL runs out; at zero it is deleted. None without a TTL."""
     finished = parse_rfc3339(writer.fields.get("completionTime"))
     if ttl is None or finished is None:
         return None

@@ -10,17 +10,16 @@ from typing import Any, Literal
 
 import kopf
 
+from finetune_operator.api.common import GROUP, VERSION
 from finetune_operator.api.finetunejob import KIND as FINETUNEJOB
 from finetune_operator.api.finetunejob import PLURAL as FINETUNEJOBS
 from finetune_operator.api.modeldeployment import KIND as MODELDEPLOYMENT
 from finetune_operator.api.modeldeployment import PLURAL as MODELDEPLOYMENTS
 from finetune_operator.builders.webhooks import (
     AUDIT_DELETE,
-    GROUP,
     SET_CREATED_BY,
     VALIDATE_FINETUNEJOB,
     VALIDATE_MODELDEPLOYMENT,
-    VERSION,
 )
 from finetune_operator.validation import CREATED_BY
 from finetune_operator.webhooks import WebhookServices, review_request

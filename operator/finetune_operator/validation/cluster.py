@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator.api.common import GPU_PRODUCT_LABEL, InvalidResourceError
+from finetune_operator.api.finetunejob import KIND as FINETUNEJOB
 from finetune_operator.api.finetunejob import parse_finetunejob
+from finetune_operator.api.modeldeployment import KIND as MODELDEPLOYMENT
 from finetune_operator.api.modeldeployment import parse_modeldeployment
 from finetune_operator.builders.trainer_config import named_claims
 from finetune_operator.scheduling.capacity import gpu_count
@@ -78,14 +80,14 @@ def _unique(items: list[str]) -> tuple[str, ...]:
 def lookups(kind: str, body: Mapping[str, Any]) -> Lookups:
     """What to fetch for reviewing `body`; nothing for a body that doesn't parse (it is refused as is)."""
     try:
-        if kind == "FineTuneJob":
+        if kind == FINETUNEJOB:
             job = parse_finetunejob(body)
             return Lookups(
                 secrets=_unique([job.spec.credentials_secret] if job.spec.credentials_secret else []),
                 claims=_unique([claim for _, claim in named_claims(job)]),
                 nodes=job.spec.distributed.gpus_per_node > 0,
             )
-        if kind == "ModelDeployment":
+        if kind == MODELDEPLOYMENT:
             deployment = parse_modeldeployment(body)
             spec = deployment.spec
             claims = [
