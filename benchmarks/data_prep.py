@@ -13,6 +13,9 @@ Every part runs in its own process so that each peak RSS is its own (``ru_maxrss
 map workers are reported separately as the largest child). The tokenizer is the tests' character-level one
 (``trainer_image/tests/tiny_tokenizer.py``: ~130 tokens a row, which makes tokenization the larger part).
 ``--near`` turns near-duplicate detection on (MinHash LSH; its index lives in memory) for a separate figure.
+``--num-proc`` caps the map processes (``FTO_DATA_NUM_PROC``); ``--rows-per-process`` lowers the rows each
+must get (``prepare(rows_per_process=…)``, default 20,000), to split a small run too; ``map_processes``
+reports how many the tokenizing map used.
 
 Prints one JSON line.
 """
@@ -102,7 +105,9 @@ def worker_floor(source: str) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - start, "rows": rows, "tokens": tokens, "peak_rss_mb": _peak_mb()}
 
 
-def worker_prepare(source: str, store: str, attempt: str, wait: bool, near: bool) -> dict[str, Any]:
+def worker_prepare(
+    source: str, store: str, attempt: str, wait: bool, near: bool, rows_per_process: int | None
+) -> dict[str, Any]:
     from finetune_trainer.data.config import DataConfig
     from finetune_trainer.data.pipeline import prepare
     from tiny_tokenizer import make_tiny_tokenizer
@@ -112,7 +117,8 @@ def worker_prepare(source: str, store: str, attempt: str, wait: bool, near: bool
     imported_mb = _peak_mb()
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        prepared = prepare(cfg, tokenizer, Path(work), store=Path(store), attempt=attempt, wait=wait)
+        split = {} if rows_per_process is None else {"rows_per_process": rows_per_process}
+        prepared = prepare(cfg, tokenizer, Path(work), store=Path(store), attempt=attempt, wait=wait, **split)
         seconds = time.perf_counter() - start
         rng = random.Random(1)
         read = [prepared.train[rng.randrange(len(prepared.train))] for _ in range(1000)]
@@ -125,6 +131,7 @@ def worker_prepare(source: str, store: str, attempt: str, wait: bool, near: bool
             "test": len(prepared.test),
             "sampled_tokens": tokens,
             "reused": bool(cache and cache.reused),
+            "map_processes": len(list(prepared.folder.glob("examples*.arrow"))) if prepared.folder else 0,
             "peak_rss_mb": _peak_mb(),
             "after_imports_rss_mb": imported_mb,
             "largest_child_rss_mb": _peak_mb(resource.RUSAGE_CHILDREN),
@@ -153,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--num-proc", type=int, default=None, help="processes for the maps")
     parser.add_argument("--near", action="store_true", help="near-duplicate detection on")
+    parser.add_argument("--rows-per-process", type=int, default=None, help="fewest rows per map process")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -161,7 +169,8 @@ def main() -> None:
         if kind == "floor":
             result = worker_floor(rest[0])
         else:
-            result = worker_prepare(rest[0], rest[1], rest[2], kind == "wait", args.near)
+            wait = kind == "wait"
+            result = worker_prepare(rest[0], rest[1], rest[2], wait, args.near, args.rows_per_process)
         print(json.dumps(result))
         return
 
@@ -178,11 +187,13 @@ def main() -> None:
         generate(source, args.rows)
         floor = _result(_spawn("floor", str(source), env=env))
         store = str(root / "store")
-        near = ["--near"] if args.near else []
-        preparing = _spawn("prepare", str(source), store, "attempt-1", *near, env=env)
-        waiting = _spawn("wait", str(source), store, "attempt-1", *near, env=env)
+        flags = ["--near"] if args.near else []
+        if args.rows_per_process:
+            flags += ["--rows-per-process", str(args.rows_per_process)]
+        preparing = _spawn("prepare", str(source), store, "attempt-1", *flags, env=env)
+        waiting = _spawn("wait", str(source), store, "attempt-1", *flags, env=env)
         prep, wait = _result(preparing), _result(waiting)
-        reuse = _result(_spawn("prepare", str(source), store, "attempt-2", *near, env=env))
+        reuse = _result(_spawn("prepare", str(source), store, "attempt-2", *flags, env=env))
         source_mb = source.stat().st_size / 2**20
     load_after = os.getloadavg()
     rows_per_s = args.rows / prep["seconds"]
@@ -194,6 +205,8 @@ def main() -> None:
                 "rows": args.rows,
                 "source_mb": round(source_mb, 1),
                 "num_proc": num_proc,
+                "rows_per_process": args.rows_per_process,
+                "map_processes": prep["map_processes"],
                 "near_dedup": args.near,
                 "prep_s": round(prep["seconds"], 2),
                 "prep_rows_per_s": round(rows_per_s),

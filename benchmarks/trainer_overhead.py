@@ -4,17 +4,27 @@ in one process.
 
 Ours is the real ``finetune_trainer.loop.Trainer`` with its defaults (metrics every step to the JSON-lines
 log, Prometheus gauges, loss read back every step); only evaluation and periodic checkpoints are turned off,
-which the other loops don't do either. Steps/s are measured between the first and the last optimizer step
-(the first step is warm-up), and each loop runs ``REPEATS`` times interleaved, alternating which goes first,
-on one intra-op thread, so that load from other processes hits both alike. ``ratio`` is the median of the
-back-to-back pair ratios (ours / plain); medians of each loop's steps/s and the pair-ratio range are
-reported too.
+which the other loops don't do either. It reads the training examples by index from the prepared Arrow files,
+as it does in a job; the plain and DeepSpeed loops read the same view, so ``ratio`` is the loop's own
+overhead. The cost of reading from Arrow is measured apart: ours again, in the same run, with the examples
+materialised from the same view into plain Python lists first (how the trainer held them before preparation
+moved to Arrow), so before and after are side by side.
 
-Prints one JSON line: ours_steps_per_s, plain_steps_per_s, deepspeed_steps_per_s, ratio (ours / plain).
+Steps/s are measured between the first and the last optimizer step (the first step is warm-up). The three
+loops run back to back in ``--repeats`` rounds, rotating which goes first, on one intra-op thread, so that
+load from other processes hits them alike (DeepSpeed's runs come after, apart: it needs a process group).
+``ratio`` is the median over the rounds of ours / plain in steps/s (target: at least 0.95);
+``arrow_vs_list`` the median over the rounds of the step time of ours reading Arrow / ours reading lists
+("no worse": at most 1.05). Medians of each loop's figures and the ranges of the ratios are reported too.
+
+Prints one JSON line: ours_steps_per_s, plain_steps_per_s, deepspeed_steps_per_s, ratio (ours / plain),
+arrow_step_s, list_step_s, arrow_vs_list.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -45,7 +55,21 @@ MICRO_BATCH = 8
 
 
 class TimedTrainer(Trainer):
-    """Our trainer, recording when each optimizer step finishes."""
+    """Our trainer, recording when each optimizer step finishes; with ``examples_as_lists`` it reads the
+    examples from Python lists materialised from the prepared Arrow view instead of the view itself."""
+
+    examples_as_lists = False
+
+    def _prepare_data(self, tokenizer: Any) -> Any:
+        prepared = super()._prepare_data(tokenizer)
+        if not self.examples_as_lists:
+            return prepared
+        return dataclasses.replace(
+            prepared,
+            train=list(prepared.train),
+            validation=list(prepared.validation),
+            test=list(prepared.test),
+        )
 
     def _train(self, state: Any) -> Any:
         self.step_times: list[float] = []
@@ -64,11 +88,14 @@ def steps_per_second(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def run_ours(root: Path, raw: dict[str, Any], attempt: int) -> tuple[float, list[dict[str, list[int]]]]:
+def run_ours(
+    root: Path, raw: dict[str, Any], run: str, *, lists: bool = False
+) -> tuple[float, list[dict[str, list[int]]]]:
     raw = json.loads(json.dumps(raw))
-    raw["checkpointing"]["dir"] = str(root / f"ckpt-{attempt}")
-    raw["output"]["dir"] = str(root / f"out-{attempt}")
+    raw["checkpointing"]["dir"] = str(root / f"ckpt-{run}")
+    raw["output"]["dir"] = str(root / f"out-{run}")
     trainer = TimedTrainer(parse_config(raw), TorchrunEnv())
+    trainer.examples_as_lists = lists
     try:
         trainer.run()
     finally:
@@ -76,10 +103,10 @@ def run_ours(root: Path, raw: dict[str, Any], attempt: int) -> tuple[float, list
     return steps_per_second(trainer.step_times), trainer.data.train
 
 
-def batches(train: list[dict[str, list[int]]], seed: int) -> list[list[int]]:
+def batches(train: list[dict[str, list[int]]], seed: int, steps: int) -> list[list[int]]:
     order = DataOrder(len(train), MICRO_BATCH, 1, 1, seed)
     out = []
-    for step in range(STEPS):
+    for step in range(steps):
         epoch, in_epoch = divmod(step, order.steps_per_epoch)
         out.append(order.micro_batches(order.permutation(epoch), in_epoch, 0)[0])
     return out
@@ -90,13 +117,14 @@ def run_plain(model_dir: Path, train: list[dict[str, list[int]]], raw: dict[str,
 
     cfg = parse_config(raw)
     hp = cfg.hyperparameters
+    steps = int(hp.max_steps or 0)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, STEPS))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, steps))
     times = []
-    for indices in batches(train, cfg.seed):
+    for indices in batches(train, cfg.seed, steps):
         batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
         loss = model(**batch).loss
         loss.backward()
@@ -128,7 +156,7 @@ def run_deepspeed(
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     times = []
-    for indices in batches(train, cfg.seed):
+    for indices in batches(train, cfg.seed, int(hp.max_steps or 0)):
         batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -140,6 +168,11 @@ def run_deepspeed(
 def main() -> None:
     import logging
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each loop")
+    args = parser.parse_args()
+    steps, repeats = args.steps, args.repeats
     logging.disable(logging.WARNING)
     # One intra-op thread: on a shared machine two threads contend with other processes and the noise
     # swamps the per-step overhead being measured.
@@ -152,34 +185,39 @@ def main() -> None:
             root,
             model_dir,
             data,
-            hyperparameters={"maxSteps": STEPS, "microBatchSize": MICRO_BATCH},
+            hyperparameters={"maxSteps": steps, "microBatchSize": MICRO_BATCH},
             evaluation={"everySteps": 0, "beforeTraining": False},
             checkpointing={"everySteps": 10**6},
         )
         from transformers import AutoTokenizer
 
         pad_id = int(AutoTokenizer.from_pretrained(model_dir).pad_token_id)
-        ours, plain = [], []
         train: list[dict[str, list[int]]] = []
-        _, train = run_ours(root, raw, REPEATS)  # warm-up (imports, allocator); not counted
-        for attempt in range(REPEATS):
-            # Alternate which loop goes first, so drifting load from other processes hits both alike.
-            if attempt % 2:
-                plain.append(run_plain(model_dir, train, raw, pad_id))
-                ours.append(run_ours(root, raw, attempt)[0])
-            else:
-                ours.append(run_ours(root, raw, attempt)[0])
-                plain.append(run_plain(model_dir, train, raw, pad_id))
+        _, train = run_ours(root, raw, "warm-up")  # imports, allocator, the prepared data; not counted
+        loops = {
+            "ours": lambda attempt: run_ours(root, raw, f"arrow-{attempt}")[0],
+            "lists": lambda attempt: run_ours(root, raw, f"lists-{attempt}", lists=True)[0],
+            "plain": lambda attempt: run_plain(model_dir, train, raw, pad_id),
+        }
+        measured: dict[str, list[float]] = {name: [] for name in loops}
+        names = list(loops)
+        for attempt in range(repeats):
+            # Rotate which loop goes first, so drifting load from other processes hits all of them alike.
+            for name in names[attempt % 3 :] + names[: attempt % 3]:
+                measured[name].append(loops[name](attempt))
+        ours, lists, plain = measured["ours"], measured["lists"], measured["plain"]
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        ds = [run_deepspeed(model_dir, train, raw, pad_id) for _ in range(REPEATS)]
+        ds = [run_deepspeed(model_dir, train, raw, pad_id) for _ in range(repeats)]
     ours_s, plain_s, ds_s = statistics.median(ours), statistics.median(plain), statistics.median(ds)
-    # Each (ours, plain) pair ran back to back under the same load: the median of the pair ratios is the
+    # The loops of a round ran back to back under the same load: the median of the per-round ratios is the
     # steadiest estimate of the overhead on a shared machine.
     pair_ratio = statistics.median(o / p for o, p in zip(ours, plain, strict=True))
+    # Step time reading Arrow / reading lists, per round (steps/s are the inverse).
+    arrow_vs_list = [lst / arrow for arrow, lst in zip(ours, lists, strict=True)]
     print(
         json.dumps(
             {
@@ -193,8 +231,14 @@ def main() -> None:
                 "ratio_max": round(max(o / p for o, p in zip(ours, plain, strict=True)), 3),
                 "deepspeed_ratio": round(ds_s / plain_s, 3),
                 "target_ratio": 0.95,
-                "steps": STEPS,
-                "repeats": REPEATS,
+                "arrow_step_s": round(1 / ours_s, 5),
+                "list_step_s": round(1 / statistics.median(lists), 5),
+                "arrow_vs_list": round(statistics.median(arrow_vs_list), 3),
+                "arrow_vs_list_min": round(min(arrow_vs_list), 3),
+                "arrow_vs_list_max": round(max(arrow_vs_list), 3),
+                "target_arrow_vs_list": 1.05,
+                "steps": steps,
+                "repeats": repeats,
                 "micro_batch": MICRO_BATCH,
                 "model": "llama hidden=64 layers=2 (random init), fp32, CPU",
                 "torch_threads": torch.get_num_threads(),

@@ -2,11 +2,12 @@
 ``python data_rank.py CONFIG_JSON STORE ATTEMPT {prepare|wait} WORKDIR [--hold]``.
 
 Prints one JSON line (examples, the cache entry, whether it waited) and, with ``--hold``, then sleeps
-until killed (a rank that goes on to train)."""
+until killed (a rank that goes on to train). Logs to stderr at INFO, as the trainer does."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 def main(argv: list[str]) -> int:
     config, store, attempt, role, workdir = argv[:5]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = DataConfig.model_validate(json.loads(config))
     started = time.monotonic()
     try:

@@ -4,6 +4,7 @@ paths, the examples read by index, the fingerprint."""
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
@@ -143,3 +144,71 @@ def test_examples_read_by_index_slice_and_fingerprint_like_a_list(tmp_path: Path
     packed = prepare(cfg.model_copy(update={"packing": True}), TOKENIZER, tmp_path / "packed")
     assert packed.train.fingerprint() == CausalLM.fingerprint(list(packed.train))  # type: ignore[attr-defined]
     assert sum(len(e["input_ids"]) for e in packed.train) == sum(len(e["input_ids"]) for e in as_list)
+
+
+def _varied_rows(path: Path, rows: int) -> Path:
+    """Prompt/completion rows with something for every stage: malformed lines, empty completions, e-mail
+    addresses, exact copies of rows far earlier (in another process's share), long rows to truncate."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "quick", "brown", "lazy", "fox"]
+    lines = []
+    for i in range(rows):
+        if i % 150 == 7:
+            lines.append("{broken")
+            continue
+        if i % 50 == 3 and i >= 1000:
+            lines.append(lines[i - 1000] if lines[i - 1000] != "{broken" else lines[i - 1001])
+            continue
+        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        completion = " ".join(rng.choice(words) for _ in range(rng.randint(2, 8)))
+        if i % 90 == 13:
+            completion = ""
+        if i % 40 == 11:
+            completion += f" mail user{i}@example.com"
+        lines.append(json.dumps({"prompt": f"Q{i}: {prompt}?", "completion": completion}))
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"augmentation": {"strategy": "template-variants"}}, id="augmented"),
+        pytest.param({"packing": True}, id="packed"),
+        # MinHash signatures are computed in the map, the LSH index after it; ~15 s in one process here.
+        pytest.param({"dedup": {"near": True}}, id="near-dedup", marks=pytest.mark.slow),
+    ],
+)
+def test_several_processes_prepare_exactly_what_one_process_prepares(
+    tmp_path: Path, options: dict[str, object]
+) -> None:
+    source = _varied_rows(tmp_path / "d.jsonl", 2400)
+    cfg = DataConfig.model_validate({"source": str(source), "maxSeqLength": 48, **options})
+    one = prepare(cfg, TOKENIZER, tmp_path / "one", num_proc=1)
+    # 2400 rows read and 2300-4400 encoded: each map splits its rows into three shares of 500 or more.
+    several = prepare(cfg, TOKENIZER, tmp_path / "several", num_proc=3, rows_per_process=500)
+    assert one.folder is not None
+    assert several.folder is not None
+    assert len(list(one.folder.glob("examples*.arrow"))) == 1
+    assert len(list(several.folder.glob("examples*.arrow"))) == 3  # the work really was split
+
+    for split in ("train", "validation", "test"):
+        assert list(getattr(several, split)) == list(getattr(one, split)), split
+    assert several.train.fingerprint() == one.train.fingerprint()  # type: ignore[attr-defined]
+    assert several.samples == one.samples
+    assert several.label_names == one.label_names
+
+    def report(workdir: Path) -> dict[str, object]:
+        written = json.loads((workdir / "data_report.json").read_text())
+        written["cache"].pop("folder")  # each preparation has its own temporary folder
+        return written  # type: ignore[no-any-return]
+
+    assert report(tmp_path / "several") == report(tmp_path / "one")
+    # Every stage had work to do, so the comparison covers it.
+    removed = {s.name: s.removed for s in one.report.stages}
+    assert removed["read"] == {"malformed": 16}
+    assert removed["clean"] == {"empty": 26}
+    assert removed["dedup"]["exact_duplicate"] == 25
+    assert one.report.pii.matches["email"] > 0
+    assert min(one.report.splits[name].rows for name in ("validation", "test")) > 0
+    assert one.report.splits["train"].truncated > 0

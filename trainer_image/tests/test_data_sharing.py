@@ -48,9 +48,15 @@ def _rank(config: dict[str, Any], store: Path, attempt: str, role: str, workdir:
 
 
 def _finish(process: Any) -> tuple[int, dict[str, Any]]:
+    code, result, _ = _finish_with_log(process)
+    return code, result
+
+
+def _finish_with_log(process: Any) -> tuple[int, dict[str, Any], str]:
+    """Exit code, the rank's JSON line and its log (stderr, at the trainer's INFO level)."""
     out, err = process.communicate(timeout=300)
     assert out.strip(), err[-3000:]
-    return process.returncode, json.loads(out.strip().splitlines()[-1])
+    return process.returncode, json.loads(out.strip().splitlines()[-1]), err
 
 
 def _entries(store: Path) -> list[str]:
@@ -83,11 +89,15 @@ def test_a_sigkilled_attempt_is_restarted_and_reuses_the_cache(tmp_path: Path) -
     assert first.stdout is not None
     prepared = json.loads(first.stdout.readline())  # prepared; now "training"
     first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    code, restarted = _finish(_rank(config, store, "a2", "prepare", tmp_path / "w"))
+    _, first_log = first.communicate(timeout=30)
+    code, restarted, log = _finish_with_log(_rank(config, store, "a2", "prepare", tmp_path / "w"))
     assert code == 0
     assert restarted["reused"] is True
     assert prepared["reused"] is False
+    pipeline = "finetune_trainer.data.pipeline"
+    assert f"{pipeline}: reusing the prepared data in {restarted['folder']}" in log
+    assert "reusing" not in first_log
+    assert f"{pipeline}: prepared the data into {prepared['folder']}" in first_log
     assert restarted["train"] == prepared["train"]
     assert restarted["key"] == prepared["key"]
     report = json.loads((tmp_path / "w" / "data_report.json").read_text())

@@ -118,6 +118,10 @@ def test_sigkill_then_restart_resumes_and_continues_the_curve(
 
     restarted = run_trainer(config)
     assert restarted.returncode == 0, restarted.stderr[-4000:]
+    # The restart found the data the killed attempt prepared, and says so in its log and its report.
+    assert "finetune_trainer.data.pipeline: reusing the prepared data in" in restarted.stderr
+    report = json.loads((killed_dir / "out" / "data_report.json").read_text())
+    assert report["cache"]["reused"] is True
     events = read_events(killed_dir / "out" / "metrics.jsonl")
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1

@@ -104,7 +104,8 @@ log = logging.getLogger(__name__)
 SAMPLES_KEPT = 32
 #: Rows per Arrow record batch (and per map batch).
 BATCH_ROWS = 1000
-#: Below this many rows one process does the maps (starting workers costs more than it saves).
+#: The fewest rows a map process gets by default (``prepare(rows_per_process=…)``): a worker costs more to
+#: start than it saves on fewer rows, so below twice this many rows one process does the maps.
 ROWS_PER_PROCESS = 20_000
 #: Environment variable that caps the preparation processes (default: the CPUs this process may use).
 NUM_PROC_ENV = "FTO_DATA_NUM_PROC"
@@ -140,6 +141,17 @@ class _Stages:
         removed = {reason: n for reason, n in (removed or {}).items() if n}
         self.records.append(StageRecord(name=name, rows_in=rows_in, rows_out=rows_out, removed=removed))
         log.info("data stage %s: %d -> %d rows %s", name, rows_in, rows_out, removed or "")
+
+
+@dataclass(frozen=True)
+class _Workers:
+    """How many processes a map may use: at most ``num_proc``, each with ``rows_per_process`` rows or more."""
+
+    num_proc: int
+    rows_per_process: int
+
+    def for_rows(self, rows: int) -> int:
+        return max(1, min(self.num_proc, rows // self.rows_per_process))
 
 
 def default_num_proc() -> int:
@@ -249,7 +261,7 @@ def _map(
     function: Any,
     target: Path,
     *,
-    num_proc: int,
+    workers: _Workers,
     fingerprint: str,
     fn_kwargs: dict[str, Any],
 ) -> list[Path]:
@@ -258,7 +270,7 @@ def _map(
 
     datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_file(str(source))
-    processes = max(1, min(num_proc, len(dataset) // ROWS_PER_PROCESS))
+    processes = workers.for_rows(len(dataset))
     result = dataset.with_format("arrow").map(
         function,
         batched=True,
@@ -587,7 +599,7 @@ def _build(
     sources: list[ResolvedSource],
     folder: Path,
     key: str,
-    num_proc: int,
+    workers: _Workers,
     stages: _Stages,
     bad: BadRowLog,
     report: DataReport,
@@ -601,7 +613,7 @@ def _build(
         read,
         examine_rows,
         work / "rows.arrow",
-        num_proc=num_proc,
+        workers=workers,
         fingerprint=f"{key}-rows",
         fn_kwargs={"cfg": cfg, "sources": names},
     )
@@ -620,7 +632,7 @@ def _build(
         work / "plan.arrow",
         encode_rows,
         folder / "examples.arrow",
-        num_proc=num_proc,
+        workers=workers,
         fingerprint=f"{key}-encoded",
         fn_kwargs={
             "cfg": cfg,
@@ -738,6 +750,7 @@ def prepare(
     attempt: str | None = None,
     wait: bool = False,
     num_proc: int | None = None,
+    rows_per_process: int = ROWS_PER_PROCESS,
 ) -> PreparedData:
     """Read, validate, clean, scrub, de-duplicate, split, render and tokenize; write the report into workdir.
 
@@ -751,8 +764,11 @@ def prepare(
     when the result is garbage-collected. ``attempt`` (needs ``store``): the token shared by the ranks of
     this attempt; with ``wait=True`` this call does not prepare but waits for the rank that does and
     memory-maps its result (it writes no report). ``num_proc``: processes for the maps (default: the CPUs
-    this process may use, or ``$FTO_DATA_NUM_PROC``).
+    this process may use, or ``$FTO_DATA_NUM_PROC``); ``rows_per_process``: the fewest rows a map process gets
+    (fewer rows, fewer processes). Neither changes the result, only how the work is divided.
     """
+    if rows_per_process < 1:
+        raise ValueError(f"rows_per_process must be at least 1, not {rows_per_process}")
     if wait:
         if store is None or attempt is None:
             raise ValueError("wait=True needs store= and attempt=")
@@ -764,7 +780,8 @@ def prepare(
     if publisher is not None:
         publisher.start()
     try:
-        prepared = _prepare(cfg, tokenizer, workdir, model_license, cache_dir, store, num_proc)
+        workers = _Workers(num_proc if num_proc is not None else default_num_proc(), rows_per_process)
+        prepared = _prepare(cfg, tokenizer, workdir, model_license, cache_dir, store, workers)
     except BaseException as exc:
         if publisher is not None:
             publisher.failed(exc)
@@ -781,7 +798,7 @@ def _prepare(
     model_license: str | None,
     cache_dir: Path | None,
     store: Path | None,
-    num_proc: int | None,
+    workers: _Workers,
 ) -> PreparedData:
     stages = _Stages()
     bad = BadRowLog()
@@ -805,7 +822,7 @@ def _prepare(
                 root,
                 cache_dir if cache_dir is not None else Path(scratch),
                 model_license,
-                num_proc if num_proc is not None else default_num_proc(),
+                workers,
                 stages,
                 bad,
                 report,
@@ -833,7 +850,7 @@ def _prepare_into(
     root: Path,
     downloads: Path,
     model_license: str | None,
-    num_proc: int,
+    workers: _Workers,
     stages: _Stages,
     bad: BadRowLog,
     report: DataReport,
@@ -852,7 +869,7 @@ def _prepare_into(
     for stale in root.glob(f".{key}.*.tmp"):  # left by a killed attempt (one preparing rank per key)
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        _build(cfg, tokenizer, sources, tmp, key, num_proc, stages, bad, report)
+        _build(cfg, tokenizer, sources, tmp, key, workers, stages, bad, report)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
