@@ -613,7 +613,7 @@ def _metrics_ok(spec: FineTuneJobSpec) -> bool:
 
 def _mapped_columns(spec: FineTuneJobSpec) -> set[str] | None:
     mapping = spec.dataset.field_mapping
-    return None if mapping is None else set(mapping.model_dump(exclude_none=True))
+    return None if mapping is None else set(mapping.model_dump(exclude_none=True, by_alias=False))
 
 
 def _field_mapping_complete(spec: FineTuneJobSpec) -> bool:

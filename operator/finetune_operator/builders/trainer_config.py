@@ -119,7 +119,7 @@ def _fields(task: str, mapping: FieldMapping | None) -> dict[str, Any]:
     info = CATALOG[task]
     if mapping is None:
         return {"kind": info.layouts[0].kind}
-    given = mapping.model_dump(exclude_none=True)
+    given = mapping.model_dump(exclude_none=True, by_alias=False)
     layout = layout_for(task, set(given))
     if layout is None:  # the API refuses such a mapping (CEL), so this is a bug, not bad input
         raise ValueError(f"spec.dataset.fieldMapping fits no row layout of task {task}: {sorted(given)}")
@@ -263,6 +263,7 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "dir": f"{OUTPUT_DIR}/{spec.output.path}",
             "uri": output_uri(job),
             "mergeAdapter": spec.output.merge_adapter,
+            "modelName": spec.output.model_name or job_name(job),
             "copyTo": output_copy_target(job),
             "copyToUri": spec.output.uri,
         },

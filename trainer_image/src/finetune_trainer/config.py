@@ -291,6 +291,11 @@ class Output(ConfigSection):
         description="How users address ``dir`` (e.g. ``pvc://claim/output/model``); the reported artifact "
         "and model card are under it. The in-pod path is reported when unset.",
     )
+    model_name: str | None = Field(
+        default=None,
+        description="The model's name (FineTuneJob's output.modelName, else the job's name): the model "
+        "card's title. ``Fine-tuned <base model>`` when unset.",
+    )
     merge_adapter: bool = Field(
         default=False,
         description="For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.",
