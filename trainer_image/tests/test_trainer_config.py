@@ -103,7 +103,10 @@ def test_offload_and_zero_stage_rules(distributed: dict[str, object], message: s
 
 def test_early_stopping_needs_periodic_evaluation() -> None:
     with pytest.raises(ConfigError, match=r"earlyStopping\.enabled needs evaluation\.everySteps"):
-        parse_config(with_(earlyStopping={"enabled": True}, evaluation={"everySteps": 0}))
+        parse_config(
+            with_(earlyStopping={"enabled": True}, evaluation={"everySteps": 0, "everyEpoch": False})
+        )
+    parse_config(with_(earlyStopping={"enabled": True}, evaluation={"everySteps": 0}))  # each epoch end
 
 
 def test_load_yaml_and_json(tmp_path: Path) -> None:
@@ -131,3 +134,58 @@ def test_config_launcher_and_exit_codes_import_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- the task catalog (finetune_trainer.task_catalog), which the FineTuneJob API checks too ----------------
+
+
+def test_task_enums_follow_the_catalog() -> None:
+    from typing import get_args
+
+    from finetune_trainer.config import IMPLEMENTED_TASKS, EarlyStoppingMetric, Task
+    from finetune_trainer.data.config import MappingKind
+    from finetune_trainer.task_catalog import IMPLEMENTED_TASK_NAMES, LAYOUT_KINDS, METRIC_NAMES, TASK_NAMES
+
+    assert tuple(t.value for t in Task) == TASK_NAMES
+    assert {t.value for t in IMPLEMENTED_TASKS} == set(IMPLEMENTED_TASK_NAMES) == {"causal-lm"}
+    assert tuple(m.value for m in EarlyStoppingMetric) == METRIC_NAMES
+    assert get_args(MappingKind) == LAYOUT_KINDS
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"evaluation": {"metrics": ["loss", "f1"]}}, r"evaluation.metrics \['f1'\] are not computed"),
+        (
+            {"earlyStopping": {"enabled": True, "metric": "accuracy"}, "evaluation": {"metrics": ["loss"]}},
+            "earlyStopping.metric must be loss or one of evaluation.metrics",
+        ),
+        ({"data": {"source": "x", "fields": {"kind": "interactions"}}}, "not a row layout of task causal-lm"),
+        (
+            {"data": {"source": "x", "augmentation": {"text": {"wordDropout": 0.1}}}},
+            "dataset.augmentation.text applies to sequence-classification only",
+        ),
+        (
+            {"data": {"source": "x", "augmentation": {"image": {"horizontalFlip": True}}}},
+            "dataset.augmentation.image applies to image-classification, object-detection only",
+        ),
+        ({"hyperparameters": {"lrScheduler": "constant", "warmupSteps": 10}}, "has no warm-up"),
+        ({"hyperparameters": {"lrCycles": 2}}, "lrCycles needs lrScheduler 'cosine-with-restarts'"),
+        ({"checkpointing": {"everySteps": 0, "saveOnEpochEnd": False}}, "no checkpoint is ever written"),
+    ],
+)
+def test_catalog_and_schedule_rules(sections: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(with_(**sections))
+
+
+def test_every_catalog_metric_can_be_watched_by_early_stopping() -> None:
+    cfg = parse_config(
+        with_(
+            evaluation={"metrics": ["loss", "perplexity", "accuracy"]},
+            earlyStopping={"enabled": True, "metric": "perplexity"},
+        )
+    )
+    assert cfg.early_stopping.metric.value == "perplexity"
+    assert cfg.evaluation.every_epoch
+    assert cfg.evaluation.every_steps == 0

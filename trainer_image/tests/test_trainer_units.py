@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from finetune_trainer.checkpoint import CheckpointManager, checkpoint_name, complete_checkpoints
-from finetune_trainer.config import ConfigError, Hyperparameters, TrainerConfig, parse_config
+from finetune_trainer.config import ConfigError, Hyperparameters, LrScheduler, TrainerConfig, parse_config
 from finetune_trainer.data_order import DataOrder
 from finetune_trainer.deepspeed_config import (
     deepspeed_config,
@@ -55,7 +56,7 @@ def test_causal_lm_loss_ignores_masked_labels_and_shifts() -> None:
     assert float(smoothed) > float(loss)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "polynomial", "constant-with-warmup"])
 def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
     hp = Hyperparameters(warmupSteps=4, lrScheduler=schedule)  # type: ignore[call-arg]
     factor = lr_lambda(hp, total_steps=20)
@@ -63,11 +64,26 @@ def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
     assert warm == sorted(warm)
     assert warm[-1] == 1.0
     tail = [factor(s) for s in range(4, 21)]
-    if schedule == "constant":
+    if schedule == "constant-with-warmup":
         assert set(tail) == {1.0}
     else:
         assert tail == sorted(tail, reverse=True)
-        assert tail[-1] == pytest.approx(0.0, abs=1e-9)
+        assert tail[-1] == pytest.approx(0.0, abs=1e-3)  # polynomial ends at 1e-7 absolute
+
+
+def test_every_schedule_the_api_accepts_is_a_distinct_schedule() -> None:
+    """No schedule falls back to another: the six FineTuneJob names give six different curves."""
+    curves = {}
+    for schedule in LrScheduler:
+        cycles = 3 if schedule is LrScheduler.COSINE_WITH_RESTARTS else 1
+        warmup = None if schedule is LrScheduler.CONSTANT else 4
+        hp = Hyperparameters(lrScheduler=schedule, lrCycles=cycles, warmupSteps=warmup)  # type: ignore[call-arg]
+        factor = lr_lambda(hp, total_steps=40)
+        curves[schedule.value] = tuple(round(factor(s), 6) for s in range(41))
+    assert len(set(curves.values())) == len(curves) == 6
+    assert curves["constant"][0] == 1.0  # no warm-up
+    restarts = curves["cosine-with-restarts"]
+    assert any(later > earlier for earlier, later in itertools.pairwise(restarts[2:]))
 
 
 def _ds_cfg(**distributed: object) -> TrainerConfig:

@@ -89,8 +89,9 @@ def make_config(tmp: Path, model_dir: Path, data_path: Path, **overrides: Any) -
             "warmupSteps": 2,
             "maxGradNorm": 1.0,
         },
-        "evaluation": {"everySteps": 10, "batchSize": 16},
-        "checkpointing": {"dir": str(tmp / "ckpt"), "everySteps": 10, "keepLast": 2},
+        # Evaluations and checkpoints by step only (the trainer's defaults add them at each epoch end).
+        "evaluation": {"everySteps": 10, "everyEpoch": False, "batchSize": 16},
+        "checkpointing": {"dir": str(tmp / "ckpt"), "everySteps": 10, "keepLast": 2, "saveOnEpochEnd": False},
         "distributed": {"zeroStage": 0, "precision": "fp32", "shutdownTimeoutSeconds": 60},
         "output": {"dir": str(tmp / "out"), "mergeAdapter": True},
         "reporting": {"metricsPort": 0, "statusThrottleSeconds": 0},

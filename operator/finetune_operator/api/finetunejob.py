@@ -6,7 +6,7 @@ Field names are the wire names in snake_case; the camelCase alias is what users 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -27,24 +27,25 @@ from finetune_operator.api.common import (
     cel_field,
     parse_resource,
 )
+from finetune_trainer.task_catalog import (
+    CATALOG,
+    FEATURE_FIELDS,
+    TaskName,
+    describe_layouts,
+    describe_metrics,
+    feature_message,
+    layout_for,
+    tasks_with,
+)
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
-Task = Literal[
-    "causal-lm", "sequence-classification", "image-classification", "object-detection", "recommendation"
-]
-IMAGE_TASKS = ("image-classification", "object-detection")
-CLASSIFICATION_TASKS = ("sequence-classification", "image-classification")
+Task = TaskName
+IMAGE_TASKS = tuple(name for name, info in CATALOG.items() if info.modality == "image")
 
-# Metrics each task can compute; `loss` is always available.
-METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
-    "causal-lm": ("loss", "perplexity", "accuracy"),
-    "sequence-classification": ("loss", "accuracy", "f1", "precision", "recall", "auc"),
-    "image-classification": ("loss", "accuracy", "f1", "precision", "recall"),
-    "object-detection": ("loss", "map", "map50", "map75"),
-    "recommendation": ("loss", "ndcg", "hit-rate", "auc", "rmse", "mae"),
-}
+# Metrics each task can compute (`loss` always), from the task catalog the trainer validates with too.
+METRICS_BY_TASK: dict[str, tuple[str, ...]] = {name: info.metrics for name, info in CATALOG.items()}
 Metric = Literal[
     "loss",
     "perplexity",
@@ -62,14 +63,10 @@ Metric = Literal[
     "mae",
 ]
 
-# Field-mapping keys that must be present for each task when `dataset.fieldMapping` is given.
-# Each entry is a list of alternatives; one alternative must be fully mapped.
+# Field-mapping columns each task needs when `dataset.fieldMapping` is given: one alternative (a row layout
+# of the task catalog) must be fully mapped, and nothing outside it.
 FIELD_MAPPING_BY_TASK: dict[str, tuple[tuple[str, ...], ...]] = {
-    "causal-lm": (("prompt", "completion"), ("instruction", "output"), ("messages",), ("text",)),
-    "sequence-classification": (("text", "label"),),
-    "image-classification": (("image", "label"),),
-    "object-detection": (("image", "objects"),),
-    "recommendation": (("user", "item"),),
+    name: tuple(layout.required for layout in info.layouts) for name, info in CATALOG.items()
 }
 
 # hf://[org/]name[@revision], pvc://claim[/path], s3://bucket[/key], file:///path
@@ -272,11 +269,12 @@ class Augmentation(ApiModel):
     """Data augmentation of the training split."""
 
     copies: Annotated[int, Field(ge=0, le=10)] = 1
-    """Augmented copies added per original training row (0 = augment on the fly only)."""
+    """Augmented copies added per original training row (0 = augment on the fly only). For causal-lm each
+    copy rewrites the row's prompt with a fixed prompt variant (e.g. `Question: {prompt}`)."""
     image: ImageAugmentation | None = None
-    """Image transforms (image tasks only)."""
+    """Image transforms (image-classification and object-detection only)."""
     text: TextAugmentation | None = None
-    """Text perturbations (text tasks only)."""
+    """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text)."""
 
 
 class BadRows(ApiModel):
@@ -342,7 +340,8 @@ class Hyperparameters(ApiModel):
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
     """Forward passes per optimiser step."""
     warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
-    """Fraction of steps with linear warm-up (default 0.03 when neither this nor `warmupSteps` is set)."""
+    """Fraction of steps with linear warm-up (default 0.03 when neither this nor `warmupSteps` is set,
+    except for `lrScheduler: constant`)."""
     warmup_steps: Annotated[int, Field(ge=0)] | None = None
     """Number of warm-up steps; alternative to `warmupRatio`."""
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -350,7 +349,12 @@ class Hyperparameters(ApiModel):
     lr_scheduler: Literal[
         "linear", "cosine", "cosine-with-restarts", "polynomial", "constant", "constant-with-warmup"
     ] = "cosine"
-    """Learning-rate schedule after warm-up."""
+    """Learning-rate schedule, as transformers' `get_scheduler` names it: after the linear warm-up, `linear`
+    and `polynomial` (power 1, down to 1e-7) decay to zero, `cosine` follows half a cosine to zero,
+    `cosine-with-restarts` runs `lrCycles` cosines with a hard restart each, `constant-with-warmup` stays at
+    the peak; `constant` stays at the peak from the first step (no warm-up)."""
+    lr_cycles: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Cosine cycles for `lrScheduler: cosine-with-restarts` (1 when omitted: a single cosine)."""
     max_seq_length: Annotated[int, Field(ge=8, le=131072)] = 1024
     """Longest token sequence; longer examples are truncated (text tasks)."""
     seed: int = 42
@@ -369,13 +373,29 @@ class Hyperparameters(ApiModel):
             holds=lambda m: m.warmup_ratio is None or m.warmup_steps is None,
             field_path=".warmupSteps",
         ),
+        CelRule(
+            rule="self.lrScheduler != 'constant' || (!has(self.warmupRatio) && !has(self.warmupSteps))",
+            message="lrScheduler constant has no warm-up: use constant-with-warmup, or leave warmupRatio and "
+            "warmupSteps unset",
+            holds=lambda m: (
+                m.lr_scheduler != "constant" or (m.warmup_ratio is None and m.warmup_steps is None)
+            ),
+            field_path=".lrScheduler",
+        ),
+        CelRule(
+            rule="!has(self.lrCycles) || self.lrScheduler == 'cosine-with-restarts'",
+            message="lrCycles needs lrScheduler cosine-with-restarts",
+            holds=lambda m: m.lr_cycles is None or m.lr_scheduler == "cosine-with-restarts",
+            field_path=".lrCycles",
+        ),
     )
 
     def resolved_warmup_ratio(self) -> float:
-        """Warm-up ratio with the documented default (0 when `warmupSteps` is used)."""
+        """Warm-up ratio with the documented default (0 when `warmupSteps` is used or the schedule is
+        `constant`, which has no warm-up)."""
         if self.warmup_ratio is not None:
             return self.warmup_ratio
-        return 0.0 if self.warmup_steps is not None else 0.03
+        return 0.0 if self.warmup_steps is not None or self.lr_scheduler == "constant" else 0.03
 
 
 def _default_metrics() -> list[Metric]:
@@ -386,11 +406,13 @@ class Evaluation(ApiModel):
     """Periodic evaluation on the validation split."""
 
     every_steps: Annotated[int, Field(ge=1)] | None = None
-    """Evaluate every this many optimiser steps; at the end of each epoch when omitted."""
+    """Evaluate every this many optimiser steps; at the end of each epoch when omitted (and after the last
+    step either way)."""
     metrics: Annotated[list[Metric], Field(min_length=1, max_length=14)] = Field(
         default_factory=_default_metrics
     )
-    """Metrics to compute; which are available depends on the task."""
+    """Metrics to report; which are available depends on the task (causal-lm: loss, perplexity, accuracy).
+    `earlyStopping.metric` must be `loss` or one of them."""
     generation_samples: Annotated[int, Field(ge=0, le=100)] = 0
     """Validation prompts to generate completions for and store with each evaluation (causal-lm only)."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
@@ -419,7 +441,7 @@ class Checkpointing(ApiModel):
     """When checkpoints are written, how many are kept, and where."""
 
     every_steps: Annotated[int, Field(ge=1)] | None = None
-    """Save every this many optimiser steps."""
+    """Save every this many optimiser steps (only at epoch ends, with `saveOnEpochEnd`, when omitted)."""
     keep_last: Annotated[int, Field(ge=1, le=100)] = 2
     """Checkpoints kept (the best one by the early-stopping metric is kept in addition)."""
     save_on_epoch_end: bool = True
@@ -443,13 +465,14 @@ class DeepSpeed(ApiModel):
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     """ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload: Literal["none", "cpu", "nvme"] = "none"
-    """Offload optimizer states (and parameters at stage 3) to CPU memory or NVMe."""
+    """Offload optimizer states (and parameters at stage 3) to CPU memory. `nvme` is refused: the trainer
+    has no NVMe volume to offload to yet."""
 
     cel_rules = (
         CelRule(
-            rule="self.offload != 'nvme' || self.zeroStage == 3",
-            message="offload nvme needs zeroStage 3",
-            holds=lambda m: m.offload != "nvme" or m.zero_stage == 3,
+            rule="self.offload != 'nvme'",
+            message="offload nvme is not supported by the trainer yet (no NVMe volume is mounted); use cpu",
+            holds=lambda m: m.offload != "nvme",
             field_path=".offload",
         ),
         CelRule(
@@ -498,7 +521,8 @@ class Resources(PodResources):
     """What each training pod requests, and where it may run."""
 
     shared_memory: Quantity | None = None
-    """Size of /dev/shm (memory-backed) for data-loader workers and NCCL; 1Gi when omitted."""
+    """Size of /dev/shm (memory-backed) for data-loader workers and NCCL; the operator's default
+    (`FTO_SHM_SIZE`, 16Gi unless its installation changes it) when omitted."""
 
 
 class Scheduling(ApiModel):
@@ -587,13 +611,19 @@ def _metrics_ok(spec: FineTuneJobSpec) -> bool:
     return all(metric in METRICS_BY_TASK[spec.task] for metric in spec.evaluation.metrics)
 
 
-def _field_mapping_ok(spec: FineTuneJobSpec) -> bool:
+def _mapped_columns(spec: FineTuneJobSpec) -> set[str] | None:
     mapping = spec.dataset.field_mapping
-    if mapping is None:
-        return True
-    return any(
-        all(getattr(mapping, key) is not None for key in alt) for alt in FIELD_MAPPING_BY_TASK[spec.task]
-    )
+    return None if mapping is None else set(mapping.model_dump(exclude_none=True, by_alias=False))
+
+
+def _field_mapping_complete(spec: FineTuneJobSpec) -> bool:
+    columns = _mapped_columns(spec)
+    return columns is None or any(set(alt) <= columns for alt in FIELD_MAPPING_BY_TASK[spec.task])
+
+
+def _field_mapping_exact(spec: FineTuneJobSpec) -> bool:
+    columns = _mapped_columns(spec)
+    return columns is None or not _field_mapping_complete(spec) or layout_for(spec.task, columns) is not None
 
 
 def _cel_metrics_rule() -> str:
@@ -601,15 +631,36 @@ def _cel_metrics_rule() -> str:
     return f"!has(self.evaluation) || self.evaluation.metrics.all(m, m in {{{table}}}[self.task])"
 
 
-def _cel_field_mapping_rule() -> str:
+def _cel_mapped(key: str) -> str:
+    return f"has(self.dataset.fieldMapping.{_camel(key)})"
+
+
+def _cel_field_mapping_complete() -> str:
     def alternative(keys: tuple[str, ...]) -> str:
-        return "(" + " && ".join(f"has(self.dataset.fieldMapping.{_camel(k)})" for k in keys) + ")"
+        return "(" + " && ".join(_cel_mapped(k) for k in keys) + ")"
 
     clauses = [
         f"(self.task == '{task}' && (" + " || ".join(alternative(alt) for alt in alts) + "))"
         for task, alts in FIELD_MAPPING_BY_TASK.items()
     ]
-    return "!has(self.dataset.fieldMapping) || " + " || ".join(clauses)
+    return " || ".join(clauses)
+
+
+def _cel_field_mapping_exact() -> str:
+    """Some layout of the task has all its required columns mapped and no column outside it."""
+    every = tuple(FieldMapping.model_fields)
+
+    def fits(required: tuple[str, ...], columns: tuple[str, ...]) -> str:
+        terms = [_cel_mapped(k) for k in required] + [f"!{_cel_mapped(k)}" for k in every if k not in columns]
+        return "(" + " && ".join(terms) + ")"
+
+    clauses = [
+        f"(self.task == '{name}' && ("
+        + " || ".join(fits(layout.required, layout.columns) for layout in info.layouts)
+        + "))"
+        for name, info in CATALOG.items()
+    ]
+    return " || ".join(clauses)
 
 
 def _camel(name: str) -> str:
@@ -617,15 +668,15 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _describe_mappings() -> str:
-    return "; ".join(
-        f"{task}: " + " or ".join("+".join(_camel(k) for k in alt) for alt in alts)
-        for task, alts in FIELD_MAPPING_BY_TASK.items()
+def _feature_rule(feature: str, cel_used: str, used: Callable[[FineTuneJobSpec], bool]) -> CelRule:
+    """A catalog feature set on a task it does not apply to is refused, with the trainer's message."""
+    tasks = tasks_with(feature)
+    return CelRule(
+        rule=f"!({cel_used}) || self.task in {_cel_list(tasks)}",
+        message=feature_message(feature),
+        holds=lambda s: not used(s) or s.task in tasks,
+        field_path="." + FEATURE_FIELDS[feature],
     )
-
-
-def _describe_metrics() -> str:
-    return "; ".join(f"{task}: {', '.join(metrics)}" for task, metrics in METRICS_BY_TASK.items())
 
 
 class FineTuneJobSpec(ApiModel):
@@ -704,59 +755,49 @@ class FineTuneJobSpec(ApiModel):
         ),
         CelRule(
             rule=_cel_metrics_rule(),
-            message="evaluation.metrics has a metric this task can't compute (" + _describe_metrics() + ")",
+            message="evaluation.metrics has a metric this task can't compute (" + describe_metrics() + ")",
             holds=_metrics_ok,
             field_path=".evaluation.metrics",
         ),
         CelRule(
-            rule=_cel_field_mapping_rule(),
-            message="dataset.fieldMapping lacks the columns this task needs (" + _describe_mappings() + ")",
-            holds=_field_mapping_ok,
+            rule="!has(self.dataset.fieldMapping) || " + _cel_field_mapping_complete(),
+            message="dataset.fieldMapping lacks the columns this task needs (" + describe_layouts() + ")",
+            holds=_field_mapping_complete,
             field_path=".dataset.fieldMapping",
         ),
         CelRule(
-            rule="self.task == 'causal-lm' || self.dataset.template == 'plain'",
-            message="dataset.template other than plain is for causal-lm only",
-            holds=lambda s: s.task == "causal-lm" or s.dataset.template == "plain",
-            field_path=".dataset.template",
+            rule="!has(self.dataset.fieldMapping) || !("
+            + _cel_field_mapping_complete()
+            + ") || "
+            + _cel_field_mapping_exact(),
+            message="dataset.fieldMapping maps columns the task would not read: map the columns of one row "
+            "layout only (" + describe_layouts() + "; optional: input with instruction+output, textPair, "
+            "rating)",
+            holds=_field_mapping_exact,
+            field_path=".dataset.fieldMapping",
         ),
-        CelRule(
-            rule="!has(self.evaluation) || self.evaluation.generationSamples == 0"
-            " || self.task == 'causal-lm'",
-            message="evaluation.generationSamples is for causal-lm only",
-            holds=lambda s: (
-                s.evaluation is None or s.evaluation.generation_samples == 0 or s.task == "causal-lm"
-            ),
-            field_path=".evaluation.generationSamples",
+        _feature_rule(
+            "template", "self.dataset.template != 'plain'", lambda s: s.dataset.template != "plain"
         ),
-        CelRule(
-            rule="!has(self.dataset.augmentation) || !has(self.dataset.augmentation.image)"
-            f" || self.task in {_cel_list(IMAGE_TASKS)}",
-            message="dataset.augmentation.image is for image tasks only",
-            holds=lambda s: (
-                s.dataset.augmentation is None
-                or s.dataset.augmentation.image is None
-                or s.task in IMAGE_TASKS
-            ),
-            field_path=".dataset.augmentation.image",
+        _feature_rule(
+            "generation-samples",
+            "has(self.evaluation) && self.evaluation.generationSamples != 0",
+            lambda s: s.evaluation is not None and s.evaluation.generation_samples != 0,
         ),
-        CelRule(
-            rule="!has(self.dataset.augmentation) || !has(self.dataset.augmentation.text)"
-            f" || !(self.task in {_cel_list(IMAGE_TASKS)})",
-            message="dataset.augmentation.text is for text tasks only",
-            holds=lambda s: (
-                s.dataset.augmentation is None
-                or s.dataset.augmentation.text is None
-                or s.task not in IMAGE_TASKS
-            ),
-            field_path=".dataset.augmentation.text",
+        _feature_rule(
+            "image-augmentation",
+            "has(self.dataset.augmentation) && has(self.dataset.augmentation.image)",
+            lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.image is not None,
         ),
-        CelRule(
-            rule=f"{cel_field('hyperparameters.labelSmoothing', Hyperparameters().label_smoothing)} == 0.0"
-            f" || self.task in {_cel_list(CLASSIFICATION_TASKS)}",
-            message="hyperparameters.labelSmoothing is for classification tasks only",
-            holds=lambda s: s.hyperparameters.label_smoothing == 0.0 or s.task in CLASSIFICATION_TASKS,
-            field_path=".hyperparameters.labelSmoothing",
+        _feature_rule(
+            "text-augmentation",
+            "has(self.dataset.augmentation) && has(self.dataset.augmentation.text)",
+            lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.text is not None,
+        ),
+        _feature_rule(
+            "label-smoothing",
+            f"{cel_field('hyperparameters.labelSmoothing', Hyperparameters().label_smoothing)} != 0.0",
+            lambda s: s.hyperparameters.label_smoothing != 0.0,
         ),
         CelRule(
             rule=f"!{cel_field('output.mergeAdapter', Output().merge_adapter)} || self.method != 'full'",

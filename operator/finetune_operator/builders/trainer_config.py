@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from finetune_operator.api.finetunejob import FieldMapping, FineTuneJob
 from finetune_operator.builders.common import (
     CHECKPOINT_DIR,
@@ -21,6 +23,7 @@ from finetune_operator.builders.common import (
 )
 from finetune_trainer.config import TrainerConfig, parse_config
 from finetune_trainer.deepspeed_config import deepspeed_config
+from finetune_trainer.task_catalog import CATALOG, layout_for
 
 SOURCE_MOUNT_ROOT = "/mnt/sources"
 """Claims named by `pvc://claim/path` sources are mounted read-only under here, one folder per claim."""
@@ -110,22 +113,35 @@ def _model_section(job: FineTuneJob) -> dict[str, Any]:
     return section
 
 
-def _fields(mapping: FieldMapping | None) -> dict[str, Any]:
+def _fields(task: str, mapping: FieldMapping | None) -> dict[str, Any]:
+    """The trainer's `data.fields`: the task's row layout (the catalog's, as the API checked it) and the
+    mapped columns; the task's default layout and column names when no mapping is given."""
+    info = CATALOG[task]
     if mapping is None:
-        return {}
-    given = mapping.model_dump(exclude_none=True)
-    if "messages" in given:
-        kind = "chat"
-    elif "instruction" in given or "output" in given:
-        kind = "instruction"
-    elif "label" in given:
-        kind = "classification"
-    elif "text" in given and "prompt" not in given:
-        kind = "text"
-    else:
-        kind = "prompt-completion"
-    keys = ("prompt", "completion", "instruction", "input", "output", "messages", "text", "label")
-    return {"kind": kind, **{key: given[key] for key in keys if key in given}}
+        return {"kind": info.layouts[0].kind}
+    given = mapping.model_dump(exclude_none=True, by_alias=False)
+    layout = layout_for(task, set(given))
+    if layout is None:  # the API refuses such a mapping (CEL), so this is a bug, not bad input
+        raise ValueError(f"spec.dataset.fieldMapping fits no row layout of task {task}: {sorted(given)}")
+    return {"kind": layout.kind, **{to_camel(key): given[key] for key in layout.columns if key in given}}
+
+
+def _augmentation(job: FineTuneJob) -> dict[str, Any] | None:
+    augmentation = job.spec.dataset.augmentation
+    if augmentation is None:
+        return None
+    # For causal-lm a copy is the row with its prompt rewritten by a template variant (the trainer's only
+    # text-row augmentation); the other tasks' copies carry their image or text transforms.
+    variants = job.spec.task == "causal-lm" and augmentation.copies > 0
+    section: dict[str, Any] = {
+        "strategy": "template-variants" if variants else "none",
+        "copies": augmentation.copies,
+    }
+    if augmentation.image is not None:
+        section["image"] = augmentation.image.model_dump(by_alias=True)
+    if augmentation.text is not None:
+        section["text"] = augmentation.text.model_dump(by_alias=True)
+    return section
 
 
 def _data_section(job: FineTuneJob) -> dict[str, Any]:
@@ -163,11 +179,10 @@ def _data_section(job: FineTuneJob) -> dict[str, Any]:
         "badRows": {"maxRatio": dataset.bad_rows.max_ratio},
         "split": split,
     }
-    fields = _fields(dataset.field_mapping)
-    if fields:
-        section["fields"] = fields
-    if dataset.augmentation and dataset.augmentation.copies:
-        section["augmentation"] = {"strategy": "template-variants", "copies": dataset.augmentation.copies}
+    section["fields"] = _fields(job.spec.task, dataset.field_mapping)
+    augmentation = _augmentation(job)
+    if augmentation is not None:
+        section["augmentation"] = augmentation
     if job.spec.compliance:
         compliance = job.spec.compliance
         section["compliance"] = {
@@ -185,9 +200,12 @@ def output_uri(job: FineTuneJob) -> str:
 
 
 def _offload(job: FineTuneJob) -> str:
+    """`cpu` offloads the optimizer states, and at ZeRO-3 the parameters too (as the API documents)."""
     deepspeed = job.spec.distributed.deepspeed
     if deepspeed is None or deepspeed.offload == "none":
         return "none"
+    if deepspeed.offload != "cpu":  # the API refuses nvme (CEL): never render it as another offload
+        raise ValueError(f"spec.distributed.deepspeed.offload {deepspeed.offload!r} has no trainer setting")
     return "all" if deepspeed.zero_stage == 3 else "optimizer"
 
 
@@ -210,9 +228,8 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "microBatchSize": hp.batch_size,
             "gradientAccumulationSteps": hp.gradient_accumulation_steps,
             "learningRate": hp.learning_rate,
-            "lrScheduler": hp.lr_scheduler
-            if hp.lr_scheduler in ("linear", "cosine", "constant")
-            else "cosine",
+            "lrScheduler": hp.lr_scheduler,
+            "lrCycles": hp.lr_cycles or 1,
             "warmupSteps": hp.warmup_steps,
             "warmupRatio": hp.resolved_warmup_ratio(),
             "weightDecay": hp.weight_decay,
@@ -221,7 +238,10 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "labelSmoothing": hp.label_smoothing,
         },
         "evaluation": {
-            "everySteps": (evaluation.every_steps or 100) if evaluation else 0,
+            # Omitted everySteps: at the end of each epoch; omitted evaluation: only after training.
+            "everySteps": (evaluation.every_steps or 0) if evaluation else 0,
+            "everyEpoch": evaluation is not None and evaluation.every_steps is None,
+            "metrics": list(evaluation.metrics) if evaluation else ["loss"],
             "beforeTraining": evaluation is not None,
             "maxSamples": evaluation.max_samples if evaluation else None,
             "generationSamples": evaluation.generation_samples if evaluation else 0,
@@ -229,7 +249,7 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
         "earlyStopping": {"enabled": False},
         "checkpointing": {
             "dir": CHECKPOINT_DIR,
-            "everySteps": spec.checkpointing.every_steps or 500,
+            "everySteps": spec.checkpointing.every_steps or 0,
             "keepLast": spec.checkpointing.keep_last,
             "saveOnEpochEnd": spec.checkpointing.save_on_epoch_end,
         },
@@ -243,6 +263,7 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "dir": f"{OUTPUT_DIR}/{spec.output.path}",
             "uri": output_uri(job),
             "mergeAdapter": spec.output.merge_adapter,
+            "modelName": spec.output.model_name or job_name(job),
             "copyTo": output_copy_target(job),
             "copyToUri": spec.output.uri,
         },
@@ -257,10 +278,9 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "targetModules": list(lora.target_modules) or ["all-linear"],
         }
     if early is not None:
-        metric = early.metric if early.metric in ("loss", "perplexity", "accuracy") else "loss"
         config["earlyStopping"] = {
             "enabled": True,
-            "metric": metric,
+            "metric": early.metric,
             "mode": early.mode,
             "patience": early.patience,
             "minDelta": early.min_delta,

@@ -27,6 +27,7 @@ from pydantic import (
 
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.schema import ConfigSection, unknown_key_message, valid_keys
+from finetune_trainer.task_catalog import CATALOG, IMPLEMENTED_TASK_NAMES, feature_message
 
 #: The config schema version this trainer reads. Bump on incompatible changes; the operator renders it.
 CONFIG_VERSION = "v1"
@@ -41,7 +42,7 @@ class Task(enum.StrEnum):
     RECOMMENDATION = "recommendation"
 
 
-IMPLEMENTED_TASKS = frozenset({Task.CAUSAL_LM})
+IMPLEMENTED_TASKS = frozenset(Task(name) for name in IMPLEMENTED_TASK_NAMES)
 
 
 class ModelSource(ConfigSection):
@@ -85,15 +86,21 @@ class LoraConfig(ConfigSection):
 
 
 class LrScheduler(enum.StrEnum):
+    """transformers' ``get_scheduler`` schedules (``-`` for its ``_``), the names FineTuneJob uses."""
+
     LINEAR = "linear"
     COSINE = "cosine"
+    COSINE_WITH_RESTARTS = "cosine-with-restarts"
+    POLYNOMIAL = "polynomial"
+    #: No warm-up: the peak rate from the first step (warmupSteps/warmupRatio are refused).
     CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant-with-warmup"
 
 
 class Hyperparameters(ConfigSection):
     section_name = "hyperparameters"
 
-    epochs: int = Field(default=1, ge=1)
+    epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(
         default=None,
         ge=1,
@@ -101,10 +108,13 @@ class Hyperparameters(ConfigSection):
             "When set, train exactly this many optimizer steps (cycling over epochs), ignoring ``epochs``."
         ),
     )
-    micro_batch_size: int = Field(default=4, ge=1)
+    micro_batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler: LrScheduler = LrScheduler.COSINE
+    lr_cycles: int = Field(
+        default=1, ge=1, description="Cosine cycles (hard restarts) of ``lrScheduler: cosine-with-restarts``."
+    )
     warmup_steps: int | None = Field(default=None, ge=0)
     warmup_ratio: float = Field(
         default=0.03,
@@ -128,17 +138,38 @@ class Hyperparameters(ConfigSection):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     gradient_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _schedule_options(self) -> Self:
+        explicit_ratio = self.warmup_ratio if "warmup_ratio" in self.model_fields_set else 0.0
+        if self.lr_scheduler is LrScheduler.CONSTANT and (self.warmup_steps or explicit_ratio):
+            raise ValueError(
+                "lrScheduler 'constant' has no warm-up: use 'constant-with-warmup', or leave warmupSteps "
+                "and warmupRatio unset"
+            )
+        if self.lr_cycles != 1 and self.lr_scheduler is not LrScheduler.COSINE_WITH_RESTARTS:
+            raise ValueError("hyperparameters.lrCycles needs lrScheduler 'cosine-with-restarts'")
+        return self
+
 
 class Evaluation(ConfigSection):
     section_name = "evaluation"
 
     every_steps: int = Field(
-        default=100,
+        default=0,
         ge=0,
         description=(
-            "Evaluate on the validation split every N optimizer steps; 0 evaluates only before and after "
-            "training."
+            "Evaluate on the validation split every N optimizer steps (and after the last); 0: not by step."
         ),
+    )
+    every_epoch: bool = Field(
+        default=True,
+        description="Evaluate on the validation split at the end of each epoch. With ``everySteps: 0`` and "
+        "this off, only before and after training.",
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["loss"],
+        min_length=1,
+        description="Metrics to report (FineTuneJob's evaluation.metrics); each one the task computes.",
     )
     before_training: bool = Field(
         default=True,
@@ -163,12 +194,23 @@ class Evaluation(ConfigSection):
 
 
 class EarlyStoppingMetric(enum.StrEnum):
-    """Validation metrics the causal-LM trainer computes (names as in FineTuneJob's evaluation.metrics)."""
+    """Every metric of the task catalog (``task_catalog.METRIC_NAMES``, a test keeps them equal), named as in
+    FineTuneJob's evaluation.metrics; the config refuses one the task does not compute."""
 
     LOSS = "loss"
     PERPLEXITY = "perplexity"
-    #: Next-token accuracy on the completion tokens.
     ACCURACY = "accuracy"
+    F1 = "f1"
+    PRECISION = "precision"
+    RECALL = "recall"
+    AUC = "auc"
+    MAP = "map"
+    MAP50 = "map50"
+    MAP75 = "map75"
+    NDCG = "ndcg"
+    HIT_RATE = "hit-rate"
+    RMSE = "rmse"
+    MAE = "mae"
 
 
 class EarlyStopping(ConfigSection):
@@ -192,9 +234,17 @@ class Checkpointing(ConfigSection):
         default="/checkpoints",
         description="Must be shared by all pods of a multi-node job (a ReadWriteMany volume).",
     )
-    every_steps: int = Field(default=500, ge=1)
+    every_steps: int = Field(default=0, ge=0, description="Save every N optimizer steps; 0: not by step.")
     keep_last: int = Field(default=2, ge=1)
-    save_on_epoch_end: bool = False
+    save_on_epoch_end: bool = True
+
+    @model_validator(mode="after")
+    def _saves_somewhere(self) -> Self:
+        if self.every_steps == 0 and not self.save_on_epoch_end:
+            raise ValueError(
+                "checkpointing: set everySteps or saveOnEpochEnd, or no checkpoint is ever written"
+            )
+        return self
 
 
 class Precision(enum.StrEnum):
@@ -241,8 +291,13 @@ class Output(ConfigSection):
         description="How users address ``dir`` (e.g. ``pvc://claim/output/model``); the reported artifact "
         "and model card are under it. The in-pod path is reported when unset.",
     )
+    model_name: str | None = Field(
+        default=None,
+        description="The model's name (FineTuneJob's output.modelName, else the job's name): the model "
+        "card's title. ``Fine-tuned <base model>`` when unset.",
+    )
     merge_adapter: bool = Field(
-        default=True,
+        default=False,
         description="For LoRA/QLoRA: also write the base model with the adapter merged into ``model/``.",
     )
     copy_to: str | None = Field(
@@ -370,11 +425,41 @@ class TrainerConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.early_stopping.enabled and self.evaluation.every_steps == 0:
-            raise ValueError("earlyStopping.enabled needs evaluation.everySteps > 0")
+        ev = self.evaluation
+        if self.early_stopping.enabled and ev.every_steps == 0 and not ev.every_epoch:
+            raise ValueError("earlyStopping.enabled needs evaluation.everySteps > 0 or evaluation.everyEpoch")
+        self._check_task_catalog()
         if self.method is Method.QLORA and self.distributed.precision is Precision.FP32:
             raise ValueError("method 'qlora' computes in bf16 or fp16; set distributed.precision accordingly")
         return self
+
+    def _check_task_catalog(self) -> None:
+        """What the task catalog says this task reads, computes and supports (the API checks the same)."""
+        info = CATALOG[self.task.value]
+        unknown = [m for m in self.evaluation.metrics if m not in info.metrics]
+        if unknown:
+            raise ValueError(
+                f"evaluation.metrics {unknown} are not computed for task {info.name} "
+                f"(it computes: {', '.join(info.metrics)})"
+            )
+        es = self.early_stopping
+        if es.enabled and es.metric.value != "loss" and es.metric.value not in self.evaluation.metrics:
+            raise ValueError("earlyStopping.metric must be loss or one of evaluation.metrics")
+        if info.layout(self.data.fields.kind) is None:
+            raise ValueError(
+                f"data.fields.kind {self.data.fields.kind!r} is not a row layout of task {info.name} "
+                f"({', '.join(layout.kind for layout in info.layouts)})"
+            )
+        used = {
+            "template": self.data.template != "plain",
+            "generation-samples": self.evaluation.generation_samples != 0,
+            "label-smoothing": self.hyperparameters.label_smoothing != 0.0,
+            "image-augmentation": self.data.augmentation.image is not None,
+            "text-augmentation": self.data.augmentation.text is not None,
+        }
+        for feature, on in used.items():
+            if on and feature not in info.features:
+                raise ValueError(feature_message(feature))
 
     def to_file_dict(self) -> dict[str, Any]:
         """The config as written to a ConfigMap (camelCase, JSON-compatible)."""

@@ -44,17 +44,36 @@ def causal_lm_loss(
     return loss / count.clamp(min=1), count
 
 
+#: Where ``polynomial`` decays to, as in transformers' ``get_scheduler`` (an absolute learning rate).
+POLYNOMIAL_LR_END = 1e-7
+
+
 def lr_lambda(hp: Hyperparameters, total_steps: int) -> Any:
-    warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total_steps)
+    """The learning-rate factor per optimizer step: linear warm-up, then the schedule of transformers'
+    ``get_scheduler`` of the same name (``polynomial`` with power 1; ``constant`` has no warm-up). A plain
+    function of the step rather than ``get_scheduler`` itself: DeepSpeed wraps the optimizer, and the
+    wrapper lacks the ``defaults`` that the polynomial schedule reads."""
+    schedule = hp.lr_scheduler
+    if schedule is LrScheduler.CONSTANT:
+        warmup = 0
+    else:
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(hp.warmup_ratio * total_steps)
+    lr_end = min(POLYNOMIAL_LR_END, hp.learning_rate)
 
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if hp.lr_scheduler is LrScheduler.CONSTANT:
+        if schedule in (LrScheduler.CONSTANT, LrScheduler.CONSTANT_WITH_WARMUP):
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if hp.lr_scheduler is LrScheduler.LINEAR:
+        if schedule is LrScheduler.LINEAR:
             return 1.0 - progress
+        if schedule is LrScheduler.POLYNOMIAL:
+            return ((hp.learning_rate - lr_end) * (1.0 - progress) + lr_end) / hp.learning_rate
+        if schedule is LrScheduler.COSINE_WITH_RESTARTS:
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((hp.lr_cycles * progress) % 1.0)))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

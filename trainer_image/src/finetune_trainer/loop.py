@@ -267,11 +267,14 @@ class Trainer:
                 window_steps, window_start = 0, time.perf_counter()
 
             new_best = False
-            if every_eval and (state.step % every_eval == 0 or state.step == state.total_steps):
+            last = state.step == state.total_steps
+            if (every_eval and (state.step % every_eval == 0 or last)) or (
+                cfg.evaluation.every_epoch and (epoch_end or last)
+            ):
                 new_best = self._eval_step(state)
             preempt = self.dist.any_true(self.preemption.requested)
             due = (
-                state.step % every_ckpt == 0
+                (every_ckpt and state.step % every_ckpt == 0)
                 or (cfg.checkpointing.save_on_epoch_end and epoch_end)
                 or new_best
                 or preempt

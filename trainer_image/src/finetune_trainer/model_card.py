@@ -101,7 +101,7 @@ def render_model_card(
         "tags: [finetune-operator, " + cfg.method.value + "]",
         "---",
         "",
-        f"# Fine-tuned {cfg.model.path.rsplit('/', 1)[-1]}",
+        f"# {cfg.output.model_name or 'Fine-tuned ' + cfg.model.path.rsplit('/', 1)[-1]}",
         "",
         f"Causal-LM fine-tune of `{cfg.model.path}` with method **{cfg.method.value}**, "
         f"{metrics.get('steps')} of {metrics.get('totalSteps')} planned optimizer steps"

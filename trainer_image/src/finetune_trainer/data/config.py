@@ -6,7 +6,8 @@ camelCase alias; snake_case names are accepted too. Unknown keys are refused (``
 
 Defaults are chosen so that the smallest useful config is ``{"source": "/data/train.jsonl"}``: prompt /
 completion fields, plain template, loss on the completion only, NFKC + whitespace cleaning, exact
-de-duplication, PII scrubbed, at most 1 % malformed rows, a 5 % / 5 % hash split.
+de-duplication, PII scrubbed, at most 1 % malformed rows, a 5 % validation hash split (no test
+split), as FineTuneJob defaults them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ __all__ = [
     "DedupConfig",
     "ExtraPiiPattern",
     "FieldMapping",
+    "ImageAugmentationConfig",
     "PiiConfig",
     "PiiKind",
     "SplitConfig",
+    "TextAugmentationConfig",
 ]
 
 
@@ -63,7 +66,17 @@ class _DataModel(BaseModel):
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk"]
-MappingKind = Literal["prompt-completion", "instruction", "chat", "text", "classification"]
+#: The row layouts of the task catalog (finetune_trainer.task_catalog.LAYOUT_KINDS; a test keeps them equal).
+MappingKind = Literal[
+    "prompt-completion",
+    "instruction",
+    "chat",
+    "text",
+    "classification",
+    "image-classification",
+    "object-detection",
+    "interactions",
+]
 TemplateName = Literal["plain", "alpaca", "chatml", "tokenizer"]
 PiiKind = Literal["email", "phone", "credit_card", "ipv4", "ipv6"]
 PiiPolicy = Literal["scrub", "reject", "allow"]
@@ -104,7 +117,27 @@ class FieldMapping(_DataModel):
         description="Column with the chat messages, a list of {role, content} objects (kind chat).",
     )
     text: str = Field(default="text", description="Column with the text (kinds text and classification).")
-    label: str = Field(default="label", description="Column with the class label (kind classification).")
+    label: str = Field(
+        default="label",
+        description="Column with the class label (kinds classification, image-classification).",
+    )
+    text_pair: str | None = Field(
+        default=None, description="Optional column with the second text of a pair (kind classification)."
+    )
+    image: str = Field(
+        default="image",
+        description="Column with the image path or bytes (image-classification, object-detection).",
+    )
+    objects: str = Field(
+        default="objects",
+        description="Column with the objects of an image, [{bbox, category}] (object-detection).",
+    )
+    user: str = Field(default="user", description="Column with the user id (kind interactions).")
+    item: str = Field(default="item", description="Column with the item id (kind interactions).")
+    rating: str | None = Field(
+        default=None,
+        description="Optional column with the rating or weight (kind interactions); 1 when unset.",
+    )
     id: str | None = Field(
         default=None,
         description=(
@@ -251,7 +284,7 @@ class SplitConfig(_DataModel):
         default=0.05, description="Fraction of rows for validation (ignored when validationSource is set)."
     )
     test: Ratio = Field(
-        default=0.05, description="Fraction of rows for test (ignored when testSource is set)."
+        default=0.0, description="Fraction of rows for test (ignored when testSource is set)."
     )
     seed: int = Field(
         default=42,
@@ -299,6 +332,30 @@ class ComplianceConfig(_DataModel):
     )
 
 
+class ImageAugmentationConfig(_DataModel):
+    """Random image transforms of training images (FineTuneJob's dataset.augmentation.image)."""
+
+    section_name = "data.augmentation.image"
+
+    horizontal_flip: bool = Field(default=False, description="Flip left-right with probability 0.5.")
+    random_resized_crop: bool = Field(
+        default=False, description="Crop 8 to 100 percent of the area and resize it back."
+    )
+    color_jitter: float = Field(default=0.0, ge=0.0, le=1.0, description="Colour jitter strength (0: off).")
+    rotation_degrees: float = Field(default=0.0, ge=0.0, le=180.0, description="Largest rotation (0: off).")
+
+
+class TextAugmentationConfig(_DataModel):
+    """Random word-level perturbations of training rows (FineTuneJob's dataset.augmentation.text)."""
+
+    section_name = "data.augmentation.text"
+
+    word_dropout: float = Field(default=0.0, ge=0.0, le=0.5, description="Probability of deleting a word.")
+    word_swap: float = Field(
+        default=0.0, ge=0.0, le=0.5, description="Probability of swapping a word with its neighbour."
+    )
+
+
 class AugmentationConfig(_DataModel):
     """Deterministic augmentation of the training split only (validation and test are never augmented)."""
 
@@ -320,6 +377,12 @@ class AugmentationConfig(_DataModel):
         description="Prompt rewrites, each containing '{prompt}'. Copy i of a row uses variant i mod len.",
     )
     copies: int = Field(default=1, ge=0, le=16, description="Extra copies per training row.")
+    image: ImageAugmentationConfig | None = Field(
+        default=None, description="Random image transforms (image tasks; FineTuneJob's augmentation.image)."
+    )
+    text: TextAugmentationConfig | None = Field(
+        default=None, description="Random text perturbations (FineTuneJob's augmentation.text)."
+    )
 
     @field_validator("variants")
     @classmethod
