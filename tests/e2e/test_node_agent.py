@@ -38,6 +38,7 @@ from tests.kube_helpers import (
 pytestmark = [pytest.mark.e2e]
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+TEAM = "example.com/team"
 
 # A small HTTP server: answers with its pod's IP; /ready fails while /signals/<pod>.unready exists;
 # /healthz fails LIVE_FOR seconds after the start when that is set.
@@ -282,6 +283,127 @@ def identity_pod(signals: Path, web_ip: str) -> dict[str, Any]:
     return body
 
 
+# Reports what the container sees of envFrom, the secret and downwardAPI volumes and the init containers.
+SOURCES = r"""
+import json, os, stat
+from pathlib import Path
+def mode(path):
+    return oct(stat.S_IMODE(os.stat(path).st_mode))
+report = {
+    "env": {k: os.environ.get(k) for k in ("CM_greeting", "CM_file.txt", "password", "greeting")},
+    "secret": Path("/etc/creds/password").read_text(),
+    "secret_mode": mode("/etc/creds/password"),
+    "downward": {p.name: p.read_text() for p in Path("/etc/podinfo").iterdir() if not p.name.startswith(".")},
+    "order": Path("/scratch/order").read_text(),
+}
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def sources_pod(signals: Path) -> dict[str, Any]:
+    """envFrom a ConfigMap (with a prefix, one key overridden by `env`) and a Secret; a secret volume and a
+    downwardAPI volume; two init containers, the second of which checks that the first has run."""
+    main = container(
+        "main",
+        SOURCES,
+        envFrom=[
+            {"configMapRef": {"name": "settings"}, "prefix": "CM_"},
+            {"secretRef": {"name": "creds"}},
+        ],
+        env=[{"name": "CM_greeting", "value": "from env"}],
+        volumeMounts=[
+            {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+            {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
+    )
+    scratch = [{"name": "scratch", "mountPath": "/scratch"}]
+    inits = [
+        {"name": "first", "image": "busybox", "command": ["sh", "-c", "echo first >> /scratch/order"]},
+        {
+            "name": "second",
+            "image": "busybox",
+            "command": ["sh", "-c", "grep -qx first /scratch/order && echo second >> /scratch/order"],
+        },
+    ]
+    body = pod(
+        "sources",
+        [main],
+        signals,
+        restartPolicy="Never",
+        initContainers=[{**c, "volumeMounts": scratch} for c in inits],
+        volumes=[
+            {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400}},
+            {
+                "name": "podinfo",
+                "downwardAPI": {
+                    "items": [
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {
+                            "path": "team",
+                            "fieldRef": {"fieldPath": "metadata.annotations['example.com/team']"},
+                        },
+                    ]
+                },
+            },
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    )
+    body["metadata"]["annotations"] = {TEAM: "node"}
+    return body
+
+
+# Listens on 8081 once /signals/probes.listen exists.
+LISTEN_LATER = r"""
+import os, socket, time
+from pathlib import Path
+while not Path("/signals/probes.listen").exists():
+    time.sleep(0.2)
+server = socket.create_server(("", 8081))
+while True:
+    server.accept()[0].close()
+"""
+
+
+def sleeper(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "image": "busybox", "command": ["sh", "-c", "exec sleep 300"], **extra}
+
+
+def exec_probe(command: str, **fields: Any) -> dict[str, Any]:
+    return {"exec": {"command": ["sh", "-c", command]}, "periodSeconds": 1, **fields}
+
+
+def probe_pods(signals: Path) -> list[dict[str, Any]]:
+    """`probes`: a startup probe (exec) that holds back a liveness probe (exec) that would fail at once, and
+    a tcpSocket readiness probe; both wait for a file the test writes. `never-starts`: a startup probe that
+    never succeeds."""
+    started = "test -f /signals/probes.started"
+    slow = sleeper(
+        "slow",
+        startupProbe=exec_probe(started, failureThreshold=300),
+        livenessProbe=exec_probe(started, failureThreshold=1),
+    )
+    tcp = container(
+        "tcp",
+        LISTEN_LATER,
+        ports=[{"name": "tcp", "containerPort": 8081}],
+        readinessProbe={"tcpSocket": {"port": "tcp"}, "periodSeconds": 1, "failureThreshold": 1},
+    )
+    never = sleeper("main", startupProbe=exec_probe("exit 1", failureThreshold=2))
+    return [
+        pod("probes", [slow, tcp], signals, terminationGracePeriodSeconds=1),
+        pod("never-starts", [never], signals, terminationGracePeriodSeconds=1),
+    ]
+
+
+def on_failure_pod(signals: Path) -> dict[str, Any]:
+    """restartPolicy OnFailure: `ok` exits 0 (not restarted), `bad` exits 1 (restarted)."""
+    ok = {"name": "ok", "image": "busybox", "command": ["sh", "-c", "exit 0"]}
+    bad = {"name": "bad", "image": "busybox", "command": ["sh", "-c", "echo failing; exit 1"]}
+    return pod("on-failure", [ok, bad], signals, restartPolicy="OnFailure")
+
+
 @pytest.fixture(scope="module")
 def scene(
     cluster: Cluster, local_node: LocalNode, tmp_path_factory: pytest.TempPathFactory
@@ -319,6 +441,9 @@ def scene(
             pod("live", [live], signals),
             pod("graceful", [graceful], signals, terminationGracePeriodSeconds=30),
             pod("stubborn", [stubborn], signals, terminationGracePeriodSeconds=2),
+            sources_pod(signals),
+            *probe_pods(signals),
+            on_failure_pod(signals),
         ],
         namespace,
     )
@@ -458,6 +583,125 @@ def test_the_pods_own_environment_volumes_identity_and_init_container(
     if not old_pod_runner_active():
         assert not Path("/etc/demo").exists()
     assert "runner-0" not in Path("/etc/hosts").read_text()
+
+
+def statuses(pod: dict[str, Any], kind: str = "containerStatuses") -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in pod["status"].get(kind) or []}
+
+
+def report_of(cluster: Cluster, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pod once it has succeeded, and the REPORT line its `main` container printed."""
+    final = wait_for_pod_phase(cluster, namespace, name, "Succeeded", timeout=120)
+    log = cluster.kubectl("logs", name, "-n", namespace, "-c", "main").stdout
+    line = next((x for x in log.splitlines() if x.startswith("REPORT ")), None)
+    assert line is not None, log
+    return final, json.loads(line.removeprefix("REPORT "))
+
+
+def test_env_from_a_configmap_and_a_secret(cluster: Cluster, scene: dict[str, Any]) -> None:
+    _, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["env"] == {
+        "CM_greeting": "from env",  # `env` wins over `envFrom`
+        "CM_file.txt": "from a configmap\n",  # every key, with the prefix
+        "password": "s3cret",
+        "greeting": None,  # only with the prefix
+    }
+
+
+def test_secret_and_downward_api_volumes(cluster: Cluster, scene: dict[str, Any]) -> None:
+    _, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["secret"] == "s3cret"
+    assert report["secret_mode"] == "0o400"  # defaultMode
+    assert report["downward"] == {"name": "sources", "labels": 'test="sources"', "team": "node"}
+
+
+def test_two_init_containers_run_in_order_before_the_main_container(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    final, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["order"] == "first\nsecond\n"  # and `second` found `first`'s line (else it fails the pod)
+    inits = final["status"]["initContainerStatuses"]
+    assert [c["name"] for c in inits] == ["first", "second"]
+    assert [c["state"]["terminated"]["exitCode"] for c in inits] == [0, 0]
+    [main] = final["status"]["containerStatuses"]
+    first, second = (c["state"]["terminated"] for c in inits)
+    # Each one starts once the one before has ended (timestamps are to the second).
+    assert _seconds(first["finishedAt"]) <= _seconds(second["startedAt"])
+    assert _seconds(second["finishedAt"]) <= _seconds(main["state"]["terminated"]["startedAt"])
+    initialized = [c for c in final["status"]["conditions"] if c["type"] == "Initialized"]
+    assert initialized[0]["status"] == "True", final["status"]["conditions"]
+
+
+def test_a_startup_probe_holds_back_liveness_and_a_tcp_probe_decides_readiness(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace, signals = scene["namespace"], scene["signals"]
+
+    def both_running() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "probes")
+        views = statuses(found)
+        return found if len(views) == 2 and all("running" in v["state"] for v in views.values()) else None
+
+    wait_for(both_running, 120, "both containers of `probes` to run")
+    # Without the startup probe, the liveness probe (every 1 s, failureThreshold 1) would have restarted
+    # `slow` by now.
+    time.sleep(3)
+    found = get_pod(cluster, namespace, "probes")
+    slow, tcp = statuses(found)["slow"], statuses(found)["tcp"]
+    assert (slow["started"], slow["ready"], slow["restartCount"]) == (False, False, 0), slow
+    assert (tcp["ready"], tcp["restartCount"]) == (False, 0), tcp  # nothing listens on 8081 yet
+    assert not ready(found)
+
+    (signals / "probes.started").write_text("")
+    (signals / "probes.listen").write_text("")
+
+    def all_ready() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "probes")
+        return found if ready(found) else None
+
+    found = wait_for(all_ready, 60, "`probes` to be Ready")
+    slow, tcp = statuses(found)["slow"], statuses(found)["tcp"]
+    assert (slow["started"], slow["ready"], slow["restartCount"]) == (True, True, 0), slow
+    assert (tcp["started"], tcp["ready"], tcp["restartCount"]) == (True, True, 0), tcp
+
+
+def test_a_startup_probe_that_never_succeeds_restarts_the_container(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+
+    def restarted() -> dict[str, Any] | None:
+        status = statuses(get_pod(cluster, namespace, "never-starts")).get("main")
+        return status if status and status["restartCount"] >= 1 else None
+
+    status = wait_for(restarted, 120, "the startup probe to restart the container")
+    assert status["started"] is False
+    assert status["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGTERM, status
+    events = kubectl_json(
+        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=never-starts"
+    )
+    messages = [e["message"] for e in events["items"] if e["reason"] == "Unhealthy"]
+    assert any(m.startswith("Startup probe failed") for m in messages), messages
+
+
+def test_restart_policy_on_failure_restarts_only_the_container_that_failed(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+
+    def bad_restarted() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "on-failure")
+        bad = statuses(found).get("bad")
+        return found if bad and bad["restartCount"] >= 1 else None
+
+    # The crash-loop backoff's first wait is 10 s: by then `ok` would have been restarted under Always.
+    found = wait_for(bad_restarted, 120, "the failed container to be restarted")
+    ok, bad = statuses(found)["ok"], statuses(found)["bad"]
+    assert bad["lastState"]["terminated"]["exitCode"] == 1, bad
+    assert ok["restartCount"] == 0, ok
+    assert ok["state"]["terminated"]["exitCode"] == 0, ok
+    assert ok["state"]["terminated"]["reason"] == "Completed", ok
+    assert found["status"]["phase"] == "Running"  # `bad` will run again
 
 
 def test_a_crashing_container_restarts_with_growing_backoff(cluster: Cluster, scene: dict[str, Any]) -> None:
