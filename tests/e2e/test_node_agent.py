@@ -298,7 +298,8 @@ def mode(path):
 report = {
     "env": {k: os.environ.get(k) for k in ("CM_greeting", "CM_file.txt", "password", "greeting")},
     "secret": Path("/etc/creds/password").read_text(),
-    "secret_mode": mode("/etc/creds/password"),
+    "secret_modes": [mode("/etc/creds/password"), mode("/etc/creds/again/password")],
+    "secret_again": Path("/etc/creds/again/password").read_text(),
     "downward": {p.name: p.read_text() for p in Path("/etc/podinfo").iterdir() if not p.name.startswith(".")},
     "order": Path("/scratch/order").read_text(),
 }
@@ -339,7 +340,17 @@ def sources_pod(signals: Path) -> dict[str, Any]:
         restartPolicy="Never",
         initContainers=[{**c, "volumeMounts": scratch} for c in inits],
         volumes=[
-            {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400}},
+            {
+                "name": "creds",
+                "secret": {
+                    "secretName": "creds",
+                    "defaultMode": 0o400,
+                    "items": [
+                        {"key": "password", "path": "password"},
+                        {"key": "password", "path": "again/password", "mode": 0o440},
+                    ],
+                },
+            },
             {
                 "name": "podinfo",
                 "downwardAPI": {
@@ -616,8 +627,8 @@ def test_env_from_a_configmap_and_a_secret(cluster: Cluster, scene: dict[str, An
 
 def test_secret_and_downward_api_volumes(cluster: Cluster, scene: dict[str, Any]) -> None:
     _, report = report_of(cluster, scene["namespace"], "sources")
-    assert report["secret"] == "s3cret"
-    assert report["secret_mode"] == "0o400"  # defaultMode
+    assert report["secret"] == report["secret_again"] == "s3cret"
+    assert report["secret_modes"] == ["0o400", "0o440"]  # defaultMode, and an item's own mode
     assert report["downward"] == {"name": "sources", "labels": 'test="sources"', "team": "node"}
 
 
