@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from hack import devcluster
+from hack.nodeagent.agent import agent_dir
 from hack.nodeagent.init import old_pod_runner_active
 from hack.nodeagent.podenv import VENV_PYTHON
 
@@ -647,6 +648,17 @@ def test_two_init_containers_run_in_order_before_the_main_container(
     assert _seconds(second["finishedAt"]) <= _seconds(main["state"]["terminated"]["startedAt"])
     initialized = [c for c in final["status"]["conditions"] if c["type"] == "Initialized"]
     assert initialized[0]["status"] == "True", final["status"]["conditions"]
+
+
+def test_deleting_a_finished_pod_removes_its_logs(
+    cluster: Cluster, local_node: LocalNode, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+    final, _ = report_of(cluster, namespace, "sources")
+    logs = agent_dir(local_node.root) / "logs" / f"{namespace}_sources_{final['metadata']['uid']}"
+    assert (logs / "main").is_dir()
+    cluster.kubectl("delete", "pod", "sources", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: not logs.exists(), 30, f"{logs} to be removed with its pod")
 
 
 def test_a_startup_probe_holds_back_liveness_and_a_tcp_probe_decides_readiness(
