@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""A dynamic hostPath volume provisioner for the dev cluster (started by hack/devcluster.py).
+"""A dynamic hostPath volume provisioner for the dev cluster (started by hack/devcluster, components.py).
 
 It plays the external-provisioner half of the PersistentVolume protocol for one StorageClass: for each
 pending claim of that class it makes a folder under --volumes-dir and creates a hostPath PersistentVolume
 pre-bound to the claim (claimRef); kube-controller-manager's PV binder then binds the pair, as with any
 external provisioner. When a claim is deleted and its volume becomes Released (reclaim policy Delete), it
-removes the folder and the volume. Pods on kwok nodes run nothing, so the folder is where a test that runs
-the real process locally finds the volume's contents.
+removes the folder and the volume. Pods on the local node (hack/nodeagent) mount the folder; pods on kwok
+nodes run nothing, so there the folder is where a test finds (or puts) the volume's contents.
 """
 
 from __future__ import annotations

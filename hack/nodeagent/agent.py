@@ -175,6 +175,7 @@ class Agent:
     def _adopt(self) -> None:
         """Pods an earlier agent ran: resume those that still exist, end those that are gone."""
         live = {p["metadata"]["uid"] for p in self.pods.items.values()}
+        self.logs.keep_only(live)  # pods deleted while no agent ran (or by an older agent that kept logs)
         for folder in sorted(self.pods_dir.iterdir()):
             record = PodRecord.load(folder)
             if record is not None and record.uid in live:
@@ -203,7 +204,12 @@ class Agent:
                 self.workers[uid] = worker
             worker.start()
         for uid in list(self.finished - live_uids):
+            # A pod that had ended is gone (the API server deletes terminal pods at once): so are its logs.
             self.finished.discard(uid)
+            record = PodRecord.load(self.pods_dir / uid)
+            if record is not None:
+                meta = {"namespace": record.namespace, "name": record.name, "uid": uid}
+                self.logs.remove({"metadata": meta})
             shutil.rmtree(self.pods_dir / uid, ignore_errors=True)
         for worker in list(self.workers.values()):
             worker.wake.set()

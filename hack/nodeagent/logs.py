@@ -34,6 +34,12 @@ class LogStore:
         meta = pod["metadata"]
         return self.pod_dir(meta["namespace"], meta["name"], meta["uid"]) / container / f"{restart}.log"
 
+    def keep_only(self, uids: set[str]) -> None:
+        """Remove the logs of every pod not in `uids` (the pods that still exist)."""
+        for folder in self.root.glob("*_*_*"):
+            if folder.name.rsplit("_", 1)[1] not in uids:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def remove(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
         shutil.rmtree(self.pod_dir(meta["namespace"], meta["name"], meta["uid"]), ignore_errors=True)

@@ -67,6 +67,14 @@ class PodRecord:
             return None
 
 
+def next_backoff(previous_s: float, lived_s: float) -> float:
+    """The kubelet's crash-loop backoff before the next restart: 10 s, doubled after each run, at most 5 min;
+    back to 10 s once a run lived longer than 10 min (`previous_s` 0: no backoff so far)."""
+    if not previous_s or lived_s > BACKOFF_RESET_S:
+        return BACKOFF_BASE_S
+    return min(previous_s * 2, BACKOFF_MAX_S)
+
+
 def termination_message(message_file: Path, log_path: Path, policy: str | None, exit_code: int) -> str:
     """The kubelet's rule: the terminationMessagePath file (at most 4 KiB); when it is empty, the policy is
     FallbackToLogsOnError and the container failed, the end of its log (80 lines, 2 KiB)."""
@@ -208,11 +216,7 @@ class ContainerLoop:
             self.done = True
         elif (policy == "Always" and not self.init) or (policy != "Never" and code != 0):
             lived = time.time() - _parse_time(run.record.started_at)
-            self.backoff_s = (
-                BACKOFF_BASE_S
-                if lived > BACKOFF_RESET_S or not self.backoff_s
-                else min(self.backoff_s * 2, BACKOFF_MAX_S)
-            )
+            self.backoff_s = next_backoff(self.backoff_s, lived)
             self.restart_at = time.time() + self.backoff_s
         else:
             self.done = True

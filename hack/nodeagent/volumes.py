@@ -17,12 +17,16 @@ from hack.kube import Api, ApiError
 from hack.nodeagent.podenv import ObjectCache, PodError, expand, field_value
 
 
-def _write_files(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
+def _write_files(
+    directory: Path, files: Mapping[str, bytes], mode: int, items: Sequence[Mapping[str, Any]] | None = None
+) -> None:
+    """Write `files` with the volume's mode, or an item's own `mode` where it has one (as the kubelet)."""
+    modes = {item["path"]: int(item["mode"]) for item in items or [] if item.get("mode") is not None}
     for rel, content in files.items():
         path = directory / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content)
-        path.chmod(mode)
+        path.chmod(modes.get(rel, mode))
 
 
 def _select(values: Mapping[str, bytes], items: Sequence[Mapping[str, Any]] | None) -> dict[str, bytes]:
@@ -58,7 +62,8 @@ class Volumes:
             ref_name = source.get("name") or source.get("secretName")
             values = self.objects.data(kind, ref_name, bool(source.get("optional")))
             path = self._dir(name)
-            _write_files(path, _select(values, source.get("items")), source.get("defaultMode", 0o644))
+            items = source.get("items")
+            _write_files(path, _select(values, items), source.get("defaultMode", 0o644), items)
             return path
         if "emptyDir" in volume:
             if volume["emptyDir"].get("medium") == "Memory" and Path("/dev/shm").is_dir():
@@ -109,7 +114,7 @@ class Volumes:
             if "fieldRef" not in item:
                 raise PodError(f"downwardAPI item {item.get('path')}: only fieldRef is supported")
             files[item["path"]] = field_value(self.pod, item["fieldRef"]["fieldPath"]).encode()
-        _write_files(path, files, mode or 0o644)
+        _write_files(path, files, mode or 0o644, items)
 
     def _projected(self, path: Path, projected: Mapping[str, Any]) -> None:
         mode = projected.get("defaultMode", 0o644)
@@ -124,7 +129,7 @@ class Volumes:
                     else ("secret", source["secret"])
                 )
                 values = self.objects.data(kind, ref["name"], bool(ref.get("optional")))
-                _write_files(path, _select(values, ref.get("items")), mode)
+                _write_files(path, _select(values, ref.get("items")), mode, ref.get("items"))
             elif "downwardAPI" in source:
                 self._downward(path, source["downwardAPI"].get("items", []), mode)
             else:

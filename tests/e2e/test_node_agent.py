@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from hack import devcluster
+from hack.nodeagent.agent import agent_dir
 from hack.nodeagent.init import old_pod_runner_active
 from hack.nodeagent.podenv import VENV_PYTHON
 
@@ -38,6 +39,13 @@ from tests.kube_helpers import (
 pytestmark = [pytest.mark.e2e]
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+TEAM = "example.com/team"
+STUBBORN_GRACE_S = 2
+# From `kubectl delete` to the pod object's removal, beyond the grace period: kubectl itself, the watch event
+# reaching the agent, SIGTERM/SIGKILL and reaping, tearing down the sandbox, the final DELETE and our poll.
+# Measured on the shared 2-core dev machine (load average 8): the stubborn pod gone 0.25 s after its grace
+# period, the graceful one 0.33 s after the delete; the slack allows about ten times that.
+DELETE_SLACK_S = 3.0
 
 # A small HTTP server: answers with its pod's IP; /ready fails while /signals/<pod>.unready exists;
 # /healthz fails LIVE_FOR seconds after the start when that is set.
@@ -282,6 +290,138 @@ def identity_pod(signals: Path, web_ip: str) -> dict[str, Any]:
     return body
 
 
+# Reports what the container sees of envFrom, the secret and downwardAPI volumes and the init containers.
+SOURCES = r"""
+import json, os, stat
+from pathlib import Path
+def mode(path):
+    return oct(stat.S_IMODE(os.stat(path).st_mode))
+report = {
+    "env": {k: os.environ.get(k) for k in ("CM_greeting", "CM_file.txt", "password", "greeting")},
+    "secret": Path("/etc/creds/password").read_text(),
+    "secret_modes": [mode("/etc/creds/password"), mode("/etc/creds/again/password")],
+    "secret_again": Path("/etc/creds/again/password").read_text(),
+    "downward": {p.name: p.read_text() for p in Path("/etc/podinfo").iterdir() if not p.name.startswith(".")},
+    "order": Path("/scratch/order").read_text(),
+}
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def sources_pod(signals: Path) -> dict[str, Any]:
+    """envFrom a ConfigMap (with a prefix, one key overridden by `env`) and a Secret; a secret volume and a
+    downwardAPI volume; two init containers, the second of which checks that the first has run."""
+    main = container(
+        "main",
+        SOURCES,
+        envFrom=[
+            {"configMapRef": {"name": "settings"}, "prefix": "CM_"},
+            {"secretRef": {"name": "creds"}},
+        ],
+        env=[{"name": "CM_greeting", "value": "from env"}],
+        volumeMounts=[
+            {"name": "creds", "mountPath": "/etc/creds", "readOnly": True},
+            {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": True},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
+    )
+    scratch = [{"name": "scratch", "mountPath": "/scratch"}]
+    inits = [
+        {"name": "first", "image": "busybox", "command": ["sh", "-c", "echo first >> /scratch/order"]},
+        {
+            "name": "second",
+            "image": "busybox",
+            "command": ["sh", "-c", "grep -qx first /scratch/order && echo second >> /scratch/order"],
+        },
+    ]
+    body = pod(
+        "sources",
+        [main],
+        signals,
+        restartPolicy="Never",
+        initContainers=[{**c, "volumeMounts": scratch} for c in inits],
+        volumes=[
+            {
+                "name": "creds",
+                "secret": {
+                    "secretName": "creds",
+                    "defaultMode": 0o400,
+                    "items": [
+                        {"key": "password", "path": "password"},
+                        {"key": "password", "path": "again/password", "mode": 0o440},
+                    ],
+                },
+            },
+            {
+                "name": "podinfo",
+                "downwardAPI": {
+                    "items": [
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {
+                            "path": "team",
+                            "fieldRef": {"fieldPath": "metadata.annotations['example.com/team']"},
+                        },
+                    ]
+                },
+            },
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    )
+    body["metadata"]["annotations"] = {TEAM: "node"}
+    return body
+
+
+# Listens on 8081 once /signals/probes.listen exists.
+LISTEN_LATER = r"""
+import os, socket, time
+from pathlib import Path
+while not Path("/signals/probes.listen").exists():
+    time.sleep(0.2)
+server = socket.create_server(("", 8081))
+while True:
+    server.accept()[0].close()
+"""
+
+
+def sleeper(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "image": "busybox", "command": ["sh", "-c", "exec sleep 300"], **extra}
+
+
+def exec_probe(command: str, **fields: Any) -> dict[str, Any]:
+    return {"exec": {"command": ["sh", "-c", command]}, "periodSeconds": 1, **fields}
+
+
+def probe_pods(signals: Path) -> list[dict[str, Any]]:
+    """`probes`: a startup probe (exec) that holds back a liveness probe (exec) that would fail at once, and
+    a tcpSocket readiness probe; both wait for a file the test writes. `never-starts`: a startup probe that
+    never succeeds."""
+    started = "test -f /signals/probes.started"
+    slow = sleeper(
+        "slow",
+        startupProbe=exec_probe(started, failureThreshold=300),
+        livenessProbe=exec_probe(started, failureThreshold=1),
+    )
+    tcp = container(
+        "tcp",
+        LISTEN_LATER,
+        ports=[{"name": "tcp", "containerPort": 8081}],
+        readinessProbe={"tcpSocket": {"port": "tcp"}, "periodSeconds": 1, "failureThreshold": 1},
+    )
+    never = sleeper("main", startupProbe=exec_probe("exit 1", failureThreshold=2))
+    return [
+        pod("probes", [slow, tcp], signals, terminationGracePeriodSeconds=1),
+        pod("never-starts", [never], signals, terminationGracePeriodSeconds=1),
+    ]
+
+
+def on_failure_pod(signals: Path) -> dict[str, Any]:
+    """restartPolicy OnFailure: `ok` exits 0 (not restarted), `bad` exits 1 (restarted)."""
+    ok = {"name": "ok", "image": "busybox", "command": ["sh", "-c", "exit 0"]}
+    bad = {"name": "bad", "image": "busybox", "command": ["sh", "-c", "echo failing; exit 1"]}
+    return pod("on-failure", [ok, bad], signals, restartPolicy="OnFailure")
+
+
 @pytest.fixture(scope="module")
 def scene(
     cluster: Cluster, local_node: LocalNode, tmp_path_factory: pytest.TempPathFactory
@@ -318,7 +458,10 @@ def scene(
             pod("crash", [crash], signals),
             pod("live", [live], signals),
             pod("graceful", [graceful], signals, terminationGracePeriodSeconds=30),
-            pod("stubborn", [stubborn], signals, terminationGracePeriodSeconds=2),
+            pod("stubborn", [stubborn], signals, terminationGracePeriodSeconds=STUBBORN_GRACE_S),
+            sources_pod(signals),
+            *probe_pods(signals),
+            on_failure_pod(signals),
         ],
         namespace,
     )
@@ -460,6 +603,136 @@ def test_the_pods_own_environment_volumes_identity_and_init_container(
     assert "runner-0" not in Path("/etc/hosts").read_text()
 
 
+def statuses(pod: dict[str, Any], kind: str = "containerStatuses") -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in pod["status"].get(kind) or []}
+
+
+def report_of(cluster: Cluster, namespace: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pod once it has succeeded, and the REPORT line its `main` container printed."""
+    final = wait_for_pod_phase(cluster, namespace, name, "Succeeded", timeout=120)
+    log = cluster.kubectl("logs", name, "-n", namespace, "-c", "main").stdout
+    line = next((x for x in log.splitlines() if x.startswith("REPORT ")), None)
+    assert line is not None, log
+    return final, json.loads(line.removeprefix("REPORT "))
+
+
+def test_env_from_a_configmap_and_a_secret(cluster: Cluster, scene: dict[str, Any]) -> None:
+    _, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["env"] == {
+        "CM_greeting": "from env",  # `env` wins over `envFrom`
+        "CM_file.txt": "from a configmap\n",  # every key, with the prefix
+        "password": "s3cret",
+        "greeting": None,  # only with the prefix
+    }
+
+
+def test_secret_and_downward_api_volumes(cluster: Cluster, scene: dict[str, Any]) -> None:
+    _, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["secret"] == report["secret_again"] == "s3cret"
+    assert report["secret_modes"] == ["0o400", "0o440"]  # defaultMode, and an item's own mode
+    assert report["downward"] == {"name": "sources", "labels": 'test="sources"', "team": "node"}
+
+
+def test_two_init_containers_run_in_order_before_the_main_container(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    final, report = report_of(cluster, scene["namespace"], "sources")
+    assert report["order"] == "first\nsecond\n"  # and `second` found `first`'s line (else it fails the pod)
+    inits = final["status"]["initContainerStatuses"]
+    assert [c["name"] for c in inits] == ["first", "second"]
+    assert [c["state"]["terminated"]["exitCode"] for c in inits] == [0, 0]
+    [main] = final["status"]["containerStatuses"]
+    first, second = (c["state"]["terminated"] for c in inits)
+    # Each one starts once the one before has ended (timestamps are to the second).
+    assert _seconds(first["finishedAt"]) <= _seconds(second["startedAt"])
+    assert _seconds(second["finishedAt"]) <= _seconds(main["state"]["terminated"]["startedAt"])
+    initialized = [c for c in final["status"]["conditions"] if c["type"] == "Initialized"]
+    assert initialized[0]["status"] == "True", final["status"]["conditions"]
+
+
+def test_deleting_a_finished_pod_removes_its_logs(
+    cluster: Cluster, local_node: LocalNode, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+    final, _ = report_of(cluster, namespace, "sources")
+    logs = agent_dir(local_node.root) / "logs" / f"{namespace}_sources_{final['metadata']['uid']}"
+    assert (logs / "main").is_dir()
+    cluster.kubectl("delete", "pod", "sources", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: not logs.exists(), 30, f"{logs} to be removed with its pod")
+
+
+def test_a_startup_probe_holds_back_liveness_and_a_tcp_probe_decides_readiness(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace, signals = scene["namespace"], scene["signals"]
+
+    def both_running() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "probes")
+        views = statuses(found)
+        return found if len(views) == 2 and all("running" in v["state"] for v in views.values()) else None
+
+    wait_for(both_running, 120, "both containers of `probes` to run")
+    # Without the startup probe, the liveness probe (every 1 s, failureThreshold 1) would have restarted
+    # `slow` by now.
+    time.sleep(3)
+    found = get_pod(cluster, namespace, "probes")
+    slow, tcp = statuses(found)["slow"], statuses(found)["tcp"]
+    assert (slow["started"], slow["ready"], slow["restartCount"]) == (False, False, 0), slow
+    assert (tcp["ready"], tcp["restartCount"]) == (False, 0), tcp  # nothing listens on 8081 yet
+    assert not ready(found)
+
+    (signals / "probes.started").write_text("")
+    (signals / "probes.listen").write_text("")
+
+    def all_ready() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "probes")
+        return found if ready(found) else None
+
+    found = wait_for(all_ready, 60, "`probes` to be Ready")
+    slow, tcp = statuses(found)["slow"], statuses(found)["tcp"]
+    assert (slow["started"], slow["ready"], slow["restartCount"]) == (True, True, 0), slow
+    assert (tcp["started"], tcp["ready"], tcp["restartCount"]) == (True, True, 0), tcp
+
+
+def test_a_startup_probe_that_never_succeeds_restarts_the_container(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+
+    def restarted() -> dict[str, Any] | None:
+        status = statuses(get_pod(cluster, namespace, "never-starts")).get("main")
+        return status if status and status["restartCount"] >= 1 else None
+
+    status = wait_for(restarted, 120, "the startup probe to restart the container")
+    assert status["started"] is False
+    assert status["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGTERM, status
+    events = kubectl_json(
+        cluster, "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=never-starts"
+    )
+    messages = [e["message"] for e in events["items"] if e["reason"] == "Unhealthy"]
+    assert any(m.startswith("Startup probe failed") for m in messages), messages
+
+
+def test_restart_policy_on_failure_restarts_only_the_container_that_failed(
+    cluster: Cluster, scene: dict[str, Any]
+) -> None:
+    namespace = scene["namespace"]
+
+    def bad_restarted() -> dict[str, Any] | None:
+        found = get_pod(cluster, namespace, "on-failure")
+        bad = statuses(found).get("bad")
+        return found if bad and bad["restartCount"] >= 1 else None
+
+    # The crash-loop backoff's first wait is 10 s: by then `ok` would have been restarted under Always.
+    found = wait_for(bad_restarted, 120, "the failed container to be restarted")
+    ok, bad = statuses(found)["ok"], statuses(found)["bad"]
+    assert bad["lastState"]["terminated"]["exitCode"] == 1, bad
+    assert ok["restartCount"] == 0, ok
+    assert ok["state"]["terminated"]["exitCode"] == 0, ok
+    assert ok["state"]["terminated"]["reason"] == "Completed", ok
+    assert found["status"]["phase"] == "Running"  # `bad` will run again
+
+
 def test_a_crashing_container_restarts_with_growing_backoff(cluster: Cluster, scene: dict[str, Any]) -> None:
     namespace = scene["namespace"]
     runs: dict[str, dict[str, Any]] = {}  # every ended run seen, by its start
@@ -544,13 +817,23 @@ def test_deleting_a_pod_ends_its_processes_within_the_grace_period(
         wait_for_pod_phase(cluster, namespace, name, "Running")
         wait_for(lambda n=name: "READY" in cluster.kubectl("logs", n, "-n", namespace).stdout, 60, "READY")
     began = time.monotonic()
-    cluster.kubectl("delete", "pod", "graceful", "stubborn", "-n", namespace, "--wait=true", "--timeout=60s")
-    took = time.monotonic() - began
+    cluster.kubectl("delete", "pod", "graceful", "stubborn", "-n", namespace, "--wait=false")
+    gone: dict[str, float] = {}  # seconds from the delete to the pod object's removal (by the agent)
+
+    def both_gone() -> bool:
+        for name in ("graceful", "stubborn"):
+            if name not in gone and cluster.api.get(f"/api/v1/namespaces/{namespace}/pods/{name}") is None:
+                gone[name] = time.monotonic() - began
+        return len(gone) == 2
+
+    wait_for(both_gone, 60, "graceful and stubborn to be gone", interval=0.1)
     left = [
         c for c in local_node.containers() if c.namespace == namespace and c.pod in ("graceful", "stubborn")
     ]
     assert not left, left
     assert (signals / "graceful.stopped").read_text() == "SIGTERM"  # it got SIGTERM and used it
     assert not (signals / "stubborn.stopped").exists()
-    # The stubborn one ignored SIGTERM and was killed after its 2 s; neither waited for graceful's 30 s.
-    assert took < 30, took
+    # The stubborn one ignored SIGTERM and was killed after its 2 s grace period; the graceful one ended on
+    # SIGTERM, long before its 30 s.
+    assert gone["stubborn"] < STUBBORN_GRACE_S + DELETE_SLACK_S, gone
+    assert gone["graceful"] < DELETE_SLACK_S, gone
