@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""`make demo`: one FineTuneJob from `kubectl apply` to a trained model, for real, on this machine.
+"""`make demo`: one FineTuneJob from `kubectl apply` to a trained model, then served and answering, for real,
+on this machine.
 
     dev cluster (unless FTO_USE_EXISTING_CLUSTER=1) -> CRDs -> the operator -> a tiny model and dataset on a
     claim -> examples/demo/finetunejob.yaml -> admitted, pod Running on the local node, whose agent
     (hack/nodeagent) runs its trainer container here -> Succeeded, metrics before/after, model card ->
-    operator stopped, cluster left up
+    examples/demo/modeldeployment.yaml (the job's artifact, int8-quantised behind the quality gate) -> its
+    server pod on the local node -> Ready -> a chat request through the `openai` client, via the Service's
+    loopback forwarder and the generated API key -> summary -> operator stopped, cluster and server left up
 
 Everything happens in the namespace `fto-demo` (recreated on each run; FTO_DEMO_NAMESPACE changes it). Files:
-.dev/demo/ (operator.log, trainer.log, assets/; FTO_DEMO_DIR moves it). The cluster keeps running so you can
-look around; `make cluster-down` stops it.
+.dev/demo/ (operator.log, trainer.log, server.log, assets/; FTO_DEMO_DIR moves it). The cluster keeps running
+so you can look around (and call the server); `make cluster-down` stops it.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -21,9 +25,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -37,6 +48,11 @@ NAMESPACE = os.environ.get("FTO_DEMO_NAMESPACE", "fto-demo")
 JOB = "demo"
 ASSETS_CLAIM = "demo-assets"
 MANIFEST = REPO_ROOT / "examples" / "demo" / "finetunejob.yaml"
+DEPLOYMENT = "demo"
+DEPLOYMENT_MANIFEST = REPO_ROOT / "examples" / "demo" / "modeldeployment.yaml"
+READY_TIMEOUT_S = 300
+QUESTION = "word: kqzt\nfirst:"  # a prompt of the trained task, whose rule answers "K"
+RULE_ANSWER = "K"
 WORK_DIR = Path(os.environ.get("FTO_DEMO_DIR", str(REPO_ROOT / ".dev" / "demo")))
 STARTED = time.monotonic()
 
@@ -116,28 +132,34 @@ class Demo:
         shutil.copy2(assets_dir / "data.jsonl", folder / "data.jsonl")
         say(f"copied model/ and data.jsonl onto claim {ASSETS_CLAIM} (volume {folder})")
 
-    def trainer_pod(self) -> dict[str, Any]:
+    def started_pod(self, selector: str, what: str, timeout: float = 180.0) -> dict[str, Any]:
         def started() -> dict[str, Any] | None:
-            out = self.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"finetune.dev/job={JOB}", "-o", "json")
+            out = self.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json")
             phases = ("Running", "Succeeded", "Failed")
             pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") in phases]
             return pods[0] if pods else None
 
-        pod: dict[str, Any] = self.wait("the trainer pod to start", started)
+        pod: dict[str, Any] = self.wait(what, started, timeout=timeout)
         return pod
+
+    def trainer_pod(self) -> dict[str, Any]:
+        return self.started_pod(f"finetune.dev/job={JOB}", "the trainer pod to start")
+
+    def logs_command(self, pod: str) -> list[str]:
+        kubectl = [str(self.kube.kubectl_path), f"--kubeconfig={self.kube.kubeconfig}"]
+        return [*kubectl, "logs", "-f", pod, "-n", NAMESPACE]
 
     def follow(self, pod: str, log_path: Path) -> int:
         """`kubectl logs -f` into the log file (the trainer's own messages shown) until the container ends;
         returns its exit code as the pod reports it."""
-        cmd = [str(self.kube.kubectl_path), f"--kubeconfig={self.kube.kubeconfig}", "logs", "-f", pod]
         with (
             log_path.open("w") as log,
-            subprocess.Popen([*cmd, "-n", NAMESPACE], stdout=subprocess.PIPE, text=True) as proc,
+            subprocess.Popen(self.logs_command(pod), stdout=subprocess.PIPE, text=True) as proc,
         ):
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
-                trainer_line(line)
+                container_line(line, "finetune_trainer", "trainer")
 
         def ended() -> dict[str, Any] | None:
             current = self.get("pod", pod)
@@ -160,8 +182,8 @@ class Demo:
 
 
 @contextlib.contextmanager
-def watch_finetunejobs(demo: Demo) -> Iterator[None]:
-    """Print `kubectl get ftj` whenever a row changes (ignoring the AGE column)."""
+def watch(demo: Demo, resource: str) -> Iterator[None]:
+    """Print `kubectl get RESOURCE` whenever a row changes (ignoring the AGE column)."""
     stop = threading.Event()
 
     last = ""
@@ -169,7 +191,7 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
 
     def poll() -> None:
         nonlocal last, header_shown
-        result = demo.kube.kubectl("get", "ftj", "-n", NAMESPACE, check=False)
+        result = demo.kube.kubectl("get", resource, "-n", NAMESPACE, check=False)
         lines = result.stdout.strip().splitlines()
         if len(lines) < 2:
             return
@@ -177,10 +199,10 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
         if rows == last:
             return
         if not header_shown:
-            print(f"           {lines[0]}", flush=True)
+            print(f"{'':{12 + len(resource)}}{lines[0]}", flush=True)  # under the rows' columns
             header_shown = True
         for line in lines[1:]:
-            say(f"ftj  {line}")
+            say(f"{resource}  {line}")
         last = rows
 
     def loop() -> None:
@@ -189,7 +211,7 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
             stop.wait(1.0)
         poll()  # the final state
 
-    thread = threading.Thread(target=loop, name="watch-ftj", daemon=True)
+    thread = threading.Thread(target=loop, name=f"watch-{resource}", daemon=True)
     thread.start()
     try:
         yield
@@ -198,22 +220,26 @@ def watch_finetunejobs(demo: Demo) -> Iterator[None]:
         thread.join(5)
 
 
-def trainer_line(line: str) -> None:
-    """The trainer's own progress messages (its INFO lines), not library noise."""
-    if " INFO finetune_trainer" in line:
-        say("trainer | " + line.split(" INFO ", 1)[1].strip())
+def container_line(line: str, package: str, label: str) -> None:
+    """A container's own progress messages (its package's INFO lines), not library noise."""
+    if f" INFO {package}" in line:
+        say(f"{label} | " + line.split(" INFO ", 1)[1].strip())
+
+
+def show_conditions(conditions: list[dict[str, Any]], kinds: tuple[str, ...]) -> None:
+    by_type = {c["type"]: c for c in conditions}
+    for kind in kinds:
+        if kind in by_type:
+            c = by_type[kind]
+            say(f"condition {kind}={c['status']} ({c.get('reason')}): {c.get('message', '')}")
 
 
 def show_result(demo: Demo, pod: dict[str, Any]) -> None:
     job = demo.get("finetunejob", JOB)
     assert job is not None
     status = job["status"]
-    conditions = {c["type"]: c for c in status.get("conditions", [])}
     step(f"FineTuneJob {NAMESPACE}/{JOB}: {status.get('phase')}")
-    for kind in ("Admitted", "Running", "Succeeded", "Failed"):
-        if kind in conditions:
-            c = conditions[kind]
-            say(f"condition {kind}={c['status']} ({c.get('reason')}): {c.get('message', '')}")
+    show_conditions(status.get("conditions", []), ("Admitted", "Running", "Succeeded", "Failed"))
     metrics = status.get("metrics") or {}
     before, after = metrics.get("before", {}), metrics.get("after", {})
     if before or after:
@@ -261,6 +287,190 @@ def local_path(demo: Demo, pod: dict[str, Any], container_path: str) -> Path | N
     return Path(pv["spec"]["hostPath"]["path"]) / container_path.removeprefix(mount["mountPath"]).lstrip("/")
 
 
+# ----------------------------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the serving part found: where a user calls the server, with which key, and what it answered."""
+
+    deployment: dict[str, Any]  # the ModelDeployment once Ready
+    service: str
+    url: str  # the Service's loopback forwarder on this machine, http://127.0.0.1:PORT
+    model: str  # the served model's name, as /v1/models lists it
+    answer: str
+    health: dict[str, Any]  # the server's /v2/health/ready answer, through the Service
+
+
+@contextlib.contextmanager
+def following(demo: Demo, pod: str, log_path: Path, package: str, label: str) -> Iterator[None]:
+    """`kubectl logs -f POD` into `log_path` in the background while the block runs (a server's log does not
+    end), showing the package's own INFO lines."""
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(demo.logs_command(pod), stdout=subprocess.PIPE, text=True) as proc,
+    ):
+
+        def copy() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                container_line(line, package, label)
+
+        thread = threading.Thread(target=copy, name=f"logs-{label}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            proc.terminate()
+            thread.join(5)
+
+
+def http_json(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    """GET on loopback (no proxy), any status: the health endpoints answer 503 with a body too."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            body: dict[str, Any] = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = json.loads(err.read())
+    return body
+
+
+def serve(demo: Demo) -> Served | None:
+    """Apply the ModelDeployment, follow its server until Ready, then call it as a user does: the generated
+    API key from its Secret, the Service through its loopback forwarder, the official `openai` client.
+    None (having said why) when it does not get Ready."""
+    with watch(demo, "mdep"):
+        step(f"kubectl apply -f {DEPLOYMENT_MANIFEST.relative_to(REPO_ROOT)}")
+        demo.kubectl("apply", "-n", NAMESPACE, "-f", str(DEPLOYMENT_MANIFEST))
+        pod = demo.started_pod(f"finetune.dev/deployment={DEPLOYMENT}", "the server pod to start")
+        name = pod["metadata"]["name"]
+        say(f"pod {name} on node {pod['spec']['nodeName']}, IP {pod['status'].get('podIP')}")
+        step(f"the node agent runs its server container here; kubectl logs -f {name}")
+        container = pod["spec"]["containers"][0]
+        say(f"command: {' '.join(container.get('command', []) + container.get('args', []))}")
+        with following(demo, name, WORK_DIR / "server.log", "finetune_server", "server"):
+            wait = ["wait", "--for=condition=Ready", f"modeldeployment/{DEPLOYMENT}"]
+            step(f"kubectl {' '.join(wait)} --timeout={READY_TIMEOUT_S}s")
+            waited = demo.kube.kubectl(
+                *wait,
+                "-n",
+                NAMESPACE,
+                f"--timeout={READY_TIMEOUT_S}s",
+                check=False,
+                timeout=READY_TIMEOUT_S + 30,
+            )
+    deployment = demo.get("modeldeployment", DEPLOYMENT)
+    assert deployment is not None
+    status = deployment.get("status", {})
+    ready = waited.returncode == 0
+    step(f"ModelDeployment {NAMESPACE}/{DEPLOYMENT}: {'Ready' if ready else 'not Ready'}")
+    show_conditions(
+        status.get("conditions", []), ("ModelReady", "Available", "Progressing", "Degraded", "Ready")
+    )
+    if not ready:
+        say(f"kubectl wait: {waited.stderr.strip()}; the server's log: {WORK_DIR / 'server.log'}")
+        return None
+
+    secret_name = status["apiKeySecret"]
+    secret = demo.kube.kubectl_json("get", "secret", secret_name, "-n", NAMESPACE)
+    api_key = base64.b64decode(secret["data"]["api-keys"]).decode().split()[0]
+    say(f"API key: the first line of Secret {secret_name} (status.apiKeySecret), key api-keys")
+    service = (urllib.parse.urlsplit(status["endpoint"]).hostname or "").split(".")[0]
+    port = demo.kube.kubectl_json("get", "service", service, "-n", NAMESPACE)["spec"]["ports"][0]["name"]
+    key = f"{NAMESPACE}/{service}:{port}"
+    url: str = demo.wait(
+        f"the loopback forwarder of Service port {key} (`python -m hack.devcluster services`; on a cluster "
+        f"without the dev cluster's local node: kubectl port-forward service/{service} -n {NAMESPACE})",
+        lambda: devcluster.Layout.default().service_forwarders().get(key),
+        timeout=60,
+    )
+    say(f"Service {service} (in the cluster {status['endpoint']}) at {url} on this machine: its forwarder")
+    health = http_json(f"{url}/v2/health/ready")
+
+    step("a chat request through the official openai client")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=2, timeout=60)
+    model = client.models.list().data[0].id
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+    say(f"client.chat.completions.create(model={model!r}, messages={messages!r}, max_tokens=4)")
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+    answer = reply.choices[0].message.content or ""
+    tokens = reply.usage.completion_tokens if reply.usage else "?"
+    say(f"answer: {answer!r} ({tokens} tokens, finish_reason {reply.choices[0].finish_reason})")
+    if answer.strip() != RULE_ANSWER:
+        say(f"(the task's rule answers {RULE_ANSWER!r}; a 2-layer model trained a minute on a CPU guesses)")
+    return Served(deployment, service, url, model, answer, health)
+
+
+def quantization_figures(served: Served) -> tuple[dict[str, Any] | None, str]:
+    """The quality gate's measurement of quantisation, and where it came from: the ModelDeployment's status
+    when the operator could read it from the server, else the server's readiness answer through the
+    Service (the operator outside the pod network sees only the pod's Ready condition)."""
+    from_status = served.deployment.get("status", {}).get("quantization")
+    if from_status and from_status.get("qualityDrop") is not None:
+        return from_status, "ModelDeployment status.quantization"
+    measured = [r for r in served.health.get("quality", []) if r.get("step") == "quantization"]
+    source = (
+        f"the server's /v2/health/ready through Service {served.service}: the ModelDeployment's status has "
+        "no figures, its operator runs outside the pod network"
+    )
+    return (measured[0] if measured else None), source
+
+
+def megabytes(size: int | None) -> str:
+    return "?" if size is None else f"{size / 1e6:.2f} MB"
+
+
+def show_summary(job: dict[str, Any], served: Served) -> None:
+    step("summary")
+    metrics = job["status"].get("metrics") or {}
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    figures = ", ".join(
+        f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in sorted(before) if name in after
+    )
+    print(f"    training     {figures}")
+    print(
+        "                 (base model -> fine-tuned model on held-out data; from FineTuneJob status.metrics)"
+    )
+    quantization, source = quantization_figures(served)
+    if quantization is None:
+        print("    compression  none measured (the server's readiness answer has no quality gate result)")
+    else:
+        size, original = quantization.get("sizeBytes"), quantization.get("originalSizeBytes")
+        smaller = f" ({original / size:.1f}x smaller)" if size and original else ""
+        print(
+            f"    compression  {quantization['method']}: {megabytes(original)} -> {megabytes(size)}{smaller}"
+        )
+        print(
+            f"                 {quantization['metric']} {quantization['baseline']:.4f} -> "
+            f"{quantization['value']:.4f}: quality drop {quantization['qualityDrop']:.2%} "
+            f"(max {quantization['maxQualityDrop']:.2%})"
+        )
+        print(f"                 (from {source})")
+    print(f"    answer       {QUESTION!r} -> {served.answer!r} (openai client, model {served.model!r})")
+    status = served.deployment["status"]
+    print(f"    endpoint     in the cluster: {status['endpoint']} (status.endpoint)")
+    print(
+        f"                 on this machine: {served.url}/v1 (Service {served.service}'s loopback forwarder)"
+    )
+    secret = status["apiKeySecret"]
+    print(
+        f"    API key      export KEY=$(kubectl get secret {secret} -n {NAMESPACE} "
+        "-o jsonpath='{.data.api-keys}' | base64 -d)"
+    )
+    body = json.dumps(
+        {"model": served.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}
+    )
+    print(
+        f'    curl         curl -s {served.url}/v1/chat/completions -H "Authorization: Bearer $KEY" '
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
+    print(f'    openai       client = openai.OpenAI(base_url="{served.url}/v1", api_key=os.environ["KEY"])')
+    messages = json.dumps([{"role": "user", "content": QUESTION}])
+    print(f'                 client.chat.completions.create(model="{served.model}", messages={messages})')
+
+
 def cluster_up() -> Path:
     layout = devcluster.Layout.default()
     if devcluster.use_existing_cluster():
@@ -275,7 +485,10 @@ def cluster_up() -> Path:
 
 
 def main() -> int:
-    print("finetune-operator demo: a FineTuneJob from `kubectl apply` to a trained model, on this machine")
+    print(
+        "finetune-operator demo: a FineTuneJob from `kubectl apply` to a trained model, served and "
+        "answering, on this machine"
+    )
     why_not = None if devcluster.use_existing_cluster() else nodeagent.cannot_run_pods()
     if why_not is not None:
         # Checked first, not after minutes of setup: the trainer pod runs in namespaces of its own.
@@ -315,7 +528,7 @@ def main() -> int:
         say(f"made {assets['dir']}/model and {assets['dir']}/data.jsonl")
         demo.put_assets(assets["dir"])
 
-        with watch_finetunejobs(demo):
+        with watch(demo, "ftj"):
             step(f"kubectl apply -f {MANIFEST.relative_to(REPO_ROOT)}")
             demo.kubectl("apply", "-n", NAMESPACE, "-f", str(MANIFEST))
             pod = demo.trainer_pod()
@@ -337,24 +550,31 @@ def main() -> int:
             )
         show_result(demo, pod)
         succeeded = final["status"]["phase"] == "Succeeded"
+        served = serve(demo) if succeeded else None
     finally:
         maker.join()
-        step("stopping the operator (the cluster keeps running)")
+        step("stopping the operator (the cluster and the server keep running)")
         operator.stop()
 
+    if served is not None:
+        show_summary(final, served)
     bin_dir = kube.kubectl_path.parent
     step(f"done in {time.monotonic() - STARTED:.0f}s. Look around:")
     print(f"    export KUBECONFIG={kubeconfig} PATH={bin_dir}:$PATH")
-    print(
-        f"    kubectl get ftj -n {NAMESPACE}    # or: .venv/bin/python -m hack.devcluster kubectl get ftj -A"
-    )
+    print(f"    kubectl get ftj,mdep -n {NAMESPACE}   # or: python -m hack.devcluster kubectl get mdep -A")
     print(f"    kubectl describe ftj {JOB} -n {NAMESPACE}")
     print(f"    kubectl get ftj {JOB} -n {NAMESPACE} -o jsonpath='{{.status.metrics}}'")
+    print(f"    kubectl describe mdep {DEPLOYMENT} -n {NAMESPACE}")
+    print("    .venv/bin/python -m hack.devcluster services   # each Service's address on this machine")
     print("    make run                                   # the operator again, in the foreground")
     print("    make cluster-down                          # stop the dev cluster")
     if not succeeded:
         logs = f"{WORK_DIR / 'trainer.log'} and {WORK_DIR / 'operator.log'}"
         print(f"\nthe FineTuneJob did not succeed; see {logs}")
+        return 1
+    if served is None:
+        logs = f"{WORK_DIR / 'server.log'} and {WORK_DIR / 'operator.log'}"
+        print(f"\nthe ModelDeployment did not get Ready; see {logs}")
         return 1
     return 0
 

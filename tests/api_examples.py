@@ -40,6 +40,11 @@ def valid_examples() -> list[Path]:
     return sorted(EXAMPLES.glob("*.yaml"))
 
 
+def demo_examples() -> list[Path]:
+    """The manifests `make demo` applies (examples/demo/), exercised end to end by tests/e2e/test_demo.py."""
+    return sorted((EXAMPLES / "demo").glob("*.yaml"))
+
+
 def invalid_examples() -> list[InvalidExample]:
     out = []
     for path in sorted(INVALID.glob("*.yaml")):

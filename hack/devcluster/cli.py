@@ -57,7 +57,7 @@ def cmd_status(layout: Layout) -> int:
 
 def cmd_services(layout: Layout) -> int:
     try:
-        forwarders = json.loads((layout.root / "node" / "services.json").read_text())
+        forwarders = json.loads(layout.service_forwarders_file.read_text())
     except (OSError, ValueError):
         print("no Service forwarders (does the dev cluster have a local node? see `status`)", file=sys.stderr)
         return 1

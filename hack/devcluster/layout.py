@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sys
 import time
@@ -66,6 +67,16 @@ class Layout:
         self.kwok_config = root / "kwok.yaml"
         self.state_file = root / "state.json"
         self.lock_file = root / "lock"
+        self.service_forwarders_file = root / "node" / "services.json"  # written by the node agent
+
+    def service_forwarders(self) -> dict[str, str]:
+        """`namespace/service:port` -> `http://127.0.0.1:PORT`: the local node's loopback forwarder of each
+        Service port (what `python -m hack.devcluster services` prints); empty without a local node."""
+        try:
+            forwarders = json.loads(self.service_forwarders_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {key: f"http://{host}:{port}" for key, (host, port) in forwarders.items()}
 
     @classmethod
     def default(cls) -> Layout:

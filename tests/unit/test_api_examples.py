@@ -12,7 +12,7 @@ from finetune_operator.api import InvalidResourceError, parse_finetunejob
 from finetune_operator.api.common import ApiModel
 from finetune_operator.api.finetunejob import FineTuneJob
 from finetune_operator.api.modeldeployment import ModelDeployment, parse_modeldeployment
-from tests.api_examples import InvalidExample, invalid_examples, load, valid_examples
+from tests.api_examples import EXAMPLES, InvalidExample, demo_examples, invalid_examples, load, valid_examples
 
 PARSERS: dict[str, Callable[[Mapping[str, Any]], ApiModel]] = {
     "FineTuneJob": parse_finetunejob,
@@ -39,7 +39,9 @@ def _models(root: type[ApiModel]) -> set[type[ApiModel]]:
     return seen
 
 
-@pytest.mark.parametrize("path", valid_examples(), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", valid_examples() + demo_examples(), ids=lambda p: str(p.relative_to(EXAMPLES))
+)
 def test_example_parses_and_round_trips(path: Any) -> None:
     body = load(path)
     resource = PARSERS[body["kind"]](body)
