@@ -205,7 +205,8 @@ def test_vllm_deployment_maps_quantization_to_its_flags() -> None:
     assert args[args.index("--dtype") + 1] == "bfloat16"
     assert container["image"] == "registry.example/vllm:test"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["env"][0]["name"] == "VLLM_API_KEY"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "bot-api-keys", "key": "api-keys"}
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec["tolerations"]
     check_golden("mdep_vllm_deployment", manifest)

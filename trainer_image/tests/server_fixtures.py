@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,15 +56,26 @@ def write_server_config(directory: Path, model_dir: Path, **overrides: Any) -> P
 
 
 @contextmanager
-def running_server(config_path: Path, timeout: float = 240) -> Iterator[str]:
-    """``python -m finetune_server --config PATH`` as a pod runs it; yields its base URL once it is ready."""
+def running_server(
+    config_path: Path,
+    timeout: float = 240,
+    *,
+    launcher: Sequence[str] = ("-m", "finetune_server"),
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """``python -m finetune_server --config PATH`` as a pod runs it; yields its base URL once it is ready.
+
+    `launcher` replaces ``-m finetune_server`` (a script that wraps the server); `env` replaces the
+    environment (default: `trainer_env()`)."""
     config = json.loads(config_path.read_text(encoding="utf-8"))
     base = f"http://127.0.0.1:{config['port']}"
     log = config_path.with_suffix(".log")
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_server", "--config", str(config_path)],
-            env=trainer_env(),
+            [sys.executable, *launcher, "--config", str(config_path)],
+            env=trainer_env() if env is None else dict(env),
+            cwd=cwd,
             stdout=out,
             stderr=subprocess.STDOUT,
         )

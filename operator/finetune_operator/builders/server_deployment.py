@@ -10,6 +10,13 @@ from typing import Any
 
 from finetune_operator.api.modeldeployment import VLLM_QUANTIZATION, ModelDeployment, ResolvedModel
 from finetune_operator.builders.pods import container_resources, placement
+from finetune_operator.builders.security import (
+    container_security_context,
+    pod_security_context,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
+)
 from finetune_operator.builders.server_config import (
     API_KEYS_DIR,
     BASE_MODEL_MOUNT,
@@ -191,6 +198,16 @@ def _vllm_container(
     return container
 
 
+def _restricted(container: dict[str, Any], volumes: list[dict[str, Any]]) -> None:
+    """Either runtime's container under the `restricted` Pod Security Standard: its root filesystem is
+    read-only, so what the server writes besides the feedback volume (HOME, temporary files such as the
+    ONNX export, model and compile caches) goes to the scratch emptyDir."""
+    container["env"] = [*scratch_env(), *container.get("env", [])]
+    container["volumeMounts"].append(scratch_mount())
+    container["securityContext"] = container_security_context()
+    volumes.append(scratch_volume())
+
+
 def _digest(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:REVISION_DIGEST_LENGTH]
@@ -202,7 +219,9 @@ def build_revision(md: ModelDeployment, model: ResolvedModel, config: OperatorCo
     builtin = md.spec.runtime.type == "builtin"
     config_json = server_config_json(md, model) if builtin else None
     container = (_builtin_container if builtin else _vllm_container)(md, model, config, volumes)
+    _restricted(container, volumes)
     pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
         # The server needs no Kubernetes API: no token in its pods.

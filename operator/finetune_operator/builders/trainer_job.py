@@ -25,6 +25,14 @@ from finetune_operator.builders.common import (
     service_name,
     trainer_name,
 )
+from finetune_operator.builders.security import (
+    SCRATCH_DIR,
+    container_security_context,
+    pod_security_context,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
+)
 from finetune_operator.builders.trainer_config import (
     OUTPUT_MOUNT,
     SOURCE_MOUNT_ROOT,
@@ -44,10 +52,6 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: validates the config, wraps torchrun and re-raises the failing rank's exit code. (Not imported: the
 #: launcher module uses subprocess, which builders must not import.)
 TRAINER_COMMAND = ["python", "-m", "finetune_trainer"]
-SCRATCH_DIR = "/scratch"
-"""An emptyDir, the one writable place besides the volumes (the root filesystem is read-only): HOME,
-TMPDIR and compiler caches point here. Not /tmp: the dev cluster's pod runner keeps the pod's volume
-sources under the node's /tmp, which a mount there would hide."""
 EXIT_CODE_FILE = f"{SCRATCH_DIR}/finetune-exit-code"
 
 #: podFailurePolicy rule indexes; the controller maps a Job's `PodFailurePolicy` failure back through them.
@@ -113,9 +117,7 @@ def _env(job: FineTuneJob, attempt: int, config: OperatorConfig) -> list[dict[st
         {"name": "FTO_JOB_NAME", "value": job_name(job)},
         {"name": "FTO_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FTO_ATTEMPT", "value": str(attempt)},
-        {"name": "HOME", "value": SCRATCH_DIR},  # the root filesystem is read-only
-        {"name": "TMPDIR", "value": SCRATCH_DIR},
-        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        *scratch_env(),  # the root filesystem is read-only
         {"name": DEEPSPEED_CONFIG_ENV, "value": f"{CONFIG_DIR}/{DEEPSPEED_FILE}"},
     ]
 
@@ -124,24 +126,6 @@ def _env_from(job: FineTuneJob) -> dict[str, Any]:
     """`spec.credentialsSecret` as the container's `envFrom` (the kubelet reads it; our variables win)."""
     secret = job.spec.credentials_secret
     return {"envFrom": [{"secretRef": {"name": secret}}]} if secret else {}
-
-
-TRAINER_UID = 10001
-"""The trainer image's user (trainer_image/Dockerfile); pods run as it, never as root."""
-POD_SECURITY_CONTEXT: dict[str, Any] = {
-    "runAsNonRoot": True,
-    "runAsUser": TRAINER_UID,
-    "runAsGroup": TRAINER_UID,
-    "fsGroup": TRAINER_UID,  # the checkpoint and output claims are writable by the trainer
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-"""Pod Security Standard `restricted`; the writable places are volumes: SCRATCH_DIR (HOME, TMPDIR, caches,
-the exit-code file), /dev/shm, the workspace and output claims."""
 
 
 def trainer_args() -> list[str]:
@@ -174,13 +158,13 @@ def build_trainer_job(
                 "sizeLimit": str(spec.resources.shared_memory or config.shm_size),
             },
         },
-        {"name": "scratch", "emptyDir": {}},
+        scratch_volume(),
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "workspace", "mountPath": WORKSPACE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        scratch_mount(),
     ]
     output_claim = output_copy_claim(job)
     sources = source_claims(job)
@@ -205,7 +189,7 @@ def build_trainer_job(
         "subdomain": service_name(job),
         "serviceAccountName": trainer_name(job),
         "terminationGracePeriodSeconds": config.termination_grace_seconds,
-        "securityContext": dict(POD_SECURITY_CONTEXT),
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
@@ -222,7 +206,7 @@ def build_trainer_job(
                 "resources": _resources(job),
                 "volumeMounts": mounts,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": dict(CONTAINER_SECURITY_CONTEXT),
+                "securityContext": container_security_context(),
             }
         ],
         "volumes": volumes,
