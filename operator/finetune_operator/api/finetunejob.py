@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
+from pydantic.alias_generators import to_camel
 
 from finetune_operator.api.common import (
     CONDITIONS_LIST_SCHEMA,
@@ -42,7 +43,6 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 
 Task = TaskName
-IMAGE_TASKS = tuple(name for name, info in CATALOG.items() if info.modality == "image")
 
 # Metrics each task can compute (`loss` always), from the task catalog the trainer validates with too.
 METRICS_BY_TASK: dict[str, tuple[str, ...]] = {name: info.metrics for name, info in CATALOG.items()}
@@ -632,7 +632,7 @@ def _cel_metrics_rule() -> str:
 
 
 def _cel_mapped(key: str) -> str:
-    return f"has(self.dataset.fieldMapping.{_camel(key)})"
+    return f"has(self.dataset.fieldMapping.{to_camel(key)})"
 
 
 def _cel_field_mapping_complete() -> str:
@@ -661,11 +661,6 @@ def _cel_field_mapping_exact() -> str:
         for name, info in CATALOG.items()
     ]
     return " || ".join(clauses)
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
 
 
 def _feature_rule(feature: str, cel_used: str, used: Callable[[FineTuneJobSpec], bool]) -> CelRule:
