@@ -31,6 +31,7 @@ from finetune_operator.api.common import (
 from finetune_trainer.task_catalog import (
     CATALOG,
     FEATURE_FIELDS,
+    MetricName,
     TaskName,
     describe_layouts,
     describe_metrics,
@@ -46,22 +47,7 @@ Task = TaskName
 
 # Metrics each task can compute (`loss` always), from the task catalog the trainer validates with too.
 METRICS_BY_TASK: dict[str, tuple[str, ...]] = {name: info.metrics for name, info in CATALOG.items()}
-Metric = Literal[
-    "loss",
-    "perplexity",
-    "accuracy",
-    "f1",
-    "precision",
-    "recall",
-    "auc",
-    "map",
-    "map50",
-    "map75",
-    "ndcg",
-    "hit-rate",
-    "rmse",
-    "mae",
-]
+Metric = MetricName
 
 # Field-mapping columns each task needs when `dataset.fieldMapping` is given: one alternative (a row layout
 # of the task catalog) must be fully mapped, and nothing outside it.

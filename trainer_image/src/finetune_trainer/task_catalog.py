@@ -12,7 +12,7 @@ field-mapping columns as snake_case field names, camelCase on the wire).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 TaskName = Literal[
     "causal-lm", "sequence-classification", "image-classification", "object-detection", "recommendation"
@@ -20,7 +20,7 @@ TaskName = Literal[
 Modality = Literal["text", "image", "interactions"]
 
 #: Every metric name any task can compute, in the order the API lists them.
-METRIC_NAMES = (
+MetricName = Literal[
     "loss",
     "perplexity",
     "accuracy",
@@ -35,7 +35,8 @@ METRIC_NAMES = (
     "hit-rate",
     "rmse",
     "mae",
-)
+]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 
 #: Optional features of a job, and where in a FineTuneJob spec each is switched on.
 FEATURE_FIELDS: dict[str, str] = {
