@@ -497,8 +497,6 @@ def test_defaults_agree_between_api_rendered_config_and_trainer() -> None:
 
 def test_documented_defaults_are_the_rendered_ones() -> None:
     """Docstrings (CRD descriptions, docs/api.md) that name a default name the one rendered."""
-    docs = {name: info.description or "" for name, info in FineTuneJobSpec.model_fields.items()}
-    assert docs  # the spec documents its fields
     from finetune_operator.api.finetunejob import Evaluation, Hyperparameters, Resources, Split
 
     assert "0.03" in (Hyperparameters.model_fields["warmup_ratio"].description or "")
