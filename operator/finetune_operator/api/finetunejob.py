@@ -397,8 +397,9 @@ class Evaluation(ApiModel):
     metrics: Annotated[list[Metric], Field(min_length=1, max_length=14)] = Field(
         default_factory=_default_metrics
     )
-    """Metrics to report; which are available depends on the task (causal-lm: loss, perplexity, accuracy).
-    `earlyStopping.metric` must be `loss` or one of them."""
+    """Metrics the job asks for; which are accepted depends on the task (causal-lm: loss, perplexity,
+    accuracy). `earlyStopping.metric` must be `loss` or one of them. causal-lm reports all three at every
+    evaluation whatever this lists."""
     generation_samples: Annotated[int, Field(ge=0, le=100)] = 0
     """Validation prompts to generate completions for and store with each evaluation (causal-lm only)."""
     max_samples: Annotated[int, Field(ge=1)] | None = None

@@ -169,7 +169,8 @@ class Evaluation(ConfigSection):
     metrics: list[str] = Field(
         default_factory=lambda: ["loss"],
         min_length=1,
-        description="Metrics to report (FineTuneJob's evaluation.metrics); each one the task computes.",
+        description="Metrics the job asks for (FineTuneJob's evaluation.metrics); each one the task "
+        "computes. causal-lm reports loss, perplexity and accuracy at every evaluation whatever this lists.",
     )
     before_training: bool = Field(
         default=True,
