@@ -20,7 +20,7 @@ from finetune_trainer.deepspeed_config import (
     resolve_deepspeed_config,
 )
 from finetune_trainer.distributed import Distributed
-from finetune_trainer.engine import causal_lm_loss, lr_lambda
+from finetune_trainer.engine import POLYNOMIAL_LR_END, causal_lm_loss, lr_lambda
 from finetune_trainer.engine import deepspeed_config as engine_deepspeed_config
 from finetune_trainer.env import DEEPSPEED_CONFIG_ENV, TorchrunEnv
 from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
@@ -68,7 +68,8 @@ def test_lr_schedule_warms_up_then_follows_the_schedule(schedule: str) -> None:
         assert set(tail) == {1.0}
     else:
         assert tail == sorted(tail, reverse=True)
-        assert tail[-1] == pytest.approx(0.0, abs=1e-3)  # polynomial ends at 1e-7 absolute
+        end = POLYNOMIAL_LR_END / hp.learning_rate if schedule == "polynomial" else 0.0  # 1e-7 absolute
+        assert tail[-1] == pytest.approx(end, abs=1e-9)
 
 
 def test_every_schedule_the_api_accepts_is_a_distinct_schedule() -> None:
