@@ -183,7 +183,9 @@ def test_several_processes_prepare_exactly_what_one_process_prepares(
     tmp_path: Path, options: dict[str, object]
 ) -> None:
     source = _varied_rows(tmp_path / "d.jsonl", 2400)
-    cfg = DataConfig.model_validate({"source": str(source), "maxSeqLength": 48, **options})
+    # a test split too (not the default), so that every split is compared
+    split = {"validation": 0.05, "test": 0.05}
+    cfg = DataConfig.model_validate({"source": str(source), "maxSeqLength": 48, "split": split, **options})
     one = prepare(cfg, TOKENIZER, tmp_path / "one", num_proc=1)
     # 2400 rows read and 2300-4400 encoded: each map splits its rows into three shares of 500 or more.
     several = prepare(cfg, TOKENIZER, tmp_path / "several", num_proc=3, rows_per_process=500)
