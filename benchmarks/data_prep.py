@@ -84,6 +84,17 @@ def _peak_mb(who: int = resource.RUSAGE_SELF) -> float:
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)
 
 
+def _private_mb() -> float:
+    """This process's private (anonymous) resident memory now. ``ru_maxrss`` also counts the file-backed pages
+    of the memory-mapped examples file, which readahead brings in around random reads: shared page cache the
+    kernel can drop, not memory the rank holds."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def worker_floor(source: str) -> dict[str, Any]:
     from tiny_tokenizer import make_tiny_tokenizer
 
@@ -133,6 +144,7 @@ def worker_prepare(
             "reused": bool(cache and cache.reused),
             "map_processes": len(list(prepared.folder.glob("examples*.arrow"))) if prepared.folder else 0,
             "peak_rss_mb": _peak_mb(),
+            "private_rss_mb": _private_mb(),
             "after_imports_rss_mb": imported_mb,
             "largest_child_rss_mb": _peak_mb(resource.RUSAGE_CHILDREN),
             "stages": [[s.name, s.rows_in, s.rows_out] for s in prepared.report.stages],
@@ -218,8 +230,10 @@ def main() -> None:
                 "throughput_vs_floor": round(rows_per_s / floor_rows_per_s, 3),
                 "waiting_rank_s": round(wait["seconds"], 2),
                 "waiting_rank_peak_rss_mb": wait["peak_rss_mb"],
+                "waiting_rank_private_rss_mb": wait["private_rss_mb"],
                 "reuse_s": round(reuse["seconds"], 2),
                 "reuse_peak_rss_mb": reuse["peak_rss_mb"],
+                "reuse_private_rss_mb": reuse["private_rss_mb"],
                 "reused": reuse["reused"],
                 "examples": {k: prep[k] for k in ("train", "validation", "test")},
                 "same_examples_everywhere": prep["sampled_tokens"]
