@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import openai
 from openai.types.chat import ChatCompletionMessageParam
@@ -156,10 +156,7 @@ class Demo:
             log_path.open("w") as log,
             subprocess.Popen(self.logs_command(pod), stdout=subprocess.PIPE, text=True) as proc,
         ):
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                container_line(line, "finetune_trainer", "trainer")
+            copy_log(proc, log, "finetune_trainer", "trainer")
 
         def ended() -> dict[str, Any] | None:
             current = self.get("pod", pod)
@@ -218,6 +215,14 @@ def watch(demo: Demo, resource: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(5)
+
+
+def copy_log(proc: subprocess.Popen[str], log: IO[str], package: str, label: str) -> None:
+    """Copy a `kubectl logs -f` stream into `log` until it ends, showing the package's own lines."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        container_line(line, package, label)
 
 
 def container_line(line: str, package: str, label: str) -> None:
@@ -310,14 +315,9 @@ def following(demo: Demo, pod: str, log_path: Path, package: str, label: str) ->
         log_path.open("w") as log,
         subprocess.Popen(demo.logs_command(pod), stdout=subprocess.PIPE, text=True) as proc,
     ):
-
-        def copy() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                container_line(line, package, label)
-
-        thread = threading.Thread(target=copy, name=f"logs-{label}", daemon=True)
+        thread = threading.Thread(
+            target=copy_log, args=(proc, log, package, label), name=f"logs-{label}", daemon=True
+        )
         thread.start()
         try:
             yield
