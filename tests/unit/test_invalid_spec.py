@@ -2,11 +2,14 @@
 and then ends like every other failed job: GPUs released, status committed, deleted after its TTL.
 
 Runs the real reconciler on a real `Runtime`; only the HTTP round trip is answered in-process
-(`InProcessApi`, see test_status_writer.py)."""
+(`InProcessApi`): a spec the CRD refuses cannot be stored on the dev cluster's API server, which is the case
+this covers (an object stored before the schema tightened, or a CRD another tool installed)."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -17,10 +20,69 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.controllers.finetunejob import reconcile_finetunejob
 from finetune_operator.controllers.runtime import Runtime
 from finetune_operator.controllers.work_queue import ObjectKey
+from finetune_operator.k8s import KubeClient
 from finetune_operator.metrics import OperatorMetrics
-from tests.unit.test_status_writer import InProcessApi, finetunejob
 
 KEY = ObjectKey("FineTuneJob", "ns", "a")
+OBJECT_PATH = "/apis/finetune.dev/v1alpha1/namespaces/ns/finetunejobs/a"
+STATUS_PATH = f"{OBJECT_PATH}/status"
+EVENTS_PATH = "/api/v1/namespaces/ns/events"
+
+
+class InProcessApi(KubeClient):
+    """A `KubeClient` whose HTTP round trip is answered here: status merge patches are applied to one
+    stored object, which can be deleted; Events are kept; every request is recorded."""
+
+    def __init__(self, session: aiohttp.ClientSession, stored: dict[str, Any]) -> None:
+        super().__init__(session, "https://api.invalid")
+        self.stored = stored
+        self.requests: list[tuple[str, str, Any]] = []
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        self.requests.append((method, path, copy.deepcopy(body)))
+        if (method, path) == ("PATCH", STATUS_PATH):
+            assert content_type == "application/merge-patch+json"
+            status = self.stored.setdefault("status", {})
+            status.update(body["status"])
+            meta = self.stored["metadata"]
+            meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+            return copy.deepcopy(self.stored)
+        if (method, path) == ("POST", EVENTS_PATH):
+            return dict(body)
+        if (method, path) == ("DELETE", OBJECT_PATH):
+            return {"kind": "Status", "status": "Success"}
+        raise AssertionError(f"unexpected request {method} {path}")
+
+    def patches(self) -> list[dict[str, Any]]:
+        return [body["status"] for method, path, body in self.requests if path == STATUS_PATH]
+
+    def events(self) -> list[tuple[str, str, str]]:
+        return [(b["type"], b["reason"], b["message"]) for m, path, b in self.requests if path == EVENTS_PATH]
+
+    def deleted(self) -> bool:
+        return ("DELETE", OBJECT_PATH) in [(method, path) for method, path, _ in self.requests]
+
+
+def finetunejob() -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"namespace": "ns", "name": "a", "uid": "u1", "resourceVersion": "5", "generation": 1},
+        "status": {
+            "phase": "Pending",
+            "observedGeneration": 1,
+            "conditions": [],
+            "progress": {"step": 7, "totalSteps": 100},  # the trainer's: never in our patches
+        },
+    }
 
 
 def reconcile_twice(scheduling: dict[str, Any]) -> tuple[InProcessApi, list[float | None]]:
