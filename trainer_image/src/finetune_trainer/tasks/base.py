@@ -8,8 +8,9 @@ task only says how its data becomes examples, how its model is built, fed and sc
 Rules every task keeps:
 
 - **Collective-safe evaluation.** ``eval_sums`` returns additive figures (sums and counts, never means), so
-  the loop sums them over ranks and every rank runs the same forward passes (ZeRO-3 gathers parameters in
-  each one). ``final_metrics`` turns the summed figures into the metrics named in the task catalog
+  the loop sums them over ranks, and every rank runs the same forward passes (ZeRO-3 gathers parameters in
+  each one); metrics that are not sums (AUC, mAP) come from ``eval_records``, gathered from every rank.
+  ``final_metrics`` turns both into the metrics named in the task catalog
   (``finetune_trainer.task_catalog.CATALOG[name].metrics``), ``loss`` always among them.
 - **No silent fallbacks.** A value the task cannot honour raises ``ConfigError``/``DataError`` naming the
   field or the row; it is never replaced by another.
@@ -78,8 +79,14 @@ class TrainingTask(Protocol):
     def eval_sums(self, outputs: Any, batch: Batch) -> dict[str, float]:
         """Additive figures of one batch (sums and counts, never means)."""
 
-    def final_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """The split's metrics from the sums over every batch of every rank; ``loss`` always present."""
+    def eval_records(self, outputs: Any, batch: Batch) -> list[Any]:
+        """Per-example records for metrics that are not sums (AUC, mAP): small picklable values (scores,
+        boxes), gathered from every rank and handed to :meth:`final_metrics`; ``[]`` where sums suffice.
+        The loop drops the records of a rank's padding batch."""
+
+    def final_metrics(self, sums: Mapping[str, float], records: Sequence[Any]) -> dict[str, float]:
+        """The split's metrics from the sums over every batch of every rank and the records of every rank
+        (in rank order); ``loss`` always present."""
 
     # --------------------------------------------------------------------------------------- finish
     def samples(
