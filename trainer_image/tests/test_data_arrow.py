@@ -8,6 +8,8 @@ import random
 import string
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from finetune_trainer.data.config import DataConfig, PiiConfig
 from finetune_trainer.data.encoding import IGNORE_INDEX, encode_batch, encode_columns
 from finetune_trainer.data.pii import _BUILTIN, _ORDER, PiiDetector
 from finetune_trainer.data.pipeline import prepare
+from finetune_trainer.data.store import ExampleView, memory_mapped_table
 from finetune_trainer.data.templates import Rendered
 from finetune_trainer.tasks.causal_lm import CausalLM
 from tiny_tokenizer import make_tiny_tokenizer
@@ -144,6 +147,35 @@ def test_examples_read_by_index_slice_and_fingerprint_like_a_list(tmp_path: Path
     packed = prepare(cfg.model_copy(update={"packing": True}), TOKENIZER, tmp_path / "packed")
     assert packed.train.fingerprint() == CausalLM.fingerprint(list(packed.train))  # type: ignore[attr-defined]
     assert sum(len(e["input_ids"]) for e in packed.train) == sum(len(e["input_ids"]) for e in as_list)
+
+
+def _stream_file(path: Path, ids: list[list[int]]) -> Path:
+    table = pa.table(
+        {"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(ids, pa.list_(pa.int32()))}
+    )
+    with pa.ipc.new_stream(str(path), table.schema) as writer:
+        writer.write_table(table, max_chunksize=7)
+    return path
+
+
+def test_examples_read_from_the_mapped_file_equal_those_of_the_table_in_memory(tmp_path: Path) -> None:
+    """The view reads values with pread from the file its table maps; an in-memory table is sliced. Both give
+    the same examples, and a view keeps reading its own file after the path is replaced by a new one."""
+    rng = random.Random(3)
+    ids = [[rng.randrange(1000) for _ in range(rng.randint(1, 30))] for _ in range(100)]
+    path = _stream_file(tmp_path / "examples.arrow", ids)
+    rows = np.arange(100)[::-1]
+    mapped = ExampleView(memory_mapped_table(str(path)), rows)
+    in_memory = ExampleView(pa.ipc.open_stream(path.read_bytes()).read_all(), rows)
+    assert mapped.files() == {str(path)}
+    assert in_memory.files() == {None}
+    expected = [{"input_ids": i, "attention_mask": [1] * len(i), "labels": i} for i in ids[::-1]]
+    assert list(mapped) == list(in_memory) == expected
+    assert mapped[10:20] == expected[10:20]
+    replacement = _stream_file(tmp_path / "new.arrow", [[7] * len(i) for i in ids])
+    replacement.rename(path)
+    assert mapped[0]["input_ids"] == ids[-1]
+    assert ExampleView(memory_mapped_table(str(path)), rows)[0]["input_ids"] == [7] * len(ids[-1])
 
 
 def _varied_rows(path: Path, rows: int) -> Path:

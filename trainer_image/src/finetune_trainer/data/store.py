@@ -13,13 +13,17 @@ into place; see :mod:`finetune_trainer.data.sharing`)::
         meta.json             the data report, text samples, class names, the train fingerprint, files
         READY                 written last
 
-A memory-mapped table costs no memory until read; pages read are the page cache's, shared by every rank of
-the node that maps the same file.
+A memory-mapped table costs no memory until read. :class:`ExampleView` reads the (large) id and label values
+with ``pread`` from the file the table maps instead of through the map, so the pages a rank reads stay in the
+page cache, shared by every rank of the node, and never enter its resident set: a rank that samples a few
+thousand examples at random would otherwise map whole large page-cache folios around each one (hundreds of
+MB of file-backed RSS for a million rows). Only the offsets (4 bytes a row) are read through the map.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,27 +57,77 @@ def memory_mapped_table(path: str) -> pa.Table:
     return _mapped(path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+@dataclass(frozen=True)
+class _MappedFile:
+    path: str
+    start: int  # the map's address in this process
+    size: int
+    source: pa.MemoryMappedFile  # held, so that the address range stays this file's while listed
+
+
+#: The files mapped by :func:`memory_mapped_table`, to find which file (and where in it) a buffer lies.
+_MAPS: dict[str, _MappedFile] = {}
+
+
 @lru_cache(maxsize=16)
 def _mapped(path: str, inode: int, size: int, mtime_ns: int) -> pa.Table:
-    return pa.ipc.open_stream(pa.memory_map(path, "r")).read_all()
+    source = pa.memory_map(path, "r")
+    if size:
+        _MAPS[path] = _MappedFile(path, source.read_buffer(1).address, size, source)
+        source.seek(0)
+    return pa.ipc.open_stream(source).read_all()
 
 
 def forget_mapped_tables() -> None:
     """Drop the per-process cache of mapped tables (views keep the buffers they already hold)."""
     _mapped.cache_clear()
+    _MAPS.clear()
 
 
 def tables(paths: Sequence[Path]) -> pa.Table:
     return pa.concat_tables([memory_mapped_table(str(p)) for p in paths])
 
 
+class _Values:
+    """The values of one list-column chunk as ``int`` lists by offset range: read with ``pread`` from the
+    mapped file when the chunk lies in one (see the module's docstring), sliced from memory otherwise."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self._array = array.to_numpy()
+        self._itemsize = self._array.dtype.itemsize
+        self._file: tuple[str, int] | None = None  # (path, position of the first value)
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor), opened on first read in each process
+        address = array.buffers()[1].address + array.offset * self._itemsize
+        mapped = next((m for m in _MAPS.values() if m.start <= address < m.start + m.size), None)
+        if mapped is not None:
+            self._file = (mapped.path, address - mapped.start)
+
+    @property
+    def path(self) -> str | None:
+        """The file the values are read from with ``pread``; None when they are sliced from memory."""
+        return self._file[0] if self._file else None
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._fd[0] == os.getpid():
+            os.close(self._fd[1])
+
+    def range(self, start: int, end: int) -> list[int]:
+        if self._file is None:
+            return self._array[start:end].tolist()  # type: ignore[no-any-return]
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self._file[0], os.O_RDONLY | os.O_CLOEXEC))
+        size = self._itemsize
+        raw = os.pread(self._fd[1], (end - start) * size, self._file[1] + start * size)
+        return np.frombuffer(raw, dtype=self._array.dtype).tolist()  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class _Chunk:
     start: int
     id_offsets: Any
-    ids: Any
+    ids: _Values
     label_offsets: Any
-    labels: Any
+    labels: _Values
 
 
 class ExampleView(Sequence[Example]):
@@ -93,9 +147,9 @@ class ExampleView(Sequence[Example]):
                 _Chunk(
                     start,
                     ids_chunk.offsets.to_numpy(),
-                    ids_chunk.values.to_numpy(),
+                    _Values(ids_chunk.values),
                     labels_chunk.offsets.to_numpy(),
-                    labels_chunk.values.to_numpy(),
+                    _Values(labels_chunk.values),
                 )
             )
             start += len(ids_chunk)
@@ -135,6 +189,10 @@ class ExampleView(Sequence[Example]):
     def __repr__(self) -> str:
         return f"ExampleView({len(self)} examples)"
 
+    def files(self) -> set[str | None]:
+        """The files the examples' values are read from (None: a table in memory)."""
+        return {values.path for chunk in self._chunks for values in (chunk.ids, chunk.labels)}
+
     def fingerprint(self) -> str:
         """What ``finetune_trainer.train.fingerprint`` gives for these examples (computed at preparation)."""
         return self._fingerprint
@@ -142,8 +200,8 @@ class ExampleView(Sequence[Example]):
     def _example(self, row: int) -> Example:
         chunk = self._chunks[int(np.searchsorted(self._starts, row, side="right")) - 1]
         local = row - chunk.start
-        ids = chunk.ids[chunk.id_offsets[local] : chunk.id_offsets[local + 1]].tolist()
-        labels = chunk.labels[chunk.label_offsets[local] : chunk.label_offsets[local + 1]].tolist()
+        ids = chunk.ids.range(int(chunk.id_offsets[local]), int(chunk.id_offsets[local + 1]))
+        labels = chunk.labels.range(int(chunk.label_offsets[local]), int(chunk.label_offsets[local + 1]))
         return Example(input_ids=ids, attention_mask=[1] * len(ids), labels=labels)
 
 
