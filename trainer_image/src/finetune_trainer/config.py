@@ -192,6 +192,12 @@ class Evaluation(ConfigSection):
         ),
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    top_k: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Recommendation: the cut-off k of recall@k, NDCG@k and hit-rate@k.",
+    )
 
 
 class EarlyStoppingMetric(enum.StrEnum):
@@ -210,8 +216,6 @@ class EarlyStoppingMetric(enum.StrEnum):
     MAP75 = "map75"
     NDCG = "ndcg"
     HIT_RATE = "hit-rate"
-    RMSE = "rmse"
-    MAE = "mae"
 
 
 class EarlyStopping(ConfigSection):
@@ -457,6 +461,8 @@ class TrainerConfig(ConfigSection):
             "label-smoothing": self.hyperparameters.label_smoothing != 0.0,
             "image-augmentation": self.data.augmentation.image is not None,
             "text-augmentation": self.data.augmentation.text is not None,
+            "negative-sampling": self.data.augmentation.negatives is not None,
+            "top-k": self.evaluation.top_k != Evaluation.model_fields["top_k"].default,
         }
         for feature, on in used.items():
             if on and feature not in info.features:
