@@ -34,7 +34,7 @@ def make_interactions(
     popularity = 1.0 / np.arange(1, items + 1) ** 0.7
     rows = []
     for u in range(users):
-        count = int(rng.integers(per_user[0], per_user[1] + 1))
+        count = min(int(rng.integers(per_user[0], per_user[1] + 1)), items)
         chosen: list[int] = []
         while len(chosen) < count:
             group = rng.choice(clusters, p=preference[user_group[u]])
