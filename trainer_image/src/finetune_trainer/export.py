@@ -112,13 +112,14 @@ def _write(
     samples: list[dict[str, Any]],
 ) -> dict[str, Any]:
     from finetune_trainer.model_card import write_model_card
-    from finetune_trainer.serving_files import write_serving_files
+    from finetune_trainer.serving_files import SERVING_FILE, write_serving_files
 
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     exported = task.export(engine.module, state_dict, out, data)
     artifact_dir, artifact_format = exported.directory, exported.format
-    write_serving_files(artifact_dir, cfg, data)
+    if not (artifact_dir / SERVING_FILE).is_file():  # a task that writes its own also wrote the manifest
+        write_serving_files(artifact_dir, cfg, data)
     sha256, size = files_digest(artifact_dir)
     artifact = {
         "uri": artifact_address(cfg, artifact_dir.name),

@@ -126,7 +126,7 @@ CATALOG: dict[str, TaskInfo] = {
             metrics=("loss", "recall", "ndcg", "hit-rate", "auc"),
             layouts=(FieldLayout("interactions", ("user", "item"), ("rating", "timestamp")),),
             features=frozenset({"negative-sampling", "top-k"}),
-            implemented=False,
+            implemented=True,
         ),
     )
 }

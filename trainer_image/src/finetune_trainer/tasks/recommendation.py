@@ -169,8 +169,13 @@ class Recommendation:
         self.prepared: PreparedInteractions | None = None
         self._popularity: torch.Tensor | None = None
         self._seen_keys: np.ndarray | None = None
+        self.last_curves: dict[str, list[float]] = {}
 
     # ---------------------------------------------------------------------------------------- set-up
+    def check_model_source(self) -> None:
+        """The launcher's pre-flight check: the model definition exists and parses."""
+        read_definition(self.cfg.model.path)
+
     def load_processor(self) -> RecommenderDefinition:
         self.definition = read_definition(self.cfg.model.path)
         return self.definition
@@ -295,11 +300,12 @@ class Recommendation:
             metrics[f"{name}ndcg"] = sums[f"{prefix}ndcg"] / users
             metrics[f"{name}hit-rate"] = sums[f"{prefix}hits"] / users
             metrics[f"{name}auc"] = sums[f"{prefix}auc"] / users
-        for prefix, name in (("", ""), ("popularity_", "popularity-")):
-            k = 1
-            while f"{prefix}recall@{k}" in sums:
-                metrics[f"{name}recall@{k}"] = sums[f"{prefix}recall@{k}"] / users
-                k += 1
+        # The recall@1..K curves are kept for the model card (the last evaluation is the final test split),
+        # not made metrics: they would crowd metrics.json, the card's table and the job's status.
+        self.last_curves = {
+            name: [sums[f"{prefix}recall@{k}"] / users for k in range(1, self.curve_k + 1)]
+            for prefix, name in (("", "model"), ("popularity_", "popularity"))
+        }
         return metrics
 
     # --------------------------------------------------------------------------------------- finish
@@ -389,11 +395,15 @@ class Recommendation:
             if metric in figures:
                 label = f"{metric}@{self.k}" if metric != "auc" else metric
                 lines.append(f"| {label} | {figures[metric]:.4f} | {figures[f'popularity-{metric}']:.4f} |")
-        curve = [figures[f"recall@{k}"] for k in range(1, 10_000) if f"recall@{k}" in figures]
-        baseline = [figures[f"popularity-recall@{k}"] for k in range(1, len(curve) + 1)]
-        if curve:
-            _plot_curve(curve, baseline, out / "recall_at_k.png")
-            lines += ["", "![recall@k, model and popularity](recall_at_k.png)"]
+        if self.last_curves:
+            _plot_curve(self.last_curves["model"], self.last_curves["popularity"], out / "recall_at_k.png")
+            (out / "recall_at_k.json").write_text(json.dumps(self.last_curves), encoding="utf-8")
+            lines += [
+                "",
+                f"Recall@k for k = 1..{len(self.last_curves['model'])} (numbers in `recall_at_k.json`):",
+                "",
+                "![recall@k, model and popularity](recall_at_k.png)",
+            ]
         return "\n".join(lines) + "\n"
 
 
