@@ -20,7 +20,8 @@ def test_recommendation_example_renders_a_config_the_trainer_accepts() -> None:
     assert cfg.task.value == "recommendation"
     assert cfg.method.value == "full"
     negatives = cfg.data.augmentation.negatives
-    assert negatives is not None and (negatives.strategy, negatives.count) == ("popularity", 8)
+    assert negatives is not None
+    assert (negatives.strategy, negatives.count) == ("popularity", 8)
     assert cfg.evaluation.top_k == 10
     assert cfg.evaluation.metrics == ["loss", "recall", "ndcg", "hit-rate"]
     fields = cfg.data.fields

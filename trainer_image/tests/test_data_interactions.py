@@ -46,7 +46,8 @@ def test_leave_last_out_by_time_per_user(tmp_path: Path) -> None:
     )
     prepared = prepare_interactions(_config(source), tmp_path / "work")
     users, items = prepared.user_ids, prepared.item_ids
-    assert users == ["u1", "u2", "u3"] and items == ["a", "b", "c", "d"]
+    assert users == ["u1", "u2", "u3"]
+    assert items == ["a", "b", "c", "d"]
 
     def named(split: object) -> list[tuple[str, str]]:
         return [(users[e["user"]], items[e["item"]]) for e in split]  # type: ignore[attr-defined]
@@ -84,7 +85,9 @@ def test_split_is_deterministic_and_independent_of_row_order(tmp_path: Path) -> 
 
 def test_bad_rows_are_named_with_line_and_column(tmp_path: Path) -> None:
     good = [f"u{i % 4},i{i},1,{i}" for i in range(40)]
-    source = _csv(tmp_path / "data.csv", [*good[:10], ",i99,1,5", "u1,i98,lots,5", "u2,i97,1,yesterday", *good[10:]])
+    source = _csv(
+        tmp_path / "data.csv", [*good[:10], ",i99,1,5", "u1,i98,lots,5", "u2,i97,1,yesterday", *good[10:]]
+    )
     with pytest.raises(DataError) as refused:
         prepare_interactions(_config(source), tmp_path / "work")
     message = str(refused.value)
@@ -132,7 +135,9 @@ def test_no_user_with_three_interactions_is_an_empty_split(tmp_path: Path) -> No
 
 
 def test_split_ratios_are_refused_for_interactions(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="data.split validation: interactions are split leave-last-out"):
+    with pytest.raises(
+        ValidationError, match=r"data\.split validation: interactions are split leave-last-out"
+    ):
         _config(tmp_path / "x.csv", split={"validation": 0.1})
     assert _config(tmp_path / "x.csv", split={"seed": 7}).split.seed == 7
 
@@ -151,7 +156,9 @@ def _negatives(prepared: object, strategy: str, epoch: int, seed: int = 1) -> np
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "popularity"])
-def test_negative_sampling_is_seeded_per_epoch_and_avoids_training_items(tmp_path: Path, strategy: str) -> None:
+def test_negative_sampling_is_seeded_per_epoch_and_avoids_training_items(
+    tmp_path: Path, strategy: str
+) -> None:
     prepared = prepare_interactions(
         _config(make_interactions(tmp_path / "d.csv", users=60, items=40, seed=5)), tmp_path / "w"
     )
@@ -174,7 +181,8 @@ def test_negative_sampling_is_seeded_per_epoch_and_avoids_training_items(tmp_pat
     assert np.array_equal(batch, first[some])
     keys = set(prepared.seen_keys().tolist())
     users = prepared.train.users
-    assert not any(int(u) * prepared.num_items + int(i) in keys for u, row in zip(users, first) for i in row)
+    pairs = [(int(u), int(i)) for u, row in zip(users, first, strict=True) for i in row]
+    assert not any(u * prepared.num_items + i in keys for u, i in pairs)
 
 
 def test_popularity_sampling_follows_the_train_counts(tmp_path: Path) -> None:

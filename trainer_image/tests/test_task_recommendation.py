@@ -35,7 +35,9 @@ def _config(tmp: Path, model: Path, data: Path, **data_extra: Any) -> TrainerCon
     return base.model_copy(update={"task": Task.RECOMMENDATION, "method": Method.FULL, "data": data_cfg})
 
 
-def _evaluate(task: Recommendation, module: torch.nn.Module, examples: Any, batch: int = 32) -> dict[str, float]:
+def _evaluate(
+    task: Recommendation, module: torch.nn.Module, examples: Any, batch: int = 32
+) -> dict[str, float]:
     sums: dict[str, float] = {}
     module.eval()
     with torch.no_grad():
@@ -69,7 +71,11 @@ def _train(task: Recommendation, module: torch.nn.Module, prepared: Any, lr: flo
     ("definition", "negatives", "lr"),
     [
         ({"architecture": "matrix-factorization", "loss": "bpr"}, {"strategy": "uniform", "count": 4}, 0.05),
-        ({"architecture": "two-tower", "loss": "sampled-softmax", "hiddenDims": [64]}, {"strategy": "popularity", "count": 8}, 0.01),
+        (
+            {"architecture": "two-tower", "loss": "sampled-softmax", "hiddenDims": [64]},
+            {"strategy": "popularity", "count": 8},
+            0.01,
+        ),
     ],
     ids=["mf-bpr-uniform", "two-tower-softmax-popularity"],
 )
@@ -80,7 +86,9 @@ def test_recall_at_10_beats_popularity_and_before(
     model_dir = make_model_definition(tmp_path / "base", **definition)
     cfg = _config(tmp_path, model_dir, data, augmentation={"negatives": negatives})
     task = Recommendation(cfg)
-    prepared = task.prepare(task.load_processor(), tmp_path / "out", store=tmp_path / "store", attempt="a", wait=False)
+    prepared = task.prepare(
+        task.load_processor(), tmp_path / "out", store=tmp_path / "store", attempt="a", wait=False
+    )
     module = task.load_model(prepared, torch.device("cpu"), None)
     before = _evaluate(task, module, prepared.test)
     losses = _train(task, module, prepared, lr)
@@ -90,7 +98,8 @@ def test_recall_at_10_beats_popularity_and_before(
         f"\n{'/'.join(str(v) for v in definition.values())}: test recall@10 before {before['recall']:.3f}, "
         f"after {after['recall']:.3f}, popularity {after['popularity-recall']:.3f}; ndcg@10 before "
         f"{before['ndcg']:.3f} after {after['ndcg']:.3f} popularity {after['popularity-ndcg']:.3f}; "
-        f"auc {after['auc']:.3f} vs {after['popularity-auc']:.3f}; validation recall@10 {validation['recall']:.3f}; "
+        f"auc {after['auc']:.3f} vs {after['popularity-auc']:.3f}; "
+        f"validation recall@10 {validation['recall']:.3f}; "
         f"train loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}; users {len(prepared.test)}"
     )
     assert after["recall"] > after["popularity-recall"] + 0.1
@@ -101,7 +110,9 @@ def test_recall_at_10_beats_popularity_and_before(
     assert after["hit-rate"] == after["recall"]  # one held-out item per user
     assert before["popularity-recall"] == after["popularity-recall"]  # the baseline does not train
     curve = task.last_curves["model"]  # of the last evaluation: validation
-    assert len(curve) == 20 and curve == sorted(curve) and curve[9] == validation["recall"]
+    assert len(curve) == 20
+    assert curve == sorted(curve)
+    assert curve[9] == validation["recall"]
 
     # The artifact: exported, loaded back by the scoring entry point and by the server's loader.
     exported = task.export(module, module.state_dict(), tmp_path / "out", prepared)
@@ -120,19 +131,23 @@ def test_recall_at_10_beats_popularity_and_before(
     served.load()
     assert served.ready, served.health()
     first = prepared.user_ids[prepared.test[0]["user"]]
-    assert [r.item for r in served.recommend(first, 5, True, 0)] == [r.item for r in recommender.top_k(first, 5)]
+    assert [r.item for r in served.recommend(first, 5, True, 0)] == [
+        r.item for r in recommender.top_k(first, 5)
+    ]
 
     section = task.card_section({"after": {"test": after}}, tmp_path / "out")
-    assert "| recall@10 |" in section and "recall_at_k.png" in section
+    assert "| recall@10 |" in section
+    assert "recall_at_k.png" in section
     assert (tmp_path / "out" / "recall_at_k.png").stat().st_size > 5000
     samples = task.samples(module, prepared, torch.device("cpu"), False)
-    assert len(samples) == 5 and all(len(s["recommended"]) == 5 for s in samples)
+    assert len(samples) == 5
+    assert all(len(s["recommended"]) == 5 for s in samples)
 
 
 def test_the_definition_and_method_are_checked(tmp_path: Path) -> None:
     data = make_interactions(tmp_path / "clicks.csv", users=20, items=10)
     cfg = _config(tmp_path, tmp_path / "missing", data)
-    with pytest.raises(ConfigError, match="no recommender.json"):
+    with pytest.raises(ConfigError, match=r"no recommender\.json"):
         Recommendation(cfg).load_processor()
     bad = make_model_definition(tmp_path / "bad", architecture="transformer")
     with pytest.raises(ConfigError, match="architecture"):
@@ -145,7 +160,9 @@ def test_served_model_refuses_compression_and_unknown_users(tmp_path: Path) -> N
     data = make_interactions(tmp_path / "clicks.csv", users=30, items=20)
     cfg = _config(tmp_path, make_model_definition(tmp_path / "base"), data)
     task = Recommendation(cfg)
-    prepared = task.prepare(task.load_processor(), tmp_path / "w", store=tmp_path / "s", attempt="a", wait=False)
+    prepared = task.prepare(
+        task.load_processor(), tmp_path / "w", store=tmp_path / "s", attempt="a", wait=False
+    )
     module = task.load_model(prepared, torch.device("cpu"), None)
     directory = task.export(module, module.state_dict(), tmp_path / "out", prepared).directory
     assert json.loads((directory / "serving.json").read_text())["task"] == "recommendation"
@@ -154,8 +171,11 @@ def test_served_model_refuses_compression_and_unknown_users(tmp_path: Path) -> N
     )
     refused = MODEL_KINDS["recommendation"](compressed)
     refused.load()
-    assert refused.status.reason == "InvalidConfig" and "quantization.method" in str(refused.status.message)
-    served = MODEL_KINDS["recommendation"](parse_server_config({"modelDir": str(directory), "modelName": "r"}))
+    assert refused.status.reason == "InvalidConfig"
+    assert "quantization.method" in str(refused.status.message)
+    served = MODEL_KINDS["recommendation"](
+        parse_server_config({"modelDir": str(directory), "modelName": "r"})
+    )
     served.load()
     from finetune_server.errors import InvalidInputError
 
@@ -194,8 +214,11 @@ def test_the_trainer_runs_the_task_end_to_end(tmp_path: Path) -> None:
     assert after["recall"] > before["recall"] + 0.15
     assert metrics["artifact"]["format"] == "recommender"
     card = (out / "README.md").read_text()
-    assert "## Recommendation" in card and "recall_at_k.png" in card and "leave-last-out" in card
-    assert (out / "recall_at_k.png").is_file() and (out / "data_report.json").is_file()
+    assert "## Recommendation" in card
+    assert "recall_at_k.png" in card
+    assert "leave-last-out" in card
+    assert (out / "recall_at_k.png").is_file()
+    assert (out / "data_report.json").is_file()
     served = MODEL_KINDS["recommendation"](
         parse_server_config({"modelDir": str(out / "model"), "modelName": "recs"})
     )

@@ -814,13 +814,16 @@ class FineTuneJobSpec(ApiModel):
             "!has(self.dataset.split.validationRatio) && !has(self.dataset.split.testRatio)"
             " && !has(self.dataset.split.validationSource) && !has(self.dataset.split.testSource))",
             message="recommendation splits leave-last-out per user by time (the last interaction of each "
-            "user with 3 or more to test, the one before to validation): split ratios and sources do not apply",
-            holds=lambda s: s.task != "recommendation"
-            or (
-                s.dataset.split.validation_ratio is None
-                and s.dataset.split.test_ratio is None
-                and s.dataset.split.validation_source is None
-                and s.dataset.split.test_source is None
+            "user with 3 or more to test, the one before to validation): split ratios and sources do not "
+            "apply",
+            holds=lambda s: (
+                s.task != "recommendation"
+                or (
+                    s.dataset.split.validation_ratio is None
+                    and s.dataset.split.test_ratio is None
+                    and s.dataset.split.validation_source is None
+                    and s.dataset.split.test_source is None
+                )
             ),
             field_path=".dataset.split",
         ),

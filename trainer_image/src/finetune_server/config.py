@@ -295,7 +295,10 @@ class ServerConfig(_Section):
         description="Name clients use in the `model` field and that /v1/models lists."
     )
     task: ServedTask | None = Field(
-        None, description="causal-lm, sequence-classification or recommendation; default: the artifact's serving.json."
+        None,
+        description=(
+            "causal-lm, sequence-classification or recommendation; default: the artifact's serving.json."
+        ),
     )
     verify_manifest: bool = Field(
         True, description="Check every file against the artifact's sha256 manifest; a missing one fails."

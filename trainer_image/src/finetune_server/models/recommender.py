@@ -4,9 +4,9 @@
 ``embeddings.safetensors`` (``users``, ``items``; the item bias is folded in, so a user's scores are
 ``items @ users[u]``), ``id_maps.json`` and ``seen.safetensors`` (each user's training items and the train
 popularity) with numpy only. :meth:`Recommender.top_k` ranks every item, leaving out the user's training items
-unless asked not to. :class:`RecommenderModel` serves it behind the common load path (manifest check, readiness)
-and ``POST /v1/recommend`` (``finetune_server.protocol.recommend``). Embedding tables are not quantised or
-pruned: a compression method in the config is refused, naming it.
+unless asked not to. :class:`RecommenderModel` serves it behind the common load path (manifest check,
+readiness) and ``POST /v1/recommend`` (``finetune_server.protocol.recommend``). Embedding tables are not
+quantised or pruned: a compression method in the config is refused, naming it.
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ class Recommender:
         k = min(k, len(scores))
         order = np.argsort(-scores, kind="stable")[:k]
         return [
-            Recommendation(self.item_ids[i], float(scores[i])) for i in order.tolist() if np.isfinite(scores[i])
+            Recommendation(self.item_ids[i], float(scores[i]))
+            for i in order.tolist()
+            if np.isfinite(scores[i])
         ]
 
 
@@ -118,11 +120,14 @@ class RecommenderModel(LoadedModel):
         config = self.config
         if config.quantization.method != "none" or config.pruning.method != "none":
             raise ConfigError(
-                f"quantization.method {config.quantization.method!r}, pruning.method {config.pruning.method!r}: "
+                f"quantization.method {config.quantization.method!r}, "
+                f"pruning.method {config.pruning.method!r}: "
                 "a recommender's embedding tables are served as trained; use none"
             )
         self.status.device = "cpu"
-        self.artifact = read_artifact(config.model_dir, task=config.task or self.task, verify=config.verify_manifest)
+        self.artifact = read_artifact(
+            config.model_dir, task=config.task or self.task, verify=config.verify_manifest
+        )
         self.recommender = load_recommender(config.model_dir)
         self.default_k = int(self.artifact.serving.get("topK") or 10)
         size = sum((config.model_dir / name).stat().st_size for name in (EMBEDDINGS_FILE, SEEN_FILE))

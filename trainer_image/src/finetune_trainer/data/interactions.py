@@ -1,4 +1,4 @@
-"""User–item interactions (``data.fields.kind: interactions``): read, validate, index and split leave-last-out.
+"""User-item interactions (``data.fields.kind: interactions``): read, validate, index, split leave-last-out.
 
 The generic stages do the reading: sources are resolved and hashed (:mod:`.sources`), read row by row with
 their line numbers (:mod:`.formats`), malformed rows are logged and checked against ``badRows.maxRatio``
@@ -182,7 +182,12 @@ class HeldOut(Sequence[dict[str, Any]]):
     the ranking leaves out (the user's training items; for test also the validation item)."""
 
     def __init__(
-        self, users: np.ndarray, items: np.ndarray, seen_indptr: np.ndarray, seen: np.ndarray, extra: np.ndarray
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        seen_indptr: np.ndarray,
+        seen: np.ndarray,
+        extra: np.ndarray,
     ) -> None:
         self.users, self.items = users, items
         self._indptr, self._seen, self._extra = seen_indptr, seen, extra
@@ -275,7 +280,8 @@ def sample_negatives(
     a pure function of (seed, epoch, interaction index), so every rank, batch composition and resumption
     draws the same ones, and a new epoch draws new ones. ``uniform`` draws every item alike, ``popularity``
     in proportion to ``item_counts``. A draw that is one of the user's training items (``seen_keys``) is
-    redrawn up to :data:`NEGATIVE_REDRAWS` times (a user who interacted with almost every item may keep one)."""
+    redrawn up to :data:`NEGATIVE_REDRAWS` times (a user who interacted with almost every item may keep
+    one)."""
     num_items = len(item_counts)
     indices = np.asarray(indices, dtype=np.int64)
     users = np.asarray(users, dtype=np.int64)
@@ -285,8 +291,9 @@ def sample_negatives(
     def items_of(u: np.ndarray) -> np.ndarray:
         if cumulative is None:
             return np.minimum((u * num_items).astype(np.int64), num_items - 1)
-        found = np.searchsorted(cumulative, u * cumulative[-1], side="right")
-        return np.minimum(found, num_items - 1).astype(np.int64)
+        found: np.ndarray = np.searchsorted(cumulative, u * cumulative[-1], side="right")
+        capped: np.ndarray = np.minimum(found, num_items - 1).astype(np.int64)
+        return capped
 
     negatives = items_of(_uniform(seed, epoch, indices, draw, 0))
     for attempt in range(1, NEGATIVE_REDRAWS + 1):
@@ -331,7 +338,9 @@ def _read(
                 except MappingError as exc:
                     bad.bad(raw.source, raw.line, str(exc))
         except (OSError, ValueError) as exc:  # a damaged file (pyarrow's errors derive from these)
-            raise DataError(f"{src.uri}: unreadable after {count} rows: {exc}", reason="SourceUnreadable") from exc
+            raise DataError(
+                f"{src.uri}: unreadable after {count} rows: {exc}", reason="SourceUnreadable"
+            ) from exc
         for name, digest, size in src.hashes:
             uri = src.uri if len(src.hashes) == 1 else f"{src.uri.rstrip('/')}/{name}"
             records.append(SourceRecord(uri=uri, role=src.role, sha256=digest, bytes=size, rows=count))
@@ -354,7 +363,9 @@ def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarr
     return np.cumsum(indptr), items[order].astype(np.int64)
 
 
-def _build(rows: list[Interaction], cfg: DataConfig, report: DataReport, stages: list[StageRecord]) -> dict[str, Any]:
+def _build(
+    rows: list[Interaction], cfg: DataConfig, report: DataReport, stages: list[StageRecord]
+) -> dict[str, Any]:
     """Arrays of the splits and the id maps from the valid rows (in source order)."""
     n = len(rows)
     ratings = np.asarray([r.rating for r in rows], dtype=np.float64)
@@ -400,8 +411,8 @@ def _build(rows: list[Interaction], cfg: DataConfig, report: DataReport, stages:
         raise DataError("no training interaction is left", reason="EmptySplit")
     if not validation.any():
         raise DataError(
-            f"no user has {MIN_HELD_OUT_INTERACTIONS} or more interactions, so the leave-last-out split has no "
-            "validation or test interaction",
+            f"no user has {MIN_HELD_OUT_INTERACTIONS} or more interactions, so the leave-last-out split "
+            "has no validation or test interaction",
             reason="EmptySplit",
         )
     seen_indptr, seen_items = _csr(users[train], items[train], len(user_ids))
@@ -414,7 +425,11 @@ def _build(rows: list[Interaction], cfg: DataConfig, report: DataReport, stages:
     report.interactions = InteractionsRecord(
         users=len(user_ids),
         items=len(item_ids),
-        interactions={"train": int(train.sum()), "validation": int(validation.sum()), "test": int(test.sum())},
+        interactions={
+            "train": int(train.sum()),
+            "validation": int(validation.sum()),
+            "test": int(test.sum()),
+        },
         held_out_users=int((counts >= MIN_HELD_OUT_INTERACTIONS).sum()),
         train_only_users=int((counts < MIN_HELD_OUT_INTERACTIONS).sum()),
         ordered_by=f"column {cfg.fields.timestamp!r}" if cfg.fields.timestamp else "row order",
@@ -488,7 +503,9 @@ def _prepare_into(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
         np.savez(tmp / _ARRAYS, **built["arrays"])
-        (tmp / _IDS).write_text(json.dumps({"users": built["users"], "items": built["items"]}), encoding="utf-8")
+        (tmp / _IDS).write_text(
+            json.dumps({"users": built["users"], "items": built["items"]}), encoding="utf-8"
+        )
         meta = {"key": key, "report": report.model_dump(mode="json", by_alias=True)}
         (tmp / _META).write_text(json.dumps(meta), encoding="utf-8")
         write_text_atomically(tmp / _READY, "")
@@ -552,4 +569,3 @@ def prepare_interactions(
         prepared.folder = None
     write_report(prepared.report, workdir)
     return prepared
-

@@ -111,8 +111,8 @@ class InteractionsRecord(_ReportModel):
         default_factory=dict, description="Interactions per split (train, validation, test)."
     )
     held_out_users: int = Field(
-        default=0, description="Users with 3 or more interactions: their last to test, the one before to "
-        "validation."
+        default=0,
+        description="Users with 3 or more interactions: their last to test, the one before to validation.",
     )
     train_only_users: int = Field(
         default=0, description="Users with fewer than 3 interactions: all of them in train."

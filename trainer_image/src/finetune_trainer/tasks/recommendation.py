@@ -107,7 +107,7 @@ class TwoTower(nn.Module):
         return vectors, bias
 
     def forward(self, users: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores ``[batch, candidates]`` of ``items`` (``[batch, candidates]``), or ``[batch, all items]``."""
+        """Scores ``[batch, candidates]`` of ``items`` (``[batch, candidates]``), or of every item."""
         user = self.user_vectors(users)
         vectors, bias = self.item_vectors(items)
         if items is None:
@@ -215,7 +215,8 @@ class Recommendation:
         users = torch.tensor([e["user"] for e in examples], dtype=torch.long)
         items = torch.tensor([e["item"] for e in examples], dtype=torch.long)
         if "seen" not in examples[0]:  # training interactions: the positive first, then its negatives
-            assert self.prepared is not None and self._seen_keys is not None
+            assert self.prepared is not None
+            assert self._seen_keys is not None
             indices = np.asarray([e["index"] for e in examples], dtype=np.int64)
             negatives = sample_negatives(
                 indices,
@@ -228,7 +229,11 @@ class Recommendation:
             )
             candidates = torch.cat([items[:, None], torch.from_numpy(negatives)], dim=1)
             weights = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
-            return {"users": users.to(device), "candidates": candidates.to(device), "weights": weights.to(device)}
+            return {
+                "users": users.to(device),
+                "candidates": candidates.to(device),
+                "weights": weights.to(device),
+            }
         width = max(1, max(len(e["seen"]) for e in examples))
         seen = torch.full((len(examples), width), -1, dtype=torch.long)
         for row, example in enumerate(examples):
@@ -279,7 +284,9 @@ class Recommendation:
                 sums[prefix + key] = value
         return sums
 
-    def _full_loss(self, scores: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def _full_loss(
+        self, scores: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
         target = scores.gather(1, targets[:, None])
         if self.definition.loss == "bpr":
             others = candidates.clone()
