@@ -58,6 +58,8 @@ _FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "label-smoothing": ({}, {"hyperparameters": {"labelSmoothing": 0.1}}),
     "image-augmentation": ({"augmentation": {"copies": 1, "image": {}}}, {}),
     "text-augmentation": ({"augmentation": {"copies": 1, "text": {}}}, {}),
+    "negative-sampling": ({"augmentation": {"copies": 1, "negatives": {}}}, {}),
+    "top-k": ({}, {"evaluation": {"topK": 10}}),
 }
 
 
@@ -79,7 +81,11 @@ def _layout_base(task: str, kind: str) -> dict[str, Any]:
     for feature in sorted(info.features):
         dataset_keys, spec_keys = _FEATURES[feature]
         dataset.update(dataset_keys)
-        spec.update(spec_keys)
+        for key, value in spec_keys.items():
+            spec[key] = {**spec.get(key, {}), **value}
+    if task == "recommendation":  # embeddings train in full (the API refuses LoRA for it)
+        spec["method"] = "full"
+        del spec["lora"]
     if kind == "chat" and dataset.get("template") == "alpaca":
         dataset["template"] = "chatml"  # alpaca can't render chat rows
     return spec

@@ -207,4 +207,6 @@ def test_two_four_mask_keeps_the_two_largest_of_every_four() -> None:
 def test_classifier_kind_is_registered_for_its_task() -> None:
     from finetune_server.models import MODEL_KINDS
 
-    assert {"causal-lm": TextGenerationModel, "sequence-classification": ClassifierModel} == MODEL_KINDS
+    assert MODEL_KINDS["causal-lm"] is TextGenerationModel
+    assert MODEL_KINDS["sequence-classification"] is ClassifierModel
+    assert all(kind.task == task for task, kind in MODEL_KINDS.items())

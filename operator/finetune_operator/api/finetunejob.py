@@ -136,6 +136,9 @@ class FieldMapping(ApiModel):
     """Column with the item id (recommendation)."""
     rating: ColumnName | None = None
     """Column with the rating or implicit-feedback weight (recommendation); absent means implicit 1."""
+    timestamp: ColumnName | None = None
+    """Column with the time of the interaction, a number such as Unix seconds (recommendation): each user's
+    last interaction is held out for test and the one before for validation; row order when absent."""
 
 
 class Split(ApiModel):
@@ -251,6 +254,16 @@ class TextAugmentation(ApiModel):
     """Probability of swapping each word with its neighbour."""
 
 
+class NegativeSampling(ApiModel):
+    """Negative items drawn for every training interaction (recommendation), afresh each epoch from the
+    seed."""
+
+    strategy: Literal["uniform", "popularity"] = "uniform"
+    """`uniform`: every item alike; `popularity`: in proportion to the item's training interactions."""
+    count: Annotated[int, Field(ge=1, le=256)] = 4
+    """Negatives per positive interaction."""
+
+
 class Augmentation(ApiModel):
     """Data augmentation of the training split."""
 
@@ -261,6 +274,8 @@ class Augmentation(ApiModel):
     """Image transforms (image-classification and object-detection only)."""
     text: TextAugmentation | None = None
     """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text)."""
+    negatives: NegativeSampling | None = None
+    """Negative sampling (recommendation only); 4 uniform negatives per interaction when omitted."""
 
 
 class BadRows(ApiModel):
@@ -404,6 +419,8 @@ class Evaluation(ApiModel):
     """Validation prompts to generate completions for and store with each evaluation (causal-lm only)."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
     """Evaluate on at most this many validation rows (all when omitted)."""
+    top_k: Annotated[int, Field(ge=1, le=1000)] | None = None
+    """The k of recall@k, NDCG@k and hit-rate@k (recommendation only); 10 when omitted."""
 
 
 class EarlyStopping(ApiModel):
@@ -775,6 +792,40 @@ class FineTuneJobSpec(ApiModel):
             "text-augmentation",
             "has(self.dataset.augmentation) && has(self.dataset.augmentation.text)",
             lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.text is not None,
+        ),
+        _feature_rule(
+            "negative-sampling",
+            "has(self.dataset.augmentation) && has(self.dataset.augmentation.negatives)",
+            lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.negatives is not None,
+        ),
+        _feature_rule(
+            "top-k",
+            "has(self.evaluation) && has(self.evaluation.topK)",
+            lambda s: s.evaluation is not None and s.evaluation.top_k is not None,
+        ),
+        CelRule(
+            rule="self.task != 'recommendation' || self.method == 'full'",
+            message="recommendation trains its embeddings in full: set method full",
+            holds=lambda s: s.task != "recommendation" or s.method == "full",
+            field_path=".method",
+        ),
+        CelRule(
+            rule="self.task != 'recommendation' || !has(self.dataset.split) || ("
+            "!has(self.dataset.split.validationRatio) && !has(self.dataset.split.testRatio)"
+            " && !has(self.dataset.split.validationSource) && !has(self.dataset.split.testSource))",
+            message="recommendation splits leave-last-out per user by time (the last interaction of each "
+            "user with 3 or more to test, the one before to validation): split ratios and sources do not "
+            "apply",
+            holds=lambda s: (
+                s.task != "recommendation"
+                or (
+                    s.dataset.split.validation_ratio is None
+                    and s.dataset.split.test_ratio is None
+                    and s.dataset.split.validation_source is None
+                    and s.dataset.split.test_source is None
+                )
+            ),
+            field_path=".dataset.split",
         ),
         _feature_rule(
             "label-smoothing",

@@ -141,6 +141,8 @@ def _augmentation(job: FineTuneJob) -> dict[str, Any] | None:
         section["image"] = augmentation.image.model_dump(by_alias=True)
     if augmentation.text is not None:
         section["text"] = augmentation.text.model_dump(by_alias=True)
+    if augmentation.negatives is not None:
+        section["negatives"] = augmentation.negatives.model_dump(by_alias=True)
     return section
 
 
@@ -149,6 +151,8 @@ def _data_section(job: FineTuneJob) -> dict[str, Any]:
     prep = dataset.preprocessing
     validation, test = dataset.split.resolved_ratios()
     split: dict[str, Any] = {"validation": validation, "test": test, "seed": dataset.split.seed}
+    if job.spec.task == "recommendation":  # leave-last-out per user; the API refuses ratios and sources
+        split = {"seed": dataset.split.seed}
     if dataset.split.validation_source:
         split["validationSource"] = _local_path(dataset.split.validation_source)
     if dataset.split.test_source:
@@ -245,6 +249,7 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "beforeTraining": evaluation is not None,
             "maxSamples": evaluation.max_samples if evaluation else None,
             "generationSamples": evaluation.generation_samples if evaluation else 0,
+            "topK": evaluation.top_k if evaluation else None,
         },
         "earlyStopping": {"enabled": False},
         "checkpointing": {

@@ -42,9 +42,6 @@ class Task(enum.StrEnum):
     RECOMMENDATION = "recommendation"
 
 
-IMPLEMENTED_TASKS = frozenset(Task(name) for name in IMPLEMENTED_TASK_NAMES)
-
-
 class ModelSource(ConfigSection):
     section_name = "model"
 
@@ -192,6 +189,12 @@ class Evaluation(ConfigSection):
         ),
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    top_k: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Recommendation: the cut-off k of recall@k, NDCG@k and hit-rate@k.",
+    )
 
 
 class EarlyStoppingMetric(enum.StrEnum):
@@ -210,8 +213,6 @@ class EarlyStoppingMetric(enum.StrEnum):
     MAP75 = "map75"
     NDCG = "ndcg"
     HIT_RATE = "hit-rate"
-    RMSE = "rmse"
-    MAE = "mae"
 
 
 class EarlyStopping(ConfigSection):
@@ -417,10 +418,12 @@ class TrainerConfig(ConfigSection):
     @field_validator("task")
     @classmethod
     def _implemented_task(cls, value: Task) -> Task:
-        if value not in IMPLEMENTED_TASKS:
+        # The catalog's implemented flags (torch-free; the operator reads them too) equal the keys of the
+        # trainer's task registry, finetune_trainer.tasks.TASKS (a test keeps them equal).
+        if value.value not in IMPLEMENTED_TASK_NAMES:
             raise ValueError(
                 f"task {value.value!r} is not implemented by this trainer yet "
-                f"(implemented: {', '.join(sorted(t.value for t in IMPLEMENTED_TASKS))})"
+                f"(implemented: {', '.join(sorted(IMPLEMENTED_TASK_NAMES))})"
             )
         return value
 
@@ -457,6 +460,8 @@ class TrainerConfig(ConfigSection):
             "label-smoothing": self.hyperparameters.label_smoothing != 0.0,
             "image-augmentation": self.data.augmentation.image is not None,
             "text-augmentation": self.data.augmentation.text is not None,
+            "negative-sampling": self.data.augmentation.negatives is not None,
+            "top-k": self.evaluation.top_k != Evaluation.model_fields["top_k"].default,
         }
         for feature, on in used.items():
             if on and feature not in info.features:

@@ -81,8 +81,14 @@ def preflight(config_path: str) -> TrainerConfig:
     """Validation that needs no GPU work; raises ConfigError or ModelError."""
     cfg = load_config(config_path)
     from finetune_trainer.modeling import check_cuda_requirements, check_model_source
+    from finetune_trainer.tasks import make_task
 
-    check_model_source(cfg.model)
+    # A task whose model is not a Hugging Face folder checks its own source (recommendation's definition).
+    own_check = getattr(make_task(cfg), "check_model_source", None)
+    if own_check is not None:
+        own_check()
+    else:
+        check_model_source(cfg.model)
     check_cuda_requirements(cfg)
     if cfg.output.copy_to:
         from finetune_trainer.output_copy import check_destination

@@ -33,8 +33,6 @@ MetricName = Literal[
     "map75",
     "ndcg",
     "hit-rate",
-    "rmse",
-    "mae",
 ]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 
@@ -45,6 +43,8 @@ FEATURE_FIELDS: dict[str, str] = {
     "label-smoothing": "hyperparameters.labelSmoothing",
     "image-augmentation": "dataset.augmentation.image",
     "text-augmentation": "dataset.augmentation.text",
+    "negative-sampling": "dataset.augmentation.negatives",
+    "top-k": "evaluation.topK",
 }
 
 
@@ -121,10 +121,12 @@ CATALOG: dict[str, TaskInfo] = {
         TaskInfo(
             name="recommendation",
             modality="interactions",
-            metrics=("loss", "ndcg", "hit-rate", "auc", "rmse", "mae"),
-            layouts=(FieldLayout("interactions", ("user", "item"), ("rating",)),),
-            features=frozenset(),
-            implemented=False,
+            # Ranking over every item the user has not interacted with in training, at evaluation.topK:
+            # recall@k, NDCG@k, hit-rate@k and the AUC of the held-out item (a popularity baseline beside).
+            metrics=("loss", "recall", "ndcg", "hit-rate", "auc"),
+            layouts=(FieldLayout("interactions", ("user", "item"), ("rating", "timestamp")),),
+            features=frozenset({"negative-sampling", "top-k"}),
+            implemented=True,
         ),
     )
 }

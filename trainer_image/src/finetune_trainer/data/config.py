@@ -32,6 +32,7 @@ __all__ = [
     "ExtraPiiPattern",
     "FieldMapping",
     "ImageAugmentationConfig",
+    "NegativeSamplingConfig",
     "PiiConfig",
     "PiiKind",
     "SplitConfig",
@@ -82,6 +83,7 @@ PiiKind = Literal["email", "phone", "credit_card", "ipv4", "ipv6"]
 PiiPolicy = Literal["scrub", "reject", "allow"]
 TruncationPolicy = Literal["truncate", "drop"]
 AugmentationStrategy = Literal["none", "template-variants"]
+NegativeStrategy = Literal["uniform", "popularity"]
 
 ALL_PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "credit_card", "ipv4", "ipv6")
 
@@ -137,6 +139,14 @@ class FieldMapping(_DataModel):
     rating: str | None = Field(
         default=None,
         description="Optional column with the rating or weight (kind interactions); 1 when unset.",
+    )
+    timestamp: str | None = Field(
+        default=None,
+        description=(
+            "Optional column with the time of the interaction, a number such as Unix seconds (kind "
+            "interactions); each user's interactions are ordered by it for the leave-last-out split, and "
+            "by row order when unset."
+        ),
     )
     id: str | None = Field(
         default=None,
@@ -356,6 +366,24 @@ class TextAugmentationConfig(_DataModel):
     )
 
 
+class NegativeSamplingConfig(_DataModel):
+    """Items drawn as negatives for each training interaction (FineTuneJob's dataset.augmentation.negatives).
+
+    Drawn afresh every epoch from (seed, epoch, interaction) alone, so a run and its resumption see the same
+    negatives; an item the user interacted with in the training split is never drawn."""
+
+    section_name = "data.augmentation.negatives"
+
+    strategy: NegativeStrategy = Field(
+        default="uniform",
+        description=(
+            "'uniform': every item equally likely; 'popularity': in proportion to the item's interactions "
+            "in the training split (harder negatives)."
+        ),
+    )
+    count: int = Field(default=4, ge=1, le=256, description="Negatives per positive interaction.")
+
+
 class AugmentationConfig(_DataModel):
     """Deterministic augmentation of the training split only (validation and test are never augmented)."""
 
@@ -382,6 +410,13 @@ class AugmentationConfig(_DataModel):
     )
     text: TextAugmentationConfig | None = Field(
         default=None, description="Random text perturbations (FineTuneJob's augmentation.text)."
+    )
+    negatives: NegativeSamplingConfig | None = Field(
+        default=None,
+        description=(
+            "Negative sampling (recommendation; FineTuneJob's augmentation.negatives); 4 uniform negatives "
+            "per positive when unset."
+        ),
     )
 
     @field_validator("variants")
@@ -458,6 +493,15 @@ class DataConfig(_DataModel):
     def _consistent(self) -> DataConfig:
         if self.template == "alpaca" and self.fields.kind == "chat":
             raise ValueError("template 'alpaca' cannot render chat rows; use 'chatml' or 'tokenizer'")
+        if self.fields.kind == "interactions":
+            given = self.split.model_fields_set & {"validation", "test", "validation_source", "test_source"}
+            if given:
+                names = ", ".join(sorted(SplitConfig.model_fields[n].alias or n for n in given))
+                raise ValueError(
+                    f"data.split {names}: interactions are split leave-last-out per user by time (the last "
+                    "interaction of each user with 3 or more to test, the one before to validation); "
+                    "split ratios and sources do not apply"
+                )
         if self.packing and self.fields.kind == "classification":
             raise ValueError(
                 "packing is for language modelling; it cannot be used with kind 'classification'"

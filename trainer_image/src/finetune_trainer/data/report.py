@@ -20,6 +20,7 @@ __all__ = [
     "CacheRecord",
     "DataReport",
     "Histogram",
+    "InteractionsRecord",
     "LicenceRecord",
     "PiiRecord",
     "Provenance",
@@ -101,6 +102,28 @@ class SplitRecord(_ReportModel):
     mean_tokens: float = Field(default=0.0, description="Mean example length.")
 
 
+class InteractionsRecord(_ReportModel):
+    """What an interactions source held and how it was split (leave-last-out per user by time)."""
+
+    users: int = Field(description="Distinct users (the user id map's size).")
+    items: int = Field(description="Distinct items (the item id map's size).")
+    interactions: dict[str, int] = Field(
+        default_factory=dict, description="Interactions per split (train, validation, test)."
+    )
+    held_out_users: int = Field(
+        default=0,
+        description="Users with 3 or more interactions: their last to test, the one before to validation.",
+    )
+    train_only_users: int = Field(
+        default=0, description="Users with fewer than 3 interactions: all of them in train."
+    )
+    ordered_by: str = Field(description="The timestamp column, or 'row order' when none is mapped.")
+    density: float = Field(default=0.0, description="Distinct user-item pairs / (users x items).")
+    top_items: list[tuple[str, int]] = Field(
+        default_factory=list, description="The most frequent items of the train split with their counts."
+    )
+
+
 class LicenceRecord(_ReportModel):
     dataset: str | None = Field(default=None, description="Dataset licence (SPDX).")
     model: str | None = Field(default=None, description="Base-model licence (SPDX).")
@@ -131,6 +154,9 @@ class DataReport(_ReportModel):
     splits: dict[str, SplitRecord] = Field(default_factory=dict, description="train / validation / test.")
     augmented_rows: int = Field(default=0, description="Rows added to train by augmentation.")
     label_names: list[str] | None = Field(default=None, description="Class names (kind classification).")
+    interactions: InteractionsRecord | None = Field(
+        default=None, description="Users, items and the leave-last-out split (kind interactions)."
+    )
     cache: CacheRecord | None = Field(default=None, description="The prepared-data cache entry used.")
 
     @property
@@ -179,6 +205,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _interactions_lines(record: InteractionsRecord) -> list[str]:
+    counts = record.interactions
+    out = [
+        "",
+        f"{record.users} users, {record.items} items, density {record.density:.4%}; each user's interactions "
+        f"ordered by {record.ordered_by}. Split leave-last-out: {record.held_out_users} users with 3 or more "
+        f"interactions gave their last to test and the one before to validation; {record.train_only_users} "
+        "users with fewer are in train only.",
+        "",
+        "### Splits",
+        "",
+    ]
+    out += _table(["split", "interactions"], [[name, str(n)] for name, n in counts.items()])
+    if record.top_items:
+        out += ["", "Most frequent training items:", ""]
+        out += _table(["item", "interactions"], [[f"`{item}`", str(n)] for item, n in record.top_items])
+    return out
+
+
 def render_data_section(report: DataReport) -> str:
     """A Markdown ``## Data`` section for the model card: sources, stages, removals, PII, splits, lengths."""
     prov = report.provenance
@@ -210,6 +255,8 @@ def render_data_section(report: DataReport) -> str:
     if bad.lines:
         shown = ", ".join(f"`{Path(b.source).name}:{b.line}`" for b in bad.lines[:10])
         out[-1] += f" First: {shown}."
+    if report.interactions is not None:
+        return "\n".join(out + _interactions_lines(report.interactions)) + "\n"
     pii = report.pii
     found = ", ".join(f"{k}: {v}" for k, v in sorted(pii.matches.items())) or "none"
     out += [
