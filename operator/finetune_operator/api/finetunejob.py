@@ -240,6 +240,8 @@ class ImageAugmentation(ApiModel):
     """Strength of random brightness/contrast/saturation changes (0 = off)."""
     rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
     """Maximum random rotation in degrees (0 = off)."""
+    random_erasing: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Probability of blacking out one random rectangle of 2 to 33 percent of the area (0 = off)."""
 
 
 class TextAugmentation(ApiModel):

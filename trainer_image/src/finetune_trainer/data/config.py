@@ -343,6 +343,12 @@ class ImageAugmentationConfig(_DataModel):
     )
     color_jitter: float = Field(default=0.0, ge=0.0, le=1.0, description="Colour jitter strength (0: off).")
     rotation_degrees: float = Field(default=0.0, ge=0.0, le=180.0, description="Largest rotation (0: off).")
+    random_erasing: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of blacking out one random rectangle (2 to 33 percent of the area; 0: off).",
+    )
 
 
 class TextAugmentationConfig(_DataModel):
