@@ -46,7 +46,7 @@ from finetune_trainer.data_order import DataOrder  # noqa: E402
 from finetune_trainer.engine import lr_lambda  # noqa: E402
 from finetune_trainer.env import TorchrunEnv  # noqa: E402
 from finetune_trainer.loop import Trainer  # noqa: E402
-from finetune_trainer.tasks.causal_lm import CausalLM  # noqa: E402
+from finetune_trainer.tasks.causal_lm import collate_tokens  # noqa: E402
 from trainer_fixtures import make_config, make_task_data, make_tiny_model  # noqa: E402
 
 STEPS = 100
@@ -125,7 +125,7 @@ def run_plain(model_dir: Path, train: list[dict[str, list[int]]], raw: dict[str,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(hp, steps))
     times = []
     for indices in batches(train, cfg.seed, steps):
-        batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
+        batch = collate_tokens([train[i] for i in indices], pad_id, torch.device("cpu"))
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
@@ -157,7 +157,7 @@ def run_deepspeed(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     times = []
     for indices in batches(train, cfg.seed, int(hp.max_steps or 0)):
-        batch = CausalLM(pad_id).collate([train[i] for i in indices], torch.device("cpu"))
+        batch = collate_tokens([train[i] for i in indices], pad_id, torch.device("cpu"))
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

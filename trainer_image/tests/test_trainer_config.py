@@ -142,14 +142,24 @@ def test_config_launcher_and_exit_codes_import_without_torch() -> None:
 def test_task_enums_follow_the_catalog() -> None:
     from typing import get_args
 
-    from finetune_trainer.config import IMPLEMENTED_TASKS, EarlyStoppingMetric, Task
+    from finetune_trainer.config import EarlyStoppingMetric, Task
     from finetune_trainer.data.config import MappingKind
-    from finetune_trainer.task_catalog import IMPLEMENTED_TASK_NAMES, LAYOUT_KINDS, METRIC_NAMES, TASK_NAMES
+    from finetune_trainer.task_catalog import LAYOUT_KINDS, METRIC_NAMES, TASK_NAMES
 
     assert tuple(t.value for t in Task) == TASK_NAMES
-    assert {t.value for t in IMPLEMENTED_TASKS} == set(IMPLEMENTED_TASK_NAMES) == {"causal-lm"}
     assert tuple(m.value for m in EarlyStoppingMetric) == METRIC_NAMES
     assert get_args(MappingKind) == LAYOUT_KINDS
+
+
+def test_task_registry_is_the_catalogs_implemented_tasks() -> None:
+    """The trainer's registry (torch) and the catalog's implemented flags (torch-free, read by the operator
+    and the config validator) name the same tasks, and each registered task names itself."""
+    from finetune_trainer.task_catalog import IMPLEMENTED_TASK_NAMES
+    from finetune_trainer.tasks import TASKS
+
+    assert set(TASKS) == set(IMPLEMENTED_TASK_NAMES)
+    for name, factory in TASKS.items():
+        assert getattr(factory, "name", name) == name
 
 
 @pytest.mark.parametrize(

@@ -20,13 +20,14 @@ from finetune_trainer.deepspeed_config import (
     resolve_deepspeed_config,
 )
 from finetune_trainer.distributed import Distributed
-from finetune_trainer.engine import POLYNOMIAL_LR_END, causal_lm_loss, lr_lambda
+from finetune_trainer.engine import POLYNOMIAL_LR_END, lr_lambda
 from finetune_trainer.engine import deepspeed_config as engine_deepspeed_config
 from finetune_trainer.env import DEEPSPEED_CONFIG_ENV, TorchrunEnv
 from finetune_trainer.exit_codes import NON_RETRYABLE, ExitCode
 from finetune_trainer.export import output_address
 from finetune_trainer.launch import read_exit_code, torchrun_command
 from finetune_trainer.state import TrainState, improved
+from finetune_trainer.tasks.causal_lm import causal_lm_loss
 from finetune_trainer.train import classify
 
 

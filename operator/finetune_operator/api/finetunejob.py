@@ -245,12 +245,30 @@ class ImageAugmentation(ApiModel):
 
 
 class TextAugmentation(ApiModel):
-    """Random text perturbations applied to training rows only."""
+    """EDA-style word operations on the augmented copies of training rows (validation and test rows are
+    never changed): synonym replacement, insertion of training-vocabulary words, swaps, deletion, in that
+    order, each word by word with its probability; seeded by `hyperparameters.seed`, the row and the copy."""
 
     word_dropout: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
-    """Probability of deleting each word."""
+    """Probability of deleting each word (one word always stays)."""
     word_swap: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     """Probability of swapping each word with its neighbour."""
+    word_insertion: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    """Probability of inserting, after each word, a random word of the training split's vocabulary."""
+    synonym_replacement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Probability of replacing a word listed in `synonyms` by one of its synonyms."""
+    synonyms: dict[str, Annotated[list[str], Field(min_length=1)]] = Field(default_factory=dict)
+    """Synonym table: lower-case word to its replacements (matched on the lower-cased word)."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.synonymReplacement) || self.synonymReplacement == 0.0"
+            " || (has(self.synonyms) && size(self.synonyms) > 0)",
+            message="synonymReplacement needs a synonyms table",
+            holds=lambda m: m.synonym_replacement == 0.0 or bool(m.synonyms),
+            field_path=".synonymReplacement",
+        ),
+    )
 
 
 class Augmentation(ApiModel):
@@ -262,7 +280,17 @@ class Augmentation(ApiModel):
     image: ImageAugmentation | None = None
     """Image transforms (image-classification and object-detection only)."""
     text: TextAugmentation | None = None
-    """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text)."""
+    """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text). The
+    perturbed copies are made when the data is prepared, so `copies` must be at least 1."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.text) || self.copies >= 1",
+            message="text augmentation makes its copies when the data is prepared: set copies to at least 1",
+            holds=lambda m: m.text is None or m.copies >= 1,
+            field_path=".copies",
+        ),
+    )
 
 
 class BadRows(ApiModel):

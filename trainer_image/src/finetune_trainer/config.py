@@ -42,9 +42,6 @@ class Task(enum.StrEnum):
     RECOMMENDATION = "recommendation"
 
 
-IMPLEMENTED_TASKS = frozenset(Task(name) for name in IMPLEMENTED_TASK_NAMES)
-
-
 class ModelSource(ConfigSection):
     section_name = "model"
 
@@ -417,10 +414,12 @@ class TrainerConfig(ConfigSection):
     @field_validator("task")
     @classmethod
     def _implemented_task(cls, value: Task) -> Task:
-        if value not in IMPLEMENTED_TASKS:
+        # The catalog's implemented flags (torch-free; the operator reads them too) equal the keys of the
+        # trainer's task registry, finetune_trainer.tasks.TASKS (a test keeps them equal).
+        if value.value not in IMPLEMENTED_TASK_NAMES:
             raise ValueError(
                 f"task {value.value!r} is not implemented by this trainer yet "
-                f"(implemented: {', '.join(sorted(t.value for t in IMPLEMENTED_TASKS))})"
+                f"(implemented: {', '.join(sorted(IMPLEMENTED_TASK_NAMES))})"
             )
         return value
 

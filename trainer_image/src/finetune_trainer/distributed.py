@@ -78,6 +78,14 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items`` concatenated in rank order, on every rank (all_gather_object)."""
+        if not (self.active and self.world_size > 1):
+            return list(items)
+        boxes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(boxes, items)
+        return [item for box in boxes for item in box]
+
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 

@@ -4,6 +4,9 @@ Why DeepSpeed directly (not accelerate or the HF Trainer): we own the loop, so c
 position, the SIGTERM agreement and reporting are ours and testable; ``deepspeed.initialize`` gets a
 client torch optimizer (no JIT-compiled fused Adam on CPU) and our LR scheduler. A single process with
 ``zeroStage: 0`` skips DeepSpeed: ZeRO has nothing to shard there and the engine costs per-step time.
+
+The engines know nothing of the task: they call ``task.forward`` and ``task.loss``
+(finetune_trainer.tasks.base.TrainingTask) on the module they wrap.
 """
 
 from __future__ import annotations
@@ -13,35 +16,19 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn import functional
 
 from finetune_trainer.config import Hyperparameters, LrScheduler, Offload, TrainerConfig
 from finetune_trainer.deepspeed_config import resolve_deepspeed_config
 from finetune_trainer.env import TorchrunEnv
 from finetune_trainer.modeling import TORCH_DTYPES
+from finetune_trainer.tasks.base import Batch
 
-Batch = dict[str, torch.Tensor]
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss over the labelled tokens, number of labelled tokens); labels are unshifted (HF style)."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
-    count = (shifted_labels != -100).sum()
-    loss = functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
-    return loss / count.clamp(min=1), count
+if TYPE_CHECKING:
+    from finetune_trainer.tasks.base import TrainingTask
 
 
 #: Where ``polynomial`` decays to, as in transformers' ``get_scheduler`` (an absolute learning rate).
@@ -125,7 +112,9 @@ class Engine(Protocol):
 
     def learning_rate(self) -> float: ...
 
-    def eval_logits(self, batch: Batch) -> torch.Tensor: ...
+    def eval_forward(self, batch: Batch) -> Any:
+        """The task's outputs for ``batch`` as evaluation computes them (autocast; no gradients is the
+        caller's ``evaluating``)."""
 
     def train(self, mode: bool = True) -> None: ...
 
@@ -141,8 +130,16 @@ class Engine(Protocol):
 class TorchEngine:
     """One process, no ZeRO: a plain PyTorch loop with autocast for bf16/fp16."""
 
-    def __init__(self, cfg: TrainerConfig, model: nn.Module, device: torch.device, total_steps: int):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model: nn.Module,
+        device: torch.device,
+        total_steps: int,
+        task: TrainingTask,
+    ):
         self.cfg = cfg
+        self.task = task
         self.module = model.to(device) if not getattr(model, "is_loaded_in_4bit", False) else model
         self.device = device
         hp = cfg.hyperparameters
@@ -161,10 +158,8 @@ class TorchEngine:
 
     def train_micro_batch(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
-            logits = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = causal_lm_loss(
-            logits, batch["labels"], label_smoothing=self.cfg.hyperparameters.label_smoothing
-        )
+            outputs = self.task.forward(self.module, batch)
+        loss = self.task.loss(outputs, batch)
         self.scaler.scale(loss / self.accumulation).backward()  # type: ignore[no-untyped-call]
         return loss.detach()
 
@@ -181,11 +176,9 @@ class TorchEngine:
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def eval_logits(self, batch: Batch) -> torch.Tensor:
+    def eval_forward(self, batch: Batch) -> Any:
         with self._autocast():
-            return self.module(  # type: ignore[no-any-return]
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            return self.task.forward(self.module, batch)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -227,10 +220,12 @@ class DeepSpeedEngine:
         env: TorchrunEnv,
         total_steps: int,
         ds_config: dict[str, Any],
+        task: TrainingTask,
     ):
         import deepspeed
 
         self.cfg = cfg
+        self.task = task
         hp = cfg.hyperparameters
         optimizer = build_optimizer(model, hp, offload=cfg.distributed.offload is not Offload.NONE)
         factor = lr_lambda(hp, total_steps)
@@ -249,10 +244,8 @@ class DeepSpeedEngine:
         self.module = self.engine.module
 
     def train_micro_batch(self, batch: Batch) -> torch.Tensor:
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = causal_lm_loss(
-            logits, batch["labels"], label_smoothing=self.cfg.hyperparameters.label_smoothing
-        )
+        # Through the DeepSpeed engine (its forward hooks gather ZeRO-3 parameters and cast to bf16/fp16).
+        loss = self.task.loss(self.task.forward(self.engine, batch), batch)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary
         return loss.detach()
@@ -266,10 +259,8 @@ class DeepSpeedEngine:
     def learning_rate(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def eval_logits(self, batch: Batch) -> torch.Tensor:
-        return self.engine(  # type: ignore[no-any-return]
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
+    def eval_forward(self, batch: Batch) -> Any:
+        return self.task.forward(self.engine, batch)
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

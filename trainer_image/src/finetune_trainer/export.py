@@ -2,14 +2,16 @@
 
 Layout of ``output.dir`` (the contract with the inference server and the operator)::
 
-    model/               Hugging Face model (safetensors) + tokenizer: the full fine-tune, or the base
-                         with the LoRA adapter merged (method lora/qlora with mergeAdapter)
+    model/               the task's artifact (TrainingTask.export): for the Hugging Face tasks the model
+                         (safetensors) + tokenizer/processor, the full fine-tune or the base with the LoRA
+                         adapter merged (method lora/qlora with mergeAdapter)
     adapter/             LoRA adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
-                         The served one of model/ and adapter/ also holds serving.json (the template the
-                         job trained with), quality_sample.jsonl (held-out rows for the server's quality
+                         The served folder (the one export returned) also holds serving.json (the template
+                         the job trained with), quality_sample.jsonl (held-out rows for the server's quality
                          gate) and sha256sums.json (finetune_trainer.serving_files)
-    metrics.json         before/after metrics on validation and test, best step, steps, history
-    README.md            model card (data, hyperparameters, metrics, loss curve)
+    metrics.json         before/after metrics on validation and test, best step, steps, history, samples
+    README.md            model card (data, hyperparameters, metrics, loss curve, the task's section and
+                         the plots it draws)
     loss_curve.png
     data_report.json     from data preparation
     provenance.json      from data preparation, plus the trainer's own record (trainer_provenance.json)
@@ -31,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune_trainer.config import Method, TrainerConfig
+from finetune_trainer.config import TrainerConfig
 from finetune_trainer.state import TrainState
 
 if TYPE_CHECKING:
     from finetune_trainer.distributed import Distributed
     from finetune_trainer.engine import Engine
+    from finetune_trainer.tasks.base import TrainingTask
 
 
 def _version(package: str) -> str | None:
@@ -78,35 +81,22 @@ def artifact_address(cfg: TrainerConfig, name: str) -> str:
     return copy_address(cfg, name) or output_address(cfg, name)
 
 
-def _merge_adapter(cfg: TrainerConfig, adapter_dir: Path, model_dir: Path, dtype: torch.dtype) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from finetune_trainer.modeling import resolve_model_location
-
-    location, revision = resolve_model_location(cfg.model)
-    base = AutoModelForCausalLM.from_pretrained(
-        location, revision=revision, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(model_dir), safe_serialization=True)
-
-
 def export_outputs(
     cfg: TrainerConfig,
     engine: Engine,
     dist: Distributed,
+    task: TrainingTask,
     data: Any,
     state: TrainState,
     after: dict[str, dict[str, float]],
-    samples: list[dict[str, str]] | None = None,
+    samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """Write the outputs (every rank must call it: ZeRO-3 gathers weights collectively)."""
     state_dict = engine.full_state_dict()
     artifact: dict[str, Any] | None = None
     if dist.is_main:
         assert state_dict is not None
-        artifact = _write(cfg, engine, data, state, after, state_dict, samples or [])
+        artifact = _write(cfg, engine, task, data, state, after, state_dict, samples or [])
     dist.barrier()
     return artifact
 
@@ -114,34 +104,20 @@ def export_outputs(
 def _write(
     cfg: TrainerConfig,
     engine: Engine,
+    task: TrainingTask,
     data: Any,
     state: TrainState,
     after: dict[str, dict[str, float]],
     state_dict: dict[str, torch.Tensor],
-    samples: list[dict[str, str]],
+    samples: list[dict[str, Any]],
 ) -> dict[str, Any]:
     from finetune_trainer.model_card import write_model_card
-    from finetune_trainer.modeling import TORCH_DTYPES, load_tokenizer
     from finetune_trainer.serving_files import write_serving_files
 
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg)
-    module: Any = engine.module
-    model_dir, adapter_dir = out / "model", out / "adapter"
-    if cfg.method is Method.FULL:
-        module.save_pretrained(str(model_dir), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(model_dir))
-        artifact_dir, artifact_format = model_dir, "full"
-    else:
-        module.save_pretrained(str(adapter_dir), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter_dir))
-        artifact_dir, artifact_format = adapter_dir, "adapter"
-        if cfg.output.merge_adapter:
-            dtype = torch.float32 if cfg.method is Method.LORA else TORCH_DTYPES[cfg.distributed.precision]
-            _merge_adapter(cfg, adapter_dir, model_dir, dtype)
-            tokenizer.save_pretrained(str(model_dir))
-            artifact_dir, artifact_format = model_dir, "merged"
+    exported = task.export(engine.module, state_dict, out, data)
+    artifact_dir, artifact_format = exported.directory, exported.format
     write_serving_files(artifact_dir, cfg, data)
     sha256, size = files_digest(artifact_dir)
     artifact = {
@@ -154,6 +130,7 @@ def _write(
         "claimUri": output_address(cfg, artifact_dir.name),
     }
     metrics = {
+        "task": task.name,
         "before": state.before,
         "after": after,
         "bestStep": state.best_step,
@@ -166,9 +143,12 @@ def _write(
         "samples": samples,
         "artifact": artifact,
     }
+    # The task's card section; the plots and reports it draws land under out/ next to the card.
+    task_section = task.card_section(metrics, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     (out / "trainer_config.json").write_text(json.dumps(cfg.to_file_dict(), indent=1), encoding="utf-8")
     provenance = {
+        "task": task.name,
         "baseModel": cfg.model.path,
         "revision": cfg.model.revision,
         "method": cfg.method.value,
@@ -180,5 +160,5 @@ def _write(
         },
     }
     (out / "trainer_provenance.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
-    write_model_card(cfg, out, data.report, metrics)
+    write_model_card(cfg, out, data.report, metrics, task_section=task_section)
     return artifact

@@ -1,8 +1,10 @@
 """The task-agnostic training loop: data order, state, preemption, checkpoints, evaluation and the finish.
 
-One :class:`Trainer` per worker process (one per GPU or CPU rank). What depends on the task (collation,
-metrics, generation samples) is asked of the task object; the loop only moves examples, steps, signals and
-checkpoints. The worker entry (finetune_trainer.train) turns its outcome into an exit code.
+One :class:`Trainer` per worker process (one per GPU or CPU rank). What depends on the task (processor, data
+preparation, model, collation, forward and loss, metrics, samples, export) is asked of the task object from
+the registry (finetune_trainer.tasks.TASKS, protocol in finetune_trainer.tasks.base); the loop only moves
+examples, steps, signals and checkpoints. The worker entry (finetune_trainer.train) turns its outcome into
+an exit code.
 """
 
 from __future__ import annotations
@@ -25,16 +27,24 @@ from finetune_trainer.config import ConfigError, EarlyStoppingMetric, TrainerCon
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data_order import DataOrder
 from finetune_trainer.distributed import Distributed, seed_everything, set_rng_state
-from finetune_trainer.engine import DeepSpeedEngine, Engine, TorchEngine, deepspeed_config, uses_deepspeed
+from finetune_trainer.engine import (
+    DeepSpeedEngine,
+    Engine,
+    TorchEngine,
+    deepspeed_config,
+    evaluating,
+    uses_deepspeed,
+)
 from finetune_trainer.env import TorchrunEnv
 from finetune_trainer.evaluation import evaluate
 from finetune_trainer.exit_codes import ExitCode
 from finetune_trainer.export import export_outputs
-from finetune_trainer.modeling import check_cuda_requirements, count_parameters, load_model, load_tokenizer
+from finetune_trainer.modeling import check_cuda_requirements, count_parameters
 from finetune_trainer.reporting import Reporter
 from finetune_trainer.state import TrainState, improved
 from finetune_trainer.status import Pace, checkpoints_status, progress_status
-from finetune_trainer.tasks.causal_lm import CausalLM
+from finetune_trainer.tasks import make_task
+from finetune_trainer.tasks.base import TrainingTask
 
 log = logging.getLogger("finetune_trainer")
 
@@ -61,11 +71,10 @@ class Trainer:
         self.started = time.monotonic()
         self.resumed_step = 0
         self.order = DataOrder(0, 1, 1, 1, cfg.seed)
+        self.task: TrainingTask = make_task(cfg)
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _prepare_data(self, tokenizer: Any) -> Any:
-        from finetune_trainer.data.pipeline import prepare
-
+    def _prepare_data(self, processor: Any) -> Any:
         # Rank 0 prepares into the cache on the job's volume, next to the checkpoints (a restarted attempt
         # with the same data reuses it) and writes the report next to the outputs; the other ranks wait for
         # it and memory-map the result (docs/data-preparation.md).
@@ -73,14 +82,8 @@ class Trainer:
         store = Path(self.cfg.checkpointing.dir).parent / "data-cache"
         with tempfile.TemporaryDirectory() as scratch:
             workdir = self.output_dir if self.dist.is_main else Path(scratch)
-            return prepare(
-                self.cfg.data,
-                tokenizer,
-                workdir,
-                model_license=self.cfg.model.license,
-                store=store,
-                attempt=attempt,
-                wait=not self.dist.is_main,
+            return self.task.prepare(
+                processor, workdir, store=store, attempt=attempt, wait=not self.dist.is_main
             )
 
     def _train_examples(self, indices: list[int]) -> list[Any]:
@@ -103,12 +106,10 @@ class Trainer:
         # The operator's rendered DeepSpeed JSON is checked against this world size before any work.
         ds_config = deepspeed_config(cfg, self.dist.world_size) if uses_deepspeed(cfg, self.env) else None
         seed_everything(cfg.seed)
-        tokenizer = load_tokenizer(cfg)
-        self.tokenizer = tokenizer
-        self.task = CausalLM(pad_id=int(tokenizer.pad_token_id))
+        processor = self.task.load_processor()
         state = TrainState(world_size=self.dist.world_size)
         self._status("Preparing", state)
-        data = self._prepare_data(tokenizer)
+        data = self._prepare_data(processor)
         self.data = data
         hp = cfg.hyperparameters
         self.order = DataOrder(
@@ -128,13 +129,13 @@ class Trainer:
         state.total_steps = hp.max_steps or hp.epochs * self.order.steps_per_epoch
         state.data_fingerprint = self.task.fingerprint(data.train)
 
-        model = load_model(cfg, device=self.dist.device, ds_config=ds_config)
+        model = self.task.load_model(data, self.dist.device, ds_config)
         trainable, total = count_parameters(model)
         engine: Engine
         if ds_config is not None:
-            engine = DeepSpeedEngine(cfg, model, self.env, state.total_steps, ds_config)
+            engine = DeepSpeedEngine(cfg, model, self.env, state.total_steps, ds_config, self.task)
         else:
-            engine = TorchEngine(cfg, model, self.dist.device, state.total_steps)
+            engine = TorchEngine(cfg, model, self.dist.device, state.total_steps, self.task)
         self.engine = engine
         self.checkpoints = CheckpointManager(
             Path(cfg.checkpointing.dir), self.dist, keep_last=cfg.checkpointing.keep_last
@@ -232,7 +233,7 @@ class Trainer:
         log_every = cfg.reporting.log_every_steps
         saved_step = state.step
         perm_epoch, perm = -1, []
-        window_loss, window_samples, window_tokens = torch.zeros((), device=self.dist.device), 0, 0
+        window_loss, window_samples, window_units = torch.zeros((), device=self.dist.device), 0, 0
         window_steps, window_start = 0, time.perf_counter()
         engine.train(True)
         while state.step < state.total_steps and not state.stopped_early:
@@ -245,7 +246,7 @@ class Trainer:
                 batch = self.task.collate(examples, self.dist.device)
                 window_loss = window_loss + engine.train_micro_batch(batch).float()
                 window_samples += len(examples)
-                window_tokens += self.task.tokens(examples)
+                window_units += self.task.units(examples)
             grad_norm = engine.optimizer_step()
             state.step += 1
             window_steps += 1
@@ -258,12 +259,12 @@ class Trainer:
                     window_loss,
                     window_steps,
                     window_samples,
-                    window_tokens,
+                    window_units,
                     time.perf_counter() - window_start,
                     step_seconds,
                     grad_norm,
                 )
-                window_loss, window_samples, window_tokens = torch.zeros((), device=self.dist.device), 0, 0
+                window_loss, window_samples, window_units = torch.zeros((), device=self.dist.device), 0, 0
                 window_steps, window_start = 0, time.perf_counter()
 
             new_best = False
@@ -301,16 +302,17 @@ class Trainer:
         loss_sum: torch.Tensor,
         steps: int,
         samples: int,
-        tokens: int,
+        units: int,
         seconds: float,
         step_seconds: float,
         grad_norm: float | None,
     ) -> None:
         micro = steps * self.cfg.hyperparameters.gradient_accumulation_steps
-        loss, samples_f, tokens_f = self.dist.sum([float(loss_sum) / micro, float(samples), float(tokens)])
+        loss, samples_f, units_f = self.dist.sum([float(loss_sum) / micro, float(samples), float(units)])
         loss /= self.dist.world_size
         lr = self.engine.learning_rate()
-        samples_ps, tokens_ps = samples_f / seconds, tokens_f / seconds
+        samples_ps, units_ps = samples_f / seconds, units_f / seconds
+        per_second = f"{self.task.unit}_per_second"
         entry = {"step": state.step, "train_loss": loss, "lr": lr}
         state.history.append(entry)
         if not self.dist.is_main:
@@ -323,7 +325,7 @@ class Trainer:
             lr=lr,
             grad_norm=grad_norm,
             samples_per_second=samples_ps,
-            tokens_per_second=tokens_ps,
+            **{per_second: units_ps},
             step_seconds=step_seconds,
             gpu_memory_bytes=gpu_mem,
         )
@@ -333,20 +335,23 @@ class Trainer:
                 "learning_rate": lr,
                 "grad_norm": grad_norm,
                 "samples_per_second": samples_ps,
-                "tokens_per_second": tokens_ps,
+                per_second: units_ps,
                 "step_seconds": step_seconds,
                 "step": float(state.step),
                 "progress_ratio": state.step / max(1, state.total_steps),
                 "gpu_memory_bytes": gpu_mem,
             }
         )
+        # status.progress has a throughput field for tokens only (FineTuneJob's Progress); other units are in
+        # the metrics log and the gauges.
+        throughput = {"tokensPerSecond": round(units_ps, 1)} if self.task.unit == "tokens" else {}
         self._status(
             "Training",
             state,
             trainLoss=loss,
             learningRate=lr,
             samplesPerSecond=round(samples_ps, 3),
-            tokensPerSecond=round(tokens_ps, 1),
+            **throughput,
         )
 
     def _eval_step(self, state: TrainState) -> bool:
@@ -357,6 +362,10 @@ class Trainer:
             return False
         es = cfg.early_stopping
         key = es.metric.value if es.enabled else EarlyStoppingMetric.LOSS.value
+        if key not in metrics:
+            raise ConfigError(
+                f"earlyStopping.metric {key!r}: task {self.task.name} computed {', '.join(sorted(metrics))}"
+            )
         value = metrics[key]
         state.best_eval_loss = min(metrics["loss"], state.best_eval_loss or math.inf)
         new_best = (
@@ -371,19 +380,19 @@ class Trainer:
             state.evals_without_improvement += 1
             if es.enabled and state.evals_without_improvement >= es.patience:
                 state.stopped_early = True
-        state.history.append(
-            {"step": state.step, "eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
-        )
+        state.history.append({"step": state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         self.reporter.event("eval", step=state.step, split="validation", **metrics, best_step=state.best_step)
         self.reporter.gauges({"eval_loss": metrics["loss"]})
+        # status.metrics names loss and perplexity (FineTuneJob's Metrics); the task's others go to extra.
+        named = {"perplexity": metrics["perplexity"]} if "perplexity" in metrics else {}
         self._status(
             "Training",
             state,
             evalLoss=metrics["loss"],
-            perplexity=metrics["perplexity"],
+            **named,
             bestEvalLoss=state.best_eval_loss,
             bestStep=state.best_step,
-            extra={"accuracy": metrics["accuracy"]},
+            extra={k: v for k, v in metrics.items() if k not in ("loss", "perplexity")},
         )
         return new_best
 
@@ -397,11 +406,13 @@ class Trainer:
         self._status("Evaluating", state)
         after = {"validation": self._evaluate(self.data.validation), "test": self._evaluate(self.data.test)}
         self.reporter.event("eval", step=state.step, split="after", **_flat(after))
-        samples = self.task.generation_samples(self.cfg, self.engine, self.tokenizer, self.data, self.dist)
+        samples = self._samples()
         if samples:
             self.reporter.event("samples", count=len(samples))
         self._status("Saving", state)
-        artifact = export_outputs(self.cfg, self.engine, self.dist, self.data, state, after, samples)
+        artifact = export_outputs(
+            self.cfg, self.engine, self.dist, self.task, self.data, state, after, samples
+        )
         if artifact is not None:
             if self.cfg.output.copy_to:
                 self._copy_outputs(artifact)
@@ -414,6 +425,16 @@ class Trainer:
             before=state.before.get("validation", {}),
         )
         self.reporter.event("done", step=state.step, best_step=state.best_step, **_flat(after))
+
+    def _samples(self) -> list[dict[str, Any]]:
+        """The task's predictions on a few validation rows (every rank runs them: ZeRO-3 needs it)."""
+        synced = (
+            isinstance(self.engine, DeepSpeedEngine)
+            and self.cfg.distributed.zero_stage == 3
+            and self.dist.world_size > 1
+        )
+        with evaluating(self.engine):
+            return self.task.samples(self.engine.module, self.data, self.dist.device, synced)
 
     def _copy_outputs(self, artifact: dict[str, Any]) -> None:
         """Rank 0, after the export: copy output.dir to output.copyTo (spec.output.uri). Raises

@@ -1,4 +1,5 @@
-"""The model card: ``README.md`` with data, hyperparameters, metrics and a loss-curve PNG."""
+"""The model card: ``README.md`` with data, hyperparameters, metrics, a loss-curve PNG and the task's own
+section (``TrainingTask.card_section``: what its metrics mean, samples, the plots it draws)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from finetune_trainer.config import TrainerConfig
 log = logging.getLogger(__name__)
 
 LOSS_CURVE = "loss_curve.png"
+
+#: The Hugging Face ``pipeline_tag`` of each task's artifact (none for recommendation).
+PIPELINE_TAGS = {
+    "causal-lm": "text-generation",
+    "sequence-classification": "text-classification",
+    "image-classification": "image-classification",
+    "object-detection": "object-detection",
+}
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> bool:
@@ -43,10 +52,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
-
-
-def _inline(text: str) -> str:
-    return " ".join(text.replace("`", "'").split())[:300]
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
@@ -88,57 +93,49 @@ def data_section(report: Any) -> str:
 
 
 def render_model_card(
-    cfg: TrainerConfig, metrics: dict[str, Any], data_markdown: str, *, has_curve: bool
+    cfg: TrainerConfig,
+    metrics: dict[str, Any],
+    data_markdown: str,
+    *,
+    has_curve: bool,
+    task_section: str = "",
 ) -> str:
     best = metrics.get("bestStep")
     artifact = metrics.get("artifact", {})
+    task = cfg.task.value
+    pipeline_tag = PIPELINE_TAGS.get(task)
     lines = [
         "---",
         f"base_model: {cfg.model.path}",
         f"license: {cfg.model.license or 'other'}",
         "library_name: transformers" if artifact.get("format") != "adapter" else "library_name: peft",
-        "pipeline_tag: text-generation",
-        "tags: [finetune-operator, " + cfg.method.value + "]",
+        *([f"pipeline_tag: {pipeline_tag}"] if pipeline_tag else []),
+        f"tags: [finetune-operator, {task}, {cfg.method.value}]",
         "---",
         "",
         f"# {cfg.output.model_name or 'Fine-tuned ' + cfg.model.path.rsplit('/', 1)[-1]}",
         "",
-        f"Causal-LM fine-tune of `{cfg.model.path}` with method **{cfg.method.value}**, "
+        f"{task} fine-tune of `{cfg.model.path}` with method **{cfg.method.value}**, "
         f"{metrics.get('steps')} of {metrics.get('totalSteps')} planned optimizer steps"
         + (" (stopped early)" if metrics.get("stoppedEarly") else "")
         + (f"; the exported weights are from the best step, {best}." if best is not None else "."),
         "",
         "## Metrics",
         "",
-        "Loss and perplexity over completion tokens; accuracy is next-token accuracy on those tokens. "
         "*Before* is the base model, *after* the exported model.",
         "",
         metrics_table(metrics),
         "",
     ]
+    if task_section.strip():
+        lines += [task_section.strip(), ""]
     if has_curve:
         lines += ["## Loss curve", "", f"![loss curve]({LOSS_CURVE})", ""]
-    if metrics.get("samples"):
-        lines += [
-            "## Sample completions",
-            "",
-            "Greedy completions of validation prompts by the exported model.",
-            "",
-        ]
-        for sample in metrics["samples"]:
-            lines += [
-                "```text",
-                sample["prompt"].rstrip(),
-                "```",
-                f"- generated: `{_inline(sample['generated'])}`",
-                f"- reference: `{_inline(sample['reference'])}`",
-                "",
-            ]
     lines += ["## Training", "", hyperparameters_table(cfg), "", data_markdown.strip(), ""]
     lines += [
         "## Files",
         "",
-        "`model/` Hugging Face weights (safetensors) and tokenizer; "
+        f"`{Path(str(artifact.get('claimUri') or 'model')).name}/` the exported model; "
         "`adapter/` the LoRA adapter (LoRA/QLoRA); "
         "`metrics.json`, `data_report.json`, `provenance.json`, `trainer_provenance.json`, "
         "`trainer_config.json`, `metrics.jsonl`.",
@@ -147,10 +144,13 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def write_model_card(cfg: TrainerConfig, out: Path, report: Any, metrics: dict[str, Any]) -> Path:
+def write_model_card(
+    cfg: TrainerConfig, out: Path, report: Any, metrics: dict[str, Any], *, task_section: str = ""
+) -> Path:
     has_curve = plot_loss_curve(metrics.get("history", []), out / LOSS_CURVE)
     path = out / "README.md"
     path.write_text(
-        render_model_card(cfg, metrics, data_section(report), has_curve=has_curve), encoding="utf-8"
+        render_model_card(cfg, metrics, data_section(report), has_curve=has_curve, task_section=task_section),
+        encoding="utf-8",
     )
     return path

@@ -1,6 +1,8 @@
 """Loading the base model and tokenizer, and turning the model into what the method trains.
 
-Errors that a restart cannot fix (missing path, not a causal LM, QLoRA without CUDA) raise
+What every Hugging Face task shares; the task modules (finetune_trainer.tasks) pick the ``AutoModelFor…``
+class, the config overrides and the peft task type. Errors that a restart cannot fix (missing path, a model
+of the wrong kind, QLoRA without CUDA) raise
 :class:`ModelError` or :class:`~finetune_trainer.config.ConfigError`; the worker maps them to exit codes.
 """
 
@@ -99,14 +101,26 @@ def _zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep_alive
 
 
-def load_model(cfg: TrainerConfig, *, device: torch.device, ds_config: dict[str, Any] | None) -> nn.Module:
-    """The base model, with the dropout override, LoRA/QLoRA adapters and gradient checkpointing applied."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_pretrained(
+    cfg: TrainerConfig,
+    auto_class: Any,
+    *,
+    device: torch.device,
+    ds_config: dict[str, Any] | None,
+    what: str,
+    **config_overrides: Any,
+) -> Any:
+    """``auto_class.from_pretrained`` of ``model.path`` with the dropout override, QLoRA quantisation and
+    ZeRO-3 partitioned loading applied; ``config_overrides`` go to the model config (``num_labels``,
+    ``id2label``...). ``what`` names the model kind in the error (``a causal LM``)."""
+    from transformers import AutoConfig
 
     location, revision = resolve_model_location(cfg.model)
     trust = cfg.model.trust_remote_code
     try:
-        model_config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust)
+        model_config = AutoConfig.from_pretrained(
+            location, revision=revision, trust_remote_code=trust, **config_overrides
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the model config of {cfg.model.path!r}: {exc}") from exc
     if cfg.hyperparameters.dropout is not None:
@@ -132,18 +146,22 @@ def load_model(cfg: TrainerConfig, *, device: torch.device, ds_config: dict[str,
         kwargs["dtype"] = torch.float32
     try:
         with _zero3_init(ds_config):
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            return auto_class.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the model {cfg.model.path!r} as a causal LM: {exc}") from exc
-    model.config.use_cache = False
+        raise ModelError(f"cannot load the model {cfg.model.path!r} as {what}: {exc}") from exc
+
+
+def apply_method(cfg: TrainerConfig, model: Any, *, peft_task_type: str) -> nn.Module:
+    """The model as ``cfg.method`` trains it: gradient checkpointing for a full fine-tune, LoRA/QLoRA
+    adapters of the given peft task type (``CAUSAL_LM``, ``SEQ_CLS``...) otherwise."""
     if cfg.method is Method.FULL:
         if cfg.hyperparameters.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[no-untyped-call]
-        return model
-    return _with_lora(cfg, model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model  # type: ignore[no-any-return]
+    return _with_lora(cfg, model, peft_task_type)
 
 
-def _with_lora(cfg: TrainerConfig, model: Any) -> nn.Module:
+def _with_lora(cfg: TrainerConfig, model: Any, task_type: str) -> nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method is Method.QLORA:
@@ -162,7 +180,7 @@ def _with_lora(cfg: TrainerConfig, model: Any) -> nn.Module:
         lora_dropout=cfg.lora.dropout,
         target_modules=targets,
         bias=cfg.lora.bias,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         peft_model = get_peft_model(model, lora)

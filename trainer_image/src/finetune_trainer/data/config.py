@@ -352,7 +352,10 @@ class ImageAugmentationConfig(_DataModel):
 
 
 class TextAugmentationConfig(_DataModel):
-    """Random word-level perturbations of training rows (FineTuneJob's dataset.augmentation.text)."""
+    """EDA-style word operations on copies of training rows (FineTuneJob's dataset.augmentation.text):
+    synonym replacement from a supplied table, insertion of words of the training split's vocabulary,
+    neighbour swaps and deletion, in that order, each per word with its probability (finetune_trainer.data.
+    augmentation). Seeded by ``data.augmentation.seed``, the row and the copy number."""
 
     section_name = "data.augmentation.text"
 
@@ -360,6 +363,37 @@ class TextAugmentationConfig(_DataModel):
     word_swap: float = Field(
         default=0.0, ge=0.0, le=0.5, description="Probability of swapping a word with its neighbour."
     )
+    word_insertion: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Probability of inserting, after a word, a random word of the training split's "
+        "vocabulary.",
+    )
+    synonym_replacement: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of replacing a word found in ``synonyms`` by one of its synonyms.",
+    )
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Synonym table: lower-case word -> its replacements (matched on the lower-cased word).",
+    )
+
+    @model_validator(mode="after")
+    def _synonyms_for_replacement(self) -> TextAugmentationConfig:
+        if self.synonym_replacement > 0 and not self.synonyms:
+            raise ValueError("synonymReplacement needs a synonyms table")
+        empty = sorted(word for word, options in self.synonyms.items() if not options)
+        if empty:
+            raise ValueError(f"synonyms: words without a replacement: {empty}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any operation can change a row."""
+        return any((self.word_dropout, self.word_swap, self.word_insertion, self.synonym_replacement))
 
 
 class AugmentationConfig(_DataModel):
@@ -382,7 +416,15 @@ class AugmentationConfig(_DataModel):
         ],
         description="Prompt rewrites, each containing '{prompt}'. Copy i of a row uses variant i mod len.",
     )
-    copies: int = Field(default=1, ge=0, le=16, description="Extra copies per training row.")
+    copies: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="Extra copies per training row (template variants, or text perturbations with ``text``).",
+    )
+    seed: int = Field(
+        default=42, description="Seed of the random augmentation (the operator renders the job's seed)."
+    )
     image: ImageAugmentationConfig | None = Field(
         default=None, description="Random image transforms (image tasks; FineTuneJob's augmentation.image)."
     )
@@ -397,6 +439,16 @@ class AugmentationConfig(_DataModel):
         if bad or not value:
             raise ValueError(f"every variant must contain '{{prompt}}' and the list must not be empty: {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_copy(self) -> AugmentationConfig:
+        if self.text is not None and self.strategy != "none":
+            raise ValueError("text and strategy 'template-variants' both make the copies; set one of them")
+        if self.text is not None and self.copies == 0:
+            raise ValueError(
+                "text needs copies >= 1: the perturbed copies are made when the data is prepared"
+            )
+        return self
 
 
 class DataConfig(_DataModel):

@@ -130,6 +130,10 @@ class DataReport(_ReportModel):
     pii: PiiRecord = Field(description="PII counts.")
     splits: dict[str, SplitRecord] = Field(default_factory=dict, description="train / validation / test.")
     augmented_rows: int = Field(default=0, description="Rows added to train by augmentation.")
+    augmented_ratio: float = Field(
+        default=0.0,
+        description="augmentedRows / the train rows before augmentation (0 without augmentation).",
+    )
     label_names: list[str] | None = Field(default=None, description="Class names (kind classification).")
     cache: CacheRecord | None = Field(default=None, description="The prepared-data cache entry used.")
 
@@ -218,7 +222,11 @@ def render_data_section(report: DataReport) -> str:
         f"rejected: {pii.rows_rejected}.",
     ]
     if report.augmented_rows:
-        out += ["", f"Augmentation added {report.augmented_rows} training rows."]
+        out += [
+            "",
+            f"Augmentation added {report.augmented_rows} training rows "
+            f"({report.augmented_ratio:.2f} per original training row).",
+        ]
     lic = prov.licences
     if lic.checked or lic.dataset or lic.model:
         verdict = "checked against the allowlist" if lic.checked else "not checked (no allowlist)"
