@@ -32,6 +32,7 @@ __all__ = [
     "ExtraPiiPattern",
     "FieldMapping",
     "ImageAugmentationConfig",
+    "ImagesConfig",
     "PiiConfig",
     "PiiKind",
     "SplitConfig",
@@ -65,7 +66,7 @@ class _DataModel(BaseModel):
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
-DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk"]
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk", "image-folder"]
 #: The row layouts of the task catalog (finetune_trainer.task_catalog.LAYOUT_KINDS; a test keeps them equal).
 MappingKind = Literal[
     "prompt-completion",
@@ -332,6 +333,33 @@ class ComplianceConfig(_DataModel):
     )
 
 
+class ImagesConfig(_DataModel):
+    """Validation of every image row (image tasks): decodable, colour mode, size. A row that fails is a
+    malformed row (``badRows``) with its file and the reason."""
+
+    section_name = "data.images"
+
+    mode: Literal["convert", "refuse"] = Field(
+        default="convert",
+        description="Images that are not RGB (greyscale, palette, RGBA, CMYK, 16-bit): 'convert' them to RGB "
+        "when read, or 'refuse' them as malformed rows.",
+    )
+    min_size: int = Field(
+        default=1, ge=1, description="Smallest width and height in pixels; smaller images are malformed rows."
+    )
+    max_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest width and height in pixels; larger images are malformed rows. null: no limit.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImagesConfig:
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise ValueError(f"maxSize {self.max_size} is below minSize {self.min_size}")
+        return self
+
+
 class ImageAugmentationConfig(_DataModel):
     """Random image transforms of training images (FineTuneJob's dataset.augmentation.image)."""
 
@@ -467,7 +495,8 @@ class DataConfig(_DataModel):
     )
     format: DataFormat = Field(
         default="auto",
-        description="jsonl, csv, parquet, hf-disk, or auto (from the file extension / folder contents).",
+        description="jsonl, csv, parquet, hf-disk, image-folder (a folder per class holding its images; "
+        "image-classification), or auto (from the file extension / folder contents).",
     )
     hf_split: str = Field(
         default="train",
@@ -506,6 +535,7 @@ class DataConfig(_DataModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data detection.")
     bad_rows: BadRowsConfig = Field(default_factory=BadRowsConfig, description="Malformed-row policy.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="Image validation (image tasks).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split.")
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig, description="Licence allowlist.")
     augmentation: AugmentationConfig = Field(

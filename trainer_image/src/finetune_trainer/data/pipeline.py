@@ -740,7 +740,7 @@ def _open(folder: Path, *, reused: bool) -> PreparedData:
     )
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path) -> None:
     """Make a fully written folder visible under its final name, atomically (a rename)."""
     write_text_atomically(tmp / READY, "")
     fsync_path(tmp)
@@ -884,7 +884,7 @@ def _prepare_into(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         _build(cfg, tokenizer, sources, tmp, key, workers, stages, bad, report)
-        _publish(tmp, final)
+        publish_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
