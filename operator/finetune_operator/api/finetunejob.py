@@ -306,8 +306,9 @@ class Dataset(ApiModel):
 
     source: SourceUri
     """Where the data is: `hf://org/name[@revision]`, `pvc://claim/path`, `s3://bucket/key` or `file:///path`."""
-    format: Literal["jsonl", "csv", "parquet", "hf-disk"] = "jsonl"
-    """File format: JSON lines, CSV with a header, Parquet, or a `datasets` `save_to_disk` directory."""
+    format: Literal["jsonl", "csv", "parquet", "hf-disk", "image-folder"] = "jsonl"
+    """File format: JSON lines, CSV with a header, Parquet, a `datasets` `save_to_disk` directory, or
+    `image-folder` (one folder per class holding its images; image-classification)."""
     field_mapping: FieldMapping | None = None
     """Which columns hold what; the task's default column names when omitted."""
     template: Literal["plain", "alpaca", "chatml", "tokenizer"] = "plain"

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from finetune_server.models.base import LoadedModel, ServedModel
 from finetune_server.models.classifier import ClassifierModel
+from finetune_server.models.image_classifier import ImageClassifierModel
 from finetune_server.models.text_generation import TextGenerationModel
 
 MODEL_KINDS: dict[str, type[LoadedModel]] = {
     TextGenerationModel.task: TextGenerationModel,
     ClassifierModel.task: ClassifierModel,
+    ImageClassifierModel.task: ImageClassifierModel,
 }
 
-__all__ = ["MODEL_KINDS", "ClassifierModel", "LoadedModel", "ServedModel", "TextGenerationModel"]
+__all__ = [
+    "MODEL_KINDS",
+    "ClassifierModel",
+    "ImageClassifierModel",
+    "LoadedModel",
+    "ServedModel",
+    "TextGenerationModel",
+]
