@@ -111,7 +111,7 @@ QuantizationMethod = Literal[
     "none", "int8-dynamic", "onnx-int8", "bnb-int8", "bnb-nf4", "int4-weight-only", "fp8-dynamic"
 ]
 PruningMethod = Literal["none", "magnitude", "2:4"]
-ServedTask = Literal["causal-lm", "sequence-classification", "recommendation"]
+ServedTask = Literal["causal-lm", "sequence-classification", "image-classification", "recommendation"]
 
 QUANTIZATION_METHODS: tuple[QuantizationMethod, ...] = (
     "none",

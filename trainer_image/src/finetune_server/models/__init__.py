@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from finetune_server.models.base import LoadedModel, ServedModel
 from finetune_server.models.classifier import ClassifierModel
+from finetune_server.models.image_classifier import ImageClassifierModel
 from finetune_server.models.recommender import RecommenderModel
 from finetune_server.models.text_generation import TextGenerationModel
 
@@ -12,11 +13,13 @@ MODEL_KINDS: dict[str, type[LoadedModel]] = {
     TextGenerationModel.task: TextGenerationModel,
     ClassifierModel.task: ClassifierModel,
     RecommenderModel.task: RecommenderModel,
+    ImageClassifierModel.task: ImageClassifierModel,
 }
 
 __all__ = [
     "MODEL_KINDS",
     "ClassifierModel",
+    "ImageClassifierModel",
     "LoadedModel",
     "RecommenderModel",
     "ServedModel",
