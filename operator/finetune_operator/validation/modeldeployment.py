@@ -12,6 +12,7 @@ from finetune_operator.validation.review import (
     Review,
     WebhookPolicy,
     check_scheme,
+    check_secret_key,
     run_review,
 )
 from finetune_operator.validation.shape import check_pod_gpus
@@ -77,17 +78,8 @@ def _check_model(review: Review, deployment: ModelDeployment, view: ClusterView)
 
 
 def _check_secret(review: Review, deployment: ModelDeployment, view: ClusterView) -> None:
-    ref = deployment.spec.auth.api_key_secret_ref
-    if ref is None:
-        return
-    keys = view.secrets.get(ref.name)
-    if keys is None:
-        review.refuse(
-            "spec.auth.apiKeySecretRef.name",
-            f"Secret {ref.name!r} not found in namespace {view.namespace!r}; create it first or fix the name",
-        )
-    elif ref.key not in keys:
-        listed = ", ".join(sorted(keys)) or "none"
-        review.refuse(
-            "spec.auth.apiKeySecretRef.key", f"Secret {ref.name!r} has no key {ref.key!r} (keys: {listed})"
-        )
+    spec, secrets, namespace = deployment.spec, view.secrets, view.namespace
+    check_secret_key(review, "spec.auth.apiKeySecretRef", spec.auth.api_key_secret_ref, secrets, namespace)
+    check_secret_key(
+        review, "spec.model.encryptionKeySecretRef", spec.model.encryption_key_secret_ref, secrets, namespace
+    )
