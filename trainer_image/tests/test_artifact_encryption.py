@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from finetune_server.__main__ import EXIT_INVALID_CONFIG, main
@@ -256,3 +257,30 @@ def test_the_trainer_config_needs_copy_to_for_encryption() -> None:
         }
     )
     assert config.output.encryption_key_file == "/k"
+
+
+def test_a_real_trainer_artifact_encrypted_at_rest_is_served(trained_artifact: Path, tmp_path: Path) -> None:
+    """The trainer's real output, copied encrypted, served by ``python -m finetune_server`` with the key:
+    it answers like the artifact in clear (greedy decoding, same prompt, same text)."""
+    from server_fixtures import running_server, write_server_config
+
+    key_file = tmp_path / "key"
+    write_key(key_file)
+    dest = tmp_path / "store"
+    copy_outputs(trained_artifact.parent, f"file://{dest}", encryption_key_file=key_file)
+    weights = next(p for p in (dest / "model").iterdir() if p.suffix == ".safetensors")
+    assert b"__metadata__" not in weights.read_bytes()[:4096], "the stored weights are ciphertext"
+    request = {"model": "tiny", "prompt": "word: abc\nfirst:", "max_tokens": 4, "temperature": 0}
+    answers = []
+    for model_dir, encryption in (
+        (trained_artifact, {}),
+        (dest / "model", {"keyFile": str(key_file), "decryptDir": str(tmp_path / "plain")}),
+    ):
+        run = tmp_path / f"run-{len(answers)}"
+        run.mkdir()
+        config = write_server_config(run, model_dir, qualityGate={"enabled": False}, encryption=encryption)
+        with running_server(config) as base:
+            answer = httpx.post(f"{base}/v1/completions", json=request, timeout=60)
+            assert answer.status_code == 200, answer.text
+            answers.append(answer.json()["choices"][0]["text"])
+    assert answers[0] == answers[1]
