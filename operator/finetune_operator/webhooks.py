@@ -78,7 +78,12 @@ async def cluster_view(client: KubeClient, namespace: str, needed: Lookups) -> C
         if body is None:
             return name, None
         status = body.get("status") or {}
-        return name, FineTuneJobFacts(str((body.get("spec") or {}).get("task", "")), status.get("phase"))
+        artifact = status.get("artifact") or {}
+        return name, FineTuneJobFacts(
+            task=str((body.get("spec") or {}).get("task", "")),
+            phase=status.get("phase"),
+            artifact_uri=artifact.get("claimUri") or artifact.get("uri"),
+        )
 
     secrets, claims, jobs = await asyncio.gather(
         asyncio.gather(*(secret(n) for n in needed.secrets)),

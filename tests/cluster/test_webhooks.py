@@ -154,6 +154,35 @@ def invalid_cases(namespace: str) -> list[tuple[dict[str, Any], str, str]]:
             "spec.resources.gpus",
             "12 GPUs per pod, but the largest node offering nvidia.com/gpu has 8",
         ),
+        # What the server would refuse in the config the operator renders (CRD and CEL accept these).
+        (
+            mdep("bad-mdep", model={"uri": "hf://org/model", "task": "causal-lm"}),
+            "spec.model.uri",
+            "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://)",
+        ),
+        (
+            mdep("bad-mdep", model={"uri": "file:///models/detector", "task": "object-detection"}),
+            "spec.model.task",
+            "task object-detection has no served model yet",
+        ),
+        (
+            mdep("bad-mdep", model={"uri": "file:///models/a", "task": "causal-lm", "baseModel": "hf://o/b"}),
+            "spec.model.baseModel",
+            "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), "
+            "not hf://",
+        ),
+        (
+            mdep(
+                "bad-mdep",
+                model={
+                    "uri": "file:///models/a",
+                    "task": "causal-lm",
+                    "encryptionKeySecretRef": {"name": "keys", "key": "aes"},
+                },
+            ),
+            "spec.model.encryptionKeySecretRef.key",
+            "Secret 'keys' has no key 'aes'",
+        ),
     ]
 
 

@@ -276,7 +276,49 @@ INVALID_MDEP: list[tuple[str, dict[str, Any], ClusterView, str, str]] = [
         "spec.resources.gpus",
         "12 GPUs per pod, but the largest node offering nvidia.com/gpu has 8",
     ),
+    # The rendered server config, refused as the operator would refuse it after the object was stored.
+    (
+        "builtin runtime for a Hub model",
+        mdep(model={"uri": "hf://org/model", "task": "causal-lm"}),
+        view(),
+        "spec.model.uri",
+        "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), not hf://",
+    ),
+    (
+        "builtin runtime for a task it has no served model for",
+        mdep(model={"uri": "file:///models/detector", "task": "object-detection"}),
+        view(),
+        "spec.model.task",
+        "the builtin server serves causal-lm, sequence-classification; task object-detection has no served",
+    ),
+    (
+        "builtin runtime for a Hub base model",
+        mdep(model={"uri": "file:///models/adapter", "task": "causal-lm", "baseModel": "hf://org/base"}),
+        view(),
+        "spec.model.baseModel",
+        "not hf://",
+    ),
+    (
+        "FineTuneJob whose task the server does not serve",
+        mdep(),
+        view(finetunejobs={"support-bot-lora": FineTuneJobFacts("image-classification", "Running")}),
+        "spec.model.fromFineTuneJob",
+        "FineTuneJob 'support-bot-lora' trains image-classification, and the server would refuse it: the "
+        "builtin server serves causal-lm, sequence-classification",
+    ),
 ]
+
+
+def test_the_server_config_check_uses_the_jobs_artifact_once_it_has_one() -> None:
+    done = FineTuneJobFacts(
+        "causal-lm", "Succeeded", "pvc://support-bot-lora-checkpoints/output/model/adapter"
+    )
+    assert review_modeldeployment(mdep(), None, view(finetunejobs={"support-bot-lora": done}), POLICY) == []
+    # A vLLM deployment gets flags, not the server config: a Hub model is fine there.
+    vllm = mdep(model={"uri": "hf://org/model", "task": "causal-lm"}, runtime={"type": "vllm"})
+    vllm["spec"]["resources"] = {"gpus": 1}
+    vllm["spec"]["quantization"] = {"method": "none"}
+    assert review_modeldeployment(vllm, None, view(), POLICY) == []
 
 
 @pytest.mark.parametrize(("case", "body", "cluster", "field", "message"), INVALID_MDEP)

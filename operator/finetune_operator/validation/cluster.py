@@ -49,6 +49,8 @@ class NodeOffer:
 class FineTuneJobFacts:
     task: str
     phase: str | None
+    artifact_uri: str | None = None
+    """Where the server will read the job's artifact (`status.artifact.claimUri`, else `uri`), once known."""
 
 
 @dataclass(frozen=True)
