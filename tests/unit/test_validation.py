@@ -19,6 +19,14 @@ from finetune_operator.validation import (
     review_modeldeployment,
 )
 from finetune_operator.validation.cluster import FineTuneJobFacts
+from finetune_operator.validation.defaults import (
+    DEFAULT_CLASS_ANNOTATION,
+    DEFAULTED,
+    ClusterDefaults,
+    default_storage_class,
+    defaults_patch,
+    needs_cluster_defaults,
+)
 from tests.api_examples import EXAMPLES, load
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -357,3 +365,54 @@ def test_refusal_text_lists_every_field() -> None:
     text = refusal_text("FineTuneJob", "support-bot-lora", refusals)
     assert text.startswith("FineTuneJob 'support-bot-lora' refused: spec.credentialsSecret: Secret 'x'")
     assert "spec.dataset.source: PersistentVolumeClaim 'datasets'" in text
+
+
+def storage_class(name: str, default: bool, created: str) -> dict[str, Any]:
+    annotations = {DEFAULT_CLASS_ANNOTATION: "true"} if default else {}
+    return {"metadata": {"name": name, "annotations": annotations, "creationTimestamp": created}}
+
+
+def test_the_default_storage_class_is_the_newest_marked_one() -> None:
+    classes = [
+        storage_class("old-default", True, "2026-01-01T00:00:00Z"),
+        storage_class("new-default", True, "2026-06-01T00:00:00Z"),
+        storage_class("fast", False, "2026-12-01T00:00:00Z"),
+    ]
+    assert default_storage_class(classes) == "new-default"
+    assert default_storage_class([storage_class("fast", False, "2026-12-01T00:00:00Z")]) is None
+
+
+def test_cluster_defaults_fill_only_what_the_request_left_unset() -> None:
+    found = ClusterDefaults(storage_class="standard", local_queue="default")
+    job = ftj()
+    job["spec"].pop("scheduling", None)
+    job["spec"]["checkpointing"] = {"everySteps": 50}
+    assert defaults_patch("FineTuneJob", job, found) == {
+        "spec": {
+            "checkpointing": {"storage": {"storageClassName": "standard"}},
+            "scheduling": {"queueName": "default"},
+        },
+        "metadata": {
+            "annotations": {
+                DEFAULTED: "spec.checkpointing.storage.storageClassName=standard,"
+                "spec.scheduling.queueName=default"
+            }
+        },
+    }
+    written = ftj(
+        checkpointing={"storage": {"storageClassName": "fast"}}, scheduling={"queueName": "team-a-gpus"}
+    )
+    assert defaults_patch("FineTuneJob", written, found) == {}
+    assert needs_cluster_defaults("FineTuneJob", written) == (False, False)
+    existing = ftj(checkpointing={"storage": {"existingClaim": "mine"}}, scheduling={"priority": 3})
+    assert defaults_patch("FineTuneJob", existing, ClusterDefaults(storage_class="standard")) == {}
+    assert defaults_patch("FineTuneJob", job, ClusterDefaults()) == {}, "nothing found, nothing filled"
+
+
+def test_a_modeldeployment_gets_a_storage_class_only_for_its_feedback_claim() -> None:
+    found = ClusterDefaults(storage_class="standard", local_queue="default")
+    assert defaults_patch("ModelDeployment", mdep(feedback={"enabled": False}), found) == {}
+    with_feedback = mdep(feedback={"enabled": True})
+    assert defaults_patch("ModelDeployment", with_feedback, found)["spec"] == {
+        "feedback": {"storage": {"storageClassName": "standard"}}
+    }
