@@ -556,8 +556,9 @@ class Output(ApiModel):
     """Name for the model card and for ModelDeployments; the job's name when omitted."""
     encryption_key_secret_ref: SecretKeyRef | None = None
     """Encrypt the copy at `uri` at rest (AES-256-GCM) with the 32-byte key in this Secret key (raw, hex or
-    base64: `openssl rand -base64 32`). A ModelDeployment serving the job's artifact decrypts it with the
-    same Secret. The export on the job's own checkpoint claim stays in clear."""
+    base64: `openssl rand -base64 32`). A ModelDeployment serving that copy (`spec.model.uri`) decrypts it
+    with the same Secret (`spec.model.encryptionKeySecretRef`). The export on the job's own checkpoint claim
+    stays in clear."""
 
     cel_rules = (
         CelRule(
