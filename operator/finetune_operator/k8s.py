@@ -50,12 +50,14 @@ _PLURALS: dict[tuple[str, str], str] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("storage.k8s.io/v1", "StorageClass"): "storageclasses",
+    ("kueue.x-k8s.io/v1beta2", "LocalQueue"): "localqueues",
     (API_VERSION, finetunejob.KIND): finetunejob.PLURAL,
     (API_VERSION, modeldeployment.KIND): modeldeployment.PLURAL,
 }
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 _CLUSTER_SCOPED = frozenset(
-    {"Node", "Namespace", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+    {"Node", "Namespace", "StorageClass", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
 )
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)

@@ -36,6 +36,12 @@ from finetune_operator.validation import (
     review_modeldeployment,
 )
 from finetune_operator.validation.cluster import FineTuneJobFacts
+from finetune_operator.validation.defaults import (
+    DEFAULT_LOCAL_QUEUE,
+    ClusterDefaults,
+    default_storage_class,
+    needs_cluster_defaults,
+)
 from finetune_operator.validation.review import spec_changed
 
 logger = logging.getLogger(__name__)
@@ -78,7 +84,12 @@ async def cluster_view(client: KubeClient, namespace: str, needed: Lookups) -> C
         if body is None:
             return name, None
         status = body.get("status") or {}
-        return name, FineTuneJobFacts(str((body.get("spec") or {}).get("task", "")), status.get("phase"))
+        artifact = status.get("artifact") or {}
+        return name, FineTuneJobFacts(
+            task=str((body.get("spec") or {}).get("task", "")),
+            phase=status.get("phase"),
+            artifact_uri=artifact.get("claimUri") or artifact.get("uri"),
+        )
 
     secrets, claims, jobs = await asyncio.gather(
         asyncio.gather(*(secret(n) for n in needed.secrets)),
@@ -96,6 +107,24 @@ async def cluster_view(client: KubeClient, namespace: str, needed: Lookups) -> C
         finetunejobs={name: facts for name, facts in jobs if facts is not None},
         nodes=nodes,
     )
+
+
+LOCAL_QUEUE_API = "kueue.x-k8s.io/v1beta2"
+
+
+async def cluster_defaults(client: KubeClient, kind: str, body: Mapping[str, Any]) -> ClusterDefaults:
+    """The cluster's defaults for what `body` left unset (validation/defaults.py); nothing else is read.
+    A cluster without Kueue answers 404 for LocalQueues: no queue default."""
+    wants_class, wants_queue = needs_cluster_defaults(kind, body)
+    namespace = str((body.get("metadata") or {}).get("namespace", ""))
+    storage_class = (
+        default_storage_class(await client.list("storage.k8s.io/v1", "StorageClass")) if wants_class else None
+    )
+    queue = None
+    if wants_queue and namespace:
+        found = await client.get(LOCAL_QUEUE_API, "LocalQueue", DEFAULT_LOCAL_QUEUE, namespace)
+        queue = DEFAULT_LOCAL_QUEUE if found is not None else None
+    return ClusterDefaults(storage_class=storage_class, local_queue=queue)
 
 
 async def review_request(

@@ -93,3 +93,65 @@ def test_chart_webhook_configurations_are_the_operators(cluster: Any) -> None:
         for hook in manifest["webhooks"]:
             del hook["clientConfig"]["caBundle"]
         assert by_kind[manifest["kind"]]["webhooks"] == manifest["webhooks"], manifest["kind"]
+
+
+def test_namespaced_rbac_mode_grants_roles_in_the_watched_namespaces_only(
+    cluster: Any, namespace: str
+) -> None:
+    """rbac.scope namespaced, installed with the real helm: a Role and RoleBinding in the watched
+    namespace, a ClusterRole with only what has no namespace, the operator told to watch that namespace."""
+    release = f"fto-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-finetune-operator"
+    refused = _helm(
+        cluster, "template", release, str(CHART), "--namespace", namespace, "--kube-version", "1.36.3",
+        "--set", "rbac.scope=namespaced",
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "rbac.scope namespaced needs watchNamespaces" in refused.stderr
+    try:
+        out = _helm(
+            cluster, "install", release, str(CHART), "--namespace", namespace,
+            "--set", "rbac.scope=namespaced", "--set", f"watchNamespaces={{{namespace}}}",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        role = json.loads(cluster.kubectl("get", "role", fullname, "-n", namespace, "-o", "json").stdout)
+        binding = json.loads(
+            cluster.kubectl("get", "rolebinding", fullname, "-n", namespace, "-o", "json").stdout
+        )
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": fullname,
+        }
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": fullname, "namespace": namespace}]
+        cluster_role = json.loads(cluster.kubectl("get", "clusterrole", fullname, "-o", "json").stdout)
+        cluster_scoped = {
+            "customresourcedefinitions", "namespaces", "nodes", "pods", "storageclasses",
+            "validatingwebhookconfigurations", "mutatingwebhookconfigurations",
+        }  # fmt: skip
+        assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == cluster_scoped
+        assert "jobs" in {r for rule in role["rules"] for r in rule["resources"]}
+        deployment = json.loads(
+            cluster.kubectl("get", "deployment", fullname, "-n", namespace, "-o", "json").stdout
+        )
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert f"--namespace={namespace}" in args
+        assert "--all-namespaces" not in args
+
+        sa = f"system:serviceaccount:{namespace}:{fullname}"
+
+        def can(*what: str) -> str:
+            return cluster.kubectl("auth", "can-i", *what, f"--as={sa}", check=False).stdout.strip()
+
+        assert can("create", "jobs.batch", "-n", namespace) == "yes"
+        assert can("patch", "finetunejobs.finetune.dev", "--subresource=status", "-n", namespace) == "yes"
+        assert can("create", "jobs.batch", "-n", "default") == "no"
+        assert can("get", "secrets", "-n", "default") == "no"
+        assert can("list", "nodes") == "yes"
+        assert can("list", "storageclasses.storage.k8s.io") == "yes"
+        assert can("delete", "nodes") == "no"
+        assert can("list", "pods", "--all-namespaces") == "yes"  # GPU admission counts every pod's GPUs
+        assert can("delete", "pods", "-n", namespace) == "yes"
+        assert can("delete", "pods", "-n", "default") == "no"
+    finally:
+        _helm(cluster, "uninstall", release, "--namespace", namespace, "--wait")

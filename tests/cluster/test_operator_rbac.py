@@ -38,14 +38,19 @@ def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, p
     return path
 
 
-@pytest.fixture
-def chart_rbac(cluster: Cluster, crds: list[str], namespace: str) -> Iterator[str]:
-    """The chart's ServiceAccount, ClusterRole and binding, applied as the chart renders them."""
+@pytest.fixture(params=["cluster", "namespaced"])
+def chart_rbac(
+    cluster: Cluster, crds: list[str], namespace: str, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """The chart's ServiceAccount and RBAC, applied as the chart renders them: a ClusterRole with every rule
+    (rbac.scope cluster), or a Role in the watched namespace plus a ClusterRole for what has no namespace
+    (rbac.scope namespaced)."""
     release = f"rbac-{uuid.uuid4().hex[:6]}"
     rendered = subprocess.run(
         [str(cluster.bin_dir / "helm"), "template", release, str(CHART), "--namespace", namespace,
          "--kube-version", "1.36.3", "--show-only", "templates/rbac.yaml",
-         "--show-only", "templates/serviceaccount.yaml"],
+         "--show-only", "templates/serviceaccount.yaml",
+         "--set", f"rbac.scope={request.param}", "--set", f"watchNamespaces={{{namespace}}}"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     cluster.kubectl("apply", "-f", "-", input=rendered.stdout)

@@ -154,6 +154,35 @@ def invalid_cases(namespace: str) -> list[tuple[dict[str, Any], str, str]]:
             "spec.resources.gpus",
             "12 GPUs per pod, but the largest node offering nvidia.com/gpu has 8",
         ),
+        # What the server would refuse in the config the operator renders (CRD and CEL accept these).
+        (
+            mdep("bad-mdep", model={"uri": "hf://org/model", "task": "causal-lm"}),
+            "spec.model.uri",
+            "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://)",
+        ),
+        (
+            mdep("bad-mdep", model={"uri": "file:///models/detector", "task": "object-detection"}),
+            "spec.model.task",
+            "task object-detection has no served model yet",
+        ),
+        (
+            mdep("bad-mdep", model={"uri": "file:///models/a", "task": "causal-lm", "baseModel": "hf://o/b"}),
+            "spec.model.baseModel",
+            "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), "
+            "not hf://",
+        ),
+        (
+            mdep(
+                "bad-mdep",
+                model={
+                    "uri": "file:///models/a",
+                    "task": "causal-lm",
+                    "encryptionKeySecretRef": {"name": "keys", "key": "aes"},
+                },
+            ),
+            "spec.model.encryptionKeySecretRef.key",
+            "Secret 'keys' has no key 'aes'",
+        ),
     ]
 
 
@@ -172,7 +201,19 @@ def test_webhooks_refuse_record_and_fail_closed(
     good["spec"]["credentialsSecret"] = "keys"  # its value is a marker that must never be copied
     done = create(cluster, namespace, good)
     assert done.returncode == 0, done.stderr
-    assert get_ftj(cluster, namespace, "good")["metadata"]["annotations"][CREATED_BY] == me
+    stored = get_ftj(cluster, namespace, "good")
+    assert stored["metadata"]["annotations"][CREATED_BY] == me
+    # Cluster-state defaults: the dev cluster's default StorageClass is written down; no Kueue, no queue.
+    default_class = next(
+        sc["metadata"]["name"]
+        for sc in kubectl_json(cluster, "get", "storageclass")["items"]
+        if sc["metadata"].get("annotations", {}).get("storageclass.kubernetes.io/is-default-class") == "true"
+    )
+    assert stored["spec"]["checkpointing"]["storage"]["storageClassName"] == default_class
+    assert stored["metadata"]["annotations"]["finetune.dev/defaulted"] == (
+        f"spec.checkpointing.storage.storageClassName={default_class}"
+    )
+    assert "queueName" not in stored["spec"].get("scheduling", {})
 
     # Each invalid case is refused with its field and message.
     for body, field, text in invalid_cases(namespace):
@@ -196,6 +237,8 @@ def test_webhooks_refuse_record_and_fail_closed(
     assert annotate.returncode != 0
     assert f"metadata.annotations[{CREATED_BY}]" in annotate.stderr
     wait_phase(cluster, namespace, "good", "Running")
+    claim = kubectl_json(cluster, "get", "pvc", "good-checkpoints", "-n", namespace)
+    assert claim["spec"]["storageClassName"] == default_class
     patch = cluster.kubectl(
         "patch", "finetunejob", "good", "-n", namespace, "--type=merge",
         "-p", json.dumps({"spec": {"distributed": {"gpusPerNode": 2}}}), check=False,

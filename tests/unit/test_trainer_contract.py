@@ -36,6 +36,8 @@ OPERATOR_ONLY: dict[str, str] = {
     "distributed.gpusPerNode": "the gang shape: GPU requests and torchrun's processes per pod",
     "image": "the trainer container image",
     "credentialsSecret": "the pods' envFrom; the operator never reads it",
+    "output.encryptionKeySecretRef": "the Secret volume the key is projected from; the trainer sees only "
+    "the key file (output.encryptionKeyFile, rendered whenever a ref is set)",
 }
 SHUTDOWN = 90
 

@@ -19,6 +19,14 @@ from finetune_operator.validation import (
     review_modeldeployment,
 )
 from finetune_operator.validation.cluster import FineTuneJobFacts
+from finetune_operator.validation.defaults import (
+    DEFAULT_CLASS_ANNOTATION,
+    DEFAULTED,
+    ClusterDefaults,
+    default_storage_class,
+    defaults_patch,
+    needs_cluster_defaults,
+)
 from tests.api_examples import EXAMPLES, load
 
 H100 = "NVIDIA-H100-80GB-HBM3"
@@ -276,7 +284,49 @@ INVALID_MDEP: list[tuple[str, dict[str, Any], ClusterView, str, str]] = [
         "spec.resources.gpus",
         "12 GPUs per pod, but the largest node offering nvidia.com/gpu has 8",
     ),
+    # The rendered server config, refused as the operator would refuse it after the object was stored.
+    (
+        "builtin runtime for a Hub model",
+        mdep(model={"uri": "hf://org/model", "task": "causal-lm"}),
+        view(),
+        "spec.model.uri",
+        "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), not hf://",
+    ),
+    (
+        "builtin runtime for a task it has no served model for",
+        mdep(model={"uri": "file:///models/detector", "task": "object-detection"}),
+        view(),
+        "spec.model.task",
+        "the builtin server serves causal-lm, sequence-classification; task object-detection has no served",
+    ),
+    (
+        "builtin runtime for a Hub base model",
+        mdep(model={"uri": "file:///models/adapter", "task": "causal-lm", "baseModel": "hf://org/base"}),
+        view(),
+        "spec.model.baseModel",
+        "not hf://",
+    ),
+    (
+        "FineTuneJob whose task the server does not serve",
+        mdep(),
+        view(finetunejobs={"support-bot-lora": FineTuneJobFacts("image-classification", "Running")}),
+        "spec.model.fromFineTuneJob",
+        "FineTuneJob 'support-bot-lora' trains image-classification, and the server would refuse it: the "
+        "builtin server serves causal-lm, sequence-classification",
+    ),
 ]
+
+
+def test_the_server_config_check_uses_the_jobs_artifact_once_it_has_one() -> None:
+    done = FineTuneJobFacts(
+        "causal-lm", "Succeeded", "pvc://support-bot-lora-checkpoints/output/model/adapter"
+    )
+    assert review_modeldeployment(mdep(), None, view(finetunejobs={"support-bot-lora": done}), POLICY) == []
+    # A vLLM deployment gets flags, not the server config: a Hub model is fine there.
+    vllm = mdep(model={"uri": "hf://org/model", "task": "causal-lm"}, runtime={"type": "vllm"})
+    vllm["spec"]["resources"] = {"gpus": 1}
+    vllm["spec"]["quantization"] = {"method": "none"}
+    assert review_modeldeployment(vllm, None, view(), POLICY) == []
 
 
 @pytest.mark.parametrize(("case", "body", "cluster", "field", "message"), INVALID_MDEP)
@@ -315,3 +365,54 @@ def test_refusal_text_lists_every_field() -> None:
     text = refusal_text("FineTuneJob", "support-bot-lora", refusals)
     assert text.startswith("FineTuneJob 'support-bot-lora' refused: spec.credentialsSecret: Secret 'x'")
     assert "spec.dataset.source: PersistentVolumeClaim 'datasets'" in text
+
+
+def storage_class(name: str, default: bool, created: str) -> dict[str, Any]:
+    annotations = {DEFAULT_CLASS_ANNOTATION: "true"} if default else {}
+    return {"metadata": {"name": name, "annotations": annotations, "creationTimestamp": created}}
+
+
+def test_the_default_storage_class_is_the_newest_marked_one() -> None:
+    classes = [
+        storage_class("old-default", True, "2026-01-01T00:00:00Z"),
+        storage_class("new-default", True, "2026-06-01T00:00:00Z"),
+        storage_class("fast", False, "2026-12-01T00:00:00Z"),
+    ]
+    assert default_storage_class(classes) == "new-default"
+    assert default_storage_class([storage_class("fast", False, "2026-12-01T00:00:00Z")]) is None
+
+
+def test_cluster_defaults_fill_only_what_the_request_left_unset() -> None:
+    found = ClusterDefaults(storage_class="standard", local_queue="default")
+    job = ftj()
+    job["spec"].pop("scheduling", None)
+    job["spec"]["checkpointing"] = {"everySteps": 50}
+    assert defaults_patch("FineTuneJob", job, found) == {
+        "spec": {
+            "checkpointing": {"storage": {"storageClassName": "standard"}},
+            "scheduling": {"queueName": "default"},
+        },
+        "metadata": {
+            "annotations": {
+                DEFAULTED: "spec.checkpointing.storage.storageClassName=standard,"
+                "spec.scheduling.queueName=default"
+            }
+        },
+    }
+    written = ftj(
+        checkpointing={"storage": {"storageClassName": "fast"}}, scheduling={"queueName": "team-a-gpus"}
+    )
+    assert defaults_patch("FineTuneJob", written, found) == {}
+    assert needs_cluster_defaults("FineTuneJob", written) == (False, False)
+    existing = ftj(checkpointing={"storage": {"existingClaim": "mine"}}, scheduling={"priority": 3})
+    assert defaults_patch("FineTuneJob", existing, ClusterDefaults(storage_class="standard")) == {}
+    assert defaults_patch("FineTuneJob", job, ClusterDefaults()) == {}, "nothing found, nothing filled"
+
+
+def test_a_modeldeployment_gets_a_storage_class_only_for_its_feedback_claim() -> None:
+    found = ClusterDefaults(storage_class="standard", local_queue="default")
+    assert defaults_patch("ModelDeployment", mdep(feedback={"enabled": False}), found) == {}
+    with_feedback = mdep(feedback={"enabled": True})
+    assert defaults_patch("ModelDeployment", with_feedback, found)["spec"] == {
+        "feedback": {"storage": {"storageClassName": "standard"}}
+    }

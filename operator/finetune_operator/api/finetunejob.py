@@ -23,6 +23,7 @@ from finetune_operator.api.common import (
     PodResources,
     Quantity,
     ResourceObject,
+    SecretKeyRef,
     StatusModel,
     VolumeClaim,
     cel_field,
@@ -602,6 +603,20 @@ class Output(ApiModel):
     """Merge the LoRA adapter into the base weights (lora/qlora); the adapter alone otherwise."""
     model_name: DnsLabel | None = None
     """Name for the model card and for ModelDeployments; the job's name when omitted."""
+    encryption_key_secret_ref: SecretKeyRef | None = None
+    """Encrypt the copy at `uri` at rest (AES-256-GCM) with the 32-byte key in this Secret key (raw, hex or
+    base64: `openssl rand -base64 32`). A ModelDeployment serving that copy (`spec.model.uri`) decrypts it
+    with the same Secret (`spec.model.encryptionKeySecretRef`). The export on the job's own checkpoint claim
+    stays in clear."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.encryptionKeySecretRef) || has(self.uri)",
+            message="encryptionKeySecretRef encrypts the copy at uri; set uri too",
+            holds=lambda m: m.encryption_key_secret_ref is None or m.uri is not None,
+            field_path=".encryptionKeySecretRef",
+        ),
+    )
 
 
 class Compliance(ApiModel):

@@ -72,6 +72,10 @@ class ModelReference(ApiModel):
     """Check every file of the model folder against the sha256 manifest the trainer writes
     (`sha256sums.json`) before serving; a missing or changed file keeps the server not ready. Set false
     with `uri` to serve a model the trainer did not write; a FineTuneJob's artifact is always checked."""
+    encryption_key_secret_ref: SecretKeyRef | None = None
+    """The Secret key holding the key a model at `uri` was encrypted with at rest (a FineTuneJob's copy
+    with `spec.output.encryptionKeySecretRef`); the built-in server decrypts it into its scratch volume
+    before loading. Not with `fromFineTuneJob`: that serves the job's export on its own claim, in clear."""
 
     cel_rules = (
         CelRule(
@@ -97,6 +101,13 @@ class ModelReference(ApiModel):
             "is for a model given by uri",
             holds=lambda m: m.from_fine_tune_job is None or m.verify_manifest,
             field_path=".verifyManifest",
+        ),
+        CelRule(
+            rule="!has(self.fromFineTuneJob) || !has(self.encryptionKeySecretRef)",
+            message="fromFineTuneJob serves the job's export on its own claim, which is not encrypted; "
+            "set encryptionKeySecretRef only with uri",
+            holds=lambda m: m.from_fine_tune_job is None or m.encryption_key_secret_ref is None,
+            field_path=".encryptionKeySecretRef",
         ),
     )
 
@@ -437,6 +448,14 @@ class ModelDeploymentSpec(ApiModel):
             field_path=".runtime.type",
         ),
         CelRule(
+            rule=f"{cel_field('runtime.type', Runtime().type)} != 'vllm'"
+            " || !has(self.model.encryptionKeySecretRef)",
+            message="runtime vllm reads the model folder itself and can't decrypt it; use runtime.type "
+            "builtin for a model encrypted at rest",
+            holds=lambda s: s.runtime.type != "vllm" or s.model.encryption_key_secret_ref is None,
+            field_path=".model.encryptionKeySecretRef",
+        ),
+        CelRule(
             rule=f"!({cel_field('quantization.method', Quantization().method)} in {list(CPU_ONLY_METHODS)})"
             f" || {cel_field('runtime.dtype', Runtime().dtype)} in ['auto', 'fp32']",
             message="quantization int8-dynamic and onnx-int8 compute in fp32: "
@@ -481,6 +500,8 @@ class ResolvedModel(StatusModel):
     """Digest of the model files (from the FineTuneJob's artifact, when known)."""
     fine_tune_job: str | None = None
     """The FineTuneJob it came from."""
+    encryption_key_secret_ref: SecretKeyRef | None = None
+    """The Secret key the model is decrypted with, when it is encrypted at rest."""
 
 
 class QualityResult(StatusModel):

@@ -11,12 +11,13 @@ from pydantic import ValidationError
 
 from finetune_operator.api.common import field_path
 from finetune_operator.api.modeldeployment import ModelDeployment, ResolvedModel
+from finetune_operator.builders.encryption import ENCRYPTION_KEY_FILE
 from finetune_operator.builders.serving_common import (
     SERVER_PORT,
     deployment_name,
     serving_metadata,
 )
-from finetune_server.config import Auth, Feedback, ServedTask, ServerConfig
+from finetune_server.config import Auth, Encryption, Feedback, ServedTask, ServerConfig
 
 SERVER_CONFIG_DIR = "/etc/finetune-server/config"
 """The config volume, beside (not above) the API-key mount: a mount point inside a read-only ConfigMap
@@ -114,6 +115,8 @@ def render_server_config(md: ModelDeployment, model: ResolvedModel) -> dict[str,
         },
         "faults": {"errorRate": runtime.fault_error_rate},
     }
+    if model.encryption_key_secret_ref is not None:
+        config["encryption"] = {"keyFile": ENCRYPTION_KEY_FILE}
     if spec.pruning.sparsity is not None:
         config["pruning"]["sparsity"] = spec.pruning.sparsity
     if model.base_model:
@@ -140,8 +143,13 @@ def validated_server_config(md: ModelDeployment, model: ResolvedModel) -> Server
 def server_config_json(md: ModelDeployment, model: ResolvedModel) -> str:
     """The validated config as the server reads it (camelCase JSON, every key written out)."""
     config = validated_server_config(md, model)
+    # An unencrypted model's config stays byte-for-byte what it was before `encryption` existed: a new
+    # key in every ConfigMap would roll out every deployment when the operator is upgraded.
+    unused = {"encryption"} if config.encryption == Encryption() else None
     return json.dumps(
-        config.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2, sort_keys=True
+        config.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=unused),
+        indent=2,
+        sort_keys=True,
     )
 
 

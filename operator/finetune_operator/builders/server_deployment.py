@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator.api.modeldeployment import VLLM_QUANTIZATION, ModelDeployment, ResolvedModel
+from finetune_operator.builders.encryption import encryption_key_volume
 from finetune_operator.builders.pods import container_resources, placement
 from finetune_operator.builders.security import (
     container_security_context,
@@ -116,6 +117,10 @@ def _builtin_container(
             }
         )
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
+    if model.encryption_key_secret_ref is not None:
+        volume, mount = encryption_key_volume(model.encryption_key_secret_ref)
+        volumes.append(volume)
+        mounts.append(mount)
     if md.spec.feedback.enabled:
         volumes.append({"name": "feedback", "persistentVolumeClaim": {"claimName": feedback_claim_name(md)}})
         mounts.append({"name": "feedback", "mountPath": FEEDBACK_DIR})

@@ -21,6 +21,7 @@ from finetune_operator.builders.common import (
     job_name,
     namespace,
 )
+from finetune_operator.builders.encryption import ENCRYPTION_KEY_FILE
 from finetune_trainer.config import TrainerConfig, parse_config
 from finetune_trainer.deepspeed_config import deepspeed_config
 from finetune_trainer.task_catalog import CATALOG, layout_for
@@ -272,6 +273,7 @@ def render_trainer_config(job: FineTuneJob, *, shutdown_timeout_seconds: int) ->
             "modelName": spec.output.model_name or job_name(job),
             "copyTo": output_copy_target(job),
             "copyToUri": spec.output.uri,
+            "encryptionKeyFile": ENCRYPTION_KEY_FILE if spec.output.encryption_key_secret_ref else None,
         },
         "reporting": {"jobName": job_name(job), "namespace": namespace(job)},
         "seed": hp.seed,

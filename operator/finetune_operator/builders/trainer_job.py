@@ -25,6 +25,7 @@ from finetune_operator.builders.common import (
     service_name,
     trainer_name,
 )
+from finetune_operator.builders.encryption import encryption_key_volume
 from finetune_operator.builders.security import (
     SCRATCH_DIR,
     container_security_context,
@@ -183,6 +184,10 @@ def build_trainer_job(
         # multi-node gang needs a ReadWriteMany claim; only rank 0 writes.
         volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": output_claim}})
         mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})
+    if spec.output.encryption_key_secret_ref is not None:
+        volume, mount = encryption_key_volume(spec.output.encryption_key_secret_ref)
+        volumes.append(volume)
+        mounts.append(mount)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

@@ -139,7 +139,12 @@ def _not_served(writer: StatusWriter, wait: ModelWait) -> None:
 async def _resolve_model(runtime: Runtime, md: ModelDeployment) -> ResolvedModel | ModelWait:
     ref = md.spec.model
     if ref.uri is not None:
-        return ResolvedModel(uri=ref.uri, base_model=ref.base_model, task=ref.task)
+        return ResolvedModel(
+            uri=ref.uri,
+            base_model=ref.base_model,
+            task=ref.task,
+            encryption_key_secret_ref=ref.encryption_key_secret_ref,
+        )
     assert ref.from_fine_tune_job is not None
     name, namespace = ref.from_fine_tune_job, str(md.metadata["namespace"])
     job = await runtime.client.get(API_VERSION, FINETUNEJOB, name, namespace)

@@ -22,7 +22,8 @@ from finetune_operator.builders.webhooks import (
     VALIDATE_MODELDEPLOYMENT,
 )
 from finetune_operator.validation import CREATED_BY
-from finetune_operator.webhooks import WebhookServices, review_request
+from finetune_operator.validation.defaults import defaults_patch
+from finetune_operator.webhooks import WebhookServices, cluster_defaults, review_request
 
 KINDS = {FINETUNEJOBS: FINETUNEJOB, MODELDEPLOYMENTS: MODELDEPLOYMENT}
 
@@ -64,6 +65,20 @@ async def review(
 
 @kopf.on.mutate(GROUP, VERSION, FINETUNEJOBS, id=SET_CREATED_BY, operations=["CREATE"])
 @kopf.on.mutate(GROUP, VERSION, MODELDEPLOYMENTS, id=SET_CREATED_BY, operations=["CREATE"])
-async def set_created_by(*, userinfo: kopf.UserInfo, patch: kopf.Patch, **_: Any) -> None:
-    """The requesting user, as the API server authenticated them (whatever the request itself said)."""
+async def set_created_by(
+    *,
+    body: kopf.Body,
+    userinfo: kopf.UserInfo,
+    patch: kopf.Patch,
+    resource: kopf.Resource,
+    memo: Any,
+    **_: Any,
+) -> None:
+    """The requesting user, as the API server authenticated them (whatever the request itself said), and
+    the defaults that depend on the cluster's state for what the request left unset."""
+    found = await cluster_defaults(_services(memo).client, KINDS[resource.plural], body)
+    filled = defaults_patch(KINDS[resource.plural], body, found)
+    if filled:
+        patch.spec.update(filled["spec"])
+        patch.metadata.setdefault("annotations", {}).update(filled["metadata"]["annotations"])
     patch.metadata.setdefault("annotations", {})[CREATED_BY] = str(userinfo.get("username", ""))

@@ -49,6 +49,8 @@ class NodeOffer:
 class FineTuneJobFacts:
     task: str
     phase: str | None
+    artifact_uri: str | None = None
+    """Where the server will read the job's artifact (`status.artifact.claimUri`, else `uri`), once known."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,10 @@ def lookups(kind: str, body: Mapping[str, Any]) -> Lookups:
     try:
         if kind == FINETUNEJOB:
             job = parse_finetunejob(body)
+            encryption = job.spec.output.encryption_key_secret_ref
+            named = [job.spec.credentials_secret, encryption.name if encryption else None]
             return Lookups(
-                secrets=_unique([job.spec.credentials_secret] if job.spec.credentials_secret else []),
+                secrets=_unique([name for name in named if name]),
                 claims=_unique([claim for _, claim in named_claims(job)]),
                 nodes=job.spec.distributed.gpus_per_node > 0,
             )
@@ -97,9 +101,9 @@ def lookups(kind: str, body: Mapping[str, Any]) -> Lookups:
             ]
             if spec.feedback.storage.existing_claim:
                 claims.append(spec.feedback.storage.existing_claim)
-            secret = spec.auth.api_key_secret_ref
+            refs = (spec.auth.api_key_secret_ref, spec.model.encryption_key_secret_ref)
             return Lookups(
-                secrets=(secret.name,) if secret else (),
+                secrets=_unique([ref.name for ref in refs if ref]),
                 claims=_unique(claims),
                 finetunejobs=(spec.model.from_fine_tune_job,) if spec.model.from_fine_tune_job else (),
                 nodes=spec.resources.gpus > 0,

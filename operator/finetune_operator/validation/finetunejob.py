@@ -14,6 +14,7 @@ from finetune_operator.validation.review import (
     Review,
     WebhookPolicy,
     check_scheme,
+    check_secret_key,
     run_review,
 )
 from finetune_operator.validation.shape import check_pod_gpus
@@ -104,6 +105,13 @@ def _check_references(review: Review, job: FineTuneJob, view: ClusterView) -> No
             "spec.credentialsSecret",
             f"Secret {secret!r} not found in namespace {namespace!r}; create it first or fix the name",
         )
+    check_secret_key(
+        review,
+        "spec.output.encryptionKeySecretRef",
+        job.spec.output.encryption_key_secret_ref,
+        view.secrets,
+        namespace,
+    )
     # The operator creates the job's own checkpoint claim, unless existingClaim names one to use.
     own = None if job.spec.checkpointing.storage.existing_claim else checkpoint_claim_name(job)
     for field_path, claim in named_claims(job):

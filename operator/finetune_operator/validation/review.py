@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from finetune_operator.api.common import InvalidResourceError
+from finetune_operator.api.common import InvalidResourceError, SecretKeyRef
 
 CREATED_BY = "finetune.dev/created-by"
 """Annotation the mutating webhook sets on CREATE to the requesting user; it can't change afterwards."""
@@ -98,6 +98,27 @@ def check_scheme(review: Review, field_path: str, uri: str | None, allowed: Sequ
             + ", ".join(f"{s}://" for s in allowed)
             + ")",
         )
+
+
+def check_secret_key(
+    review: Review,
+    field_path: str,
+    ref: SecretKeyRef | None,
+    secrets: Mapping[str, frozenset[str]],
+    namespace: str,
+) -> None:
+    """`ref` names a Secret of the namespace that has that key (key names only: values are never read)."""
+    if ref is None:
+        return
+    keys = secrets.get(ref.name)
+    if keys is None:
+        review.refuse(
+            f"{field_path}.name",
+            f"Secret {ref.name!r} not found in namespace {namespace!r}; create it first or fix the name",
+        )
+    elif ref.key not in keys:
+        listed = ", ".join(sorted(keys)) or "none"
+        review.refuse(f"{field_path}.key", f"Secret {ref.name!r} has no key {ref.key!r} (keys: {listed})")
 
 
 def check_created_by(review: Review, new: Mapping[str, Any], old: Mapping[str, Any] | None) -> None:

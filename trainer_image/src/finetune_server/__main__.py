@@ -45,12 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from finetune_server.artifact import served_task
     from finetune_server.config import load_config
+    from finetune_server.decryption import decrypted_config
     from finetune_server.errors import ArtifactError
 
     try:
         config = load_config(args.config)
         if args.port:
             config = config.model_copy(update={"port": args.port})
+        config = decrypted_config(config)
         task = served_task(config.model_dir, config.task)
     except (OSError, ValidationError, ArtifactError) as exc:
         print(f"finetune_server: invalid config {args.config}: {exc}", file=sys.stderr)

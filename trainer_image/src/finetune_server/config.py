@@ -88,6 +88,7 @@ __all__ = [
     "ConfigError",
     "Device",
     "Dtype",
+    "Encryption",
     "Faults",
     "Feedback",
     "Limits",
@@ -275,6 +276,19 @@ class Feedback(_Section):
     )
 
 
+class Encryption(_Section):
+    """An artifact the trainer encrypted at rest (``finetune_trainer.encryption``), decrypted at start."""
+
+    key_file: Path | None = Field(
+        None,
+        description="File holding the 32-byte AES key the FineTuneJob encrypted with (a mounted Secret). "
+        "Unset: an encrypted modelDir is refused, naming this field.",
+    )
+    decrypt_dir: Path | None = Field(
+        None, description="Where the plaintext is written (default: a new folder under TMPDIR)."
+    )
+
+
 class Faults(_Section):
     """Deliberate faults, to exercise canary analysis and rollback."""
 
@@ -318,6 +332,7 @@ class ServerConfig(_Section):
     auth: Auth = Field(default_factory=Auth)
     feedback: Feedback = Field(default_factory=Feedback)
     faults: Faults = Field(default_factory=Faults)
+    encryption: Encryption = Field(default_factory=Encryption)
 
     @model_validator(mode="after")
     def _fits_device_and_dtype(self) -> ServerConfig:

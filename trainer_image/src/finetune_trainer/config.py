@@ -319,6 +319,14 @@ class Output(ConfigSection):
             "``copyTo`` itself when unset."
         ),
     )
+    encryption_key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "A file holding a 32-byte AES key (raw, hex or base64; a mounted Secret): the copy at "
+            "``copyTo`` is encrypted with AES-256-GCM (finetune_trainer.encryption). Needs ``copyTo``."
+        ),
+    )
     copy_attempts: int = Field(
         default=4,
         ge=1,
@@ -334,6 +342,11 @@ class Output(ConfigSection):
     @model_validator(mode="after")
     def _copy_outside_dir(self) -> Self:
         if self.copy_to is None:
+            if self.encryption_key_file is not None:
+                raise ValueError(
+                    "output.encryptionKeyFile: encryption applies to the copy at output.copyTo "
+                    "(spec.output.uri), which is not set"
+                )
             return self
         local = local_copy_path(self.copy_to)
         if local is not None:

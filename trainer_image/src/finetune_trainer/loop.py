@@ -455,6 +455,7 @@ class Trainer:
             address=address,
             attempts=out.copy_attempts,
             extra_marker={"artifact": artifact},
+            encryption_key_file=Path(out.encryption_key_file) if out.encryption_key_file else None,
         )
         self.reporter.event("copied", destination=address, files=result.files, bytes=result.bytes)
 

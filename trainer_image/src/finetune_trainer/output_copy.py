@@ -17,6 +17,11 @@ Commit protocol — a reader never takes a half-written copy for a complete one:
 So a copy is complete when ``COMPLETE`` exists; the model card alone also means every model file is there.
 Nothing at the destination is deleted except our own ``COMPLETE``.
 
+With ``encryption_key_file`` (``output.encryptionKeyFile``) every file, the model card included, is encrypted
+(``finetune_trainer.encryption``) into a private temporary folder beside ``output.dir`` and that ciphertext
+is uploaded; sizes are checked against it, and ``COMPLETE`` (left in clear: sizes and digests only) records
+the algorithm and the key id. ``output.dir`` itself, on the job's own checkpoint claim, stays in clear.
+
 Each file operation is tried up to ``output.copyAttempts`` times on transient errors (connection reset,
 throttling, timeouts), waiting 1 s, 2 s, 4 s... in between. A missing bucket or folder and refused access
 are not retried here (they won't heal in seconds) but, like every copy failure, end the run with the
@@ -30,6 +35,8 @@ import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_trainer.durable import fsync_path, partial_path, write_text_atomically
+from finetune_trainer.encryption import ALGORITHM, EncryptionError, encrypt_file, key_id, load_key
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +179,41 @@ def copy_outputs(
     backoff_seconds: float = 1.0,
     extra_marker: dict[str, Any] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    encryption_key_file: Path | None = None,
 ) -> CopyResult:
     """Copy every file of ``source_dir`` to ``destination`` with the commit protocol of this module.
 
     ``address`` is how users know the destination (``pvc://claim/path``), used in messages and the result;
-    ``destination`` by default. Raises :class:`OutputCopyError` naming ``spec.output.uri``."""
+    ``destination`` by default. With ``encryption_key_file`` the copy is encrypted (see the module
+    docstring). Raises :class:`OutputCopyError` naming ``spec.output.uri``."""
     address = address or destination
     dest = _Destination(destination, address, attempts, backoff_seconds, sleep)
     names = copy_order(source_dir)
     if not names:
         raise dest.error(f"{source_dir} has no files to copy")
+    if encryption_key_file is None:
+        return _copy(dest, source_dir, names, extra_marker or {})
+    try:
+        key = load_key(encryption_key_file, "output.encryptionKeyFile")
+    except EncryptionError as exc:
+        raise OutputCopyError(f"spec.output.encryptionKeySecretRef: {exc}") from exc
+    staging = Path(tempfile.mkdtemp(prefix=f".{source_dir.name}.encrypted-", dir=source_dir.parent))
+    try:
+        for name in names:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with (staging / name).open("wb") as handle:
+                    encrypt_file(source_dir / name, handle, key, name)
+            except OSError as exc:
+                raise dest.error(f"encrypting {name} into {staging}: {exc}") from exc
+        marker = {"encryption": {"algorithm": ALGORITHM, "keyId": key_id(key).hex()}, **(extra_marker or {})}
+        return _copy(dest, staging, names, marker)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy(dest: _Destination, source_dir: Path, names: list[str], extra_marker: dict[str, Any]) -> CopyResult:
+    address = dest.address
     if dest.local:
         dest.retry(f"creating {dest.root}", lambda: os.makedirs(dest.root or ".", exist_ok=True))
     dest.retry(f"removing the previous {MARKER}", dest.remove_marker)
@@ -201,7 +234,7 @@ def copy_outputs(
         "files": sizes,
         "bytes": sum(sizes.values()),
         "completedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        **(extra_marker or {}),
+        **extra_marker,
     }
     dest.retry(f"writing {MARKER}", lambda: dest.write_text(MARKER, json.dumps(marker, indent=1) + "\n"))
     log.info("copied %d files (%d bytes) to %s", len(names), marker["bytes"], address)
