@@ -24,6 +24,7 @@ int8_torchao_speedup / int8_torch_ao_speedup (forward, vs fp32), load_average_1m
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -76,17 +77,21 @@ def _tokenizer() -> Any:
     return make_tiny_tokenizer()
 
 
-def build_llm(directory: Path) -> tuple[Path, int]:
+#: The full LLM (~125 M parameters) and the ``--quick`` one (~10 M: only checks that the script runs).
+LLM_SHAPES = {
+    "full": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "quick": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+
+
+def build_llm(directory: Path, shape: str) -> tuple[Path, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        **LLM_SHAPES[shape],
         num_key_value_heads=4,
         max_position_embeddings=512,
         tie_word_embeddings=False,
@@ -375,10 +380,15 @@ def measure_int8_backends(model_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a ~10 M LLM: only checks that the script runs, figures mean little"
+    )
+    args = parser.parse_args()
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        llm_dir, params = build_llm(Path(tmp) / "llm")
+        llm_dir, params = build_llm(Path(tmp) / "llm", "quick" if args.quick else "full")
         llm, int8_model = measure_llm(llm_dir)
         batching = measure_batching(int8_model)
         server = measure_server(int8_model)
@@ -392,6 +402,7 @@ def main() -> None:
     line = {
         "benchmark": "serving",
         "llm_parameters": params,
+        "quick": args.quick,
         "int8_speedup": speed(int8, "c1"),
         "int8_speedup_c8": speed(int8, "c8"),
         "int8_size_ratio": round(int8["size_bytes"] / fp32["size_bytes"], 3),
