@@ -345,16 +345,30 @@ def measure_server(model: TextGenerationModel, pairs: int) -> dict[str, float]:
     prompts = [tokenizer.decode(ids) for ids in _prompts(pairs, 4)]
     client.completions.create(model="bench", prompt=prompts[0], max_tokens=NEW_TOKENS)  # warm-up
     direct, served = [], []
-    for text in prompts:  # interleaved, so load from other processes hits both alike
+
+    def call_directly(text: str) -> float:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         started = time.perf_counter()
-        generate_directly(model, _request(ids))
-        direct.append(time.perf_counter() - started)
+        generation = generate_directly(model, _request(ids))
+        assert generation.completion_tokens == NEW_TOKENS
+        return time.perf_counter() - started
+
+    def call_server(text: str) -> float:
         started = time.perf_counter()
         answer = client.completions.create(model="bench", prompt=text, max_tokens=NEW_TOKENS)
-        served.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
         assert answer.usage is not None
         assert answer.usage.completion_tokens == NEW_TOKENS
+        return elapsed
+
+    # Interleaved pairs, which of the two goes first alternating: load from other processes hits both alike.
+    for number, text in enumerate(prompts):
+        if number % 2:
+            served.append(call_server(text))
+            direct.append(call_directly(text))
+        else:
+            direct.append(call_directly(text))
+            served.append(call_server(text))
 
     # concurrency 8 over HTTP: the headline latency figures
     async def burst() -> list[float]:
