@@ -58,12 +58,15 @@ def serving(model_dir: Path, feedback_dir: Path) -> Iterator[str]:
     model.load()
     assert model.ready, model.health()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config, model), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(config, model), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        assert thread.is_alive(), "the server thread ended before it started"
+        assert time.monotonic() < deadline, "the server did not start within 60 s"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{port}/v1"
@@ -111,9 +114,10 @@ def test_feedback_export_is_a_finetunejob_dataset_that_trains(
             )
             for word in WORDS
         ]
-        ratings = [{"request_id": a.id, "rating": "down", "correction": f" {w[0].upper()}"} for a, w in zip(
-            answers, WORDS, strict=True
-        )]
+        ratings = [
+            {"request_id": a.id, "rating": "down", "correction": f" {w[0].upper()}"}
+            for a, w in zip(answers, WORDS, strict=True)
+        ]
         ratings[0] = {"request_id": answers[0].id, "rating": "down"}  # no correction: not training data
         for rating in ratings:
             answer = httpx.post(f"{base}/feedback", json=rating, timeout=30)
