@@ -5,8 +5,11 @@ randomly initialised small ResNet with a ViT-style image processor (32x32, no do
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from trainer_fixtures import make_config
 
 
 def write_digits(root: Path, *, limit: int | None = None) -> Path:
@@ -41,3 +44,31 @@ def make_tiny_image_model(directory: Path, *, num_labels: int = 10, seed: int = 
     processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor.save_pretrained(str(directory))
     return directory
+
+
+def image_config(tmp: Path, model: Path, data: Path, **overrides: Any) -> dict[str, Any]:
+    config = make_config(tmp, model, data)
+    config["task"] = "image-classification"
+    config["data"] = {
+        "source": str(data),
+        "format": "image-folder",
+        "fields": {"kind": "image-classification"},
+        "split": {"validation": 0.15, "test": 0.15, "seed": 3},
+        "augmentation": {"image": {"rotationDegrees": 10.0}},
+    }
+    config["hyperparameters"] = {
+        **config["hyperparameters"],
+        "epochs": 3,
+        "microBatchSize": 32,
+        "warmupSteps": 5,
+    }
+    config["evaluation"] = {
+        "everySteps": 0,
+        "everyEpoch": True,
+        "batchSize": 64,
+        "metrics": ["loss", "accuracy", "f1"],
+    }
+    config["checkpointing"] = {**config["checkpointing"], "everySteps": 0, "saveOnEpochEnd": True}
+    for section, values in overrides.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,3 +62,20 @@ def make_model_definition(directory: Path, **definition: object) -> Path:
     body = {"architecture": "matrix-factorization", "embeddingDim": 32, "loss": "bpr", **definition}
     (directory / "recommender.json").write_text(json.dumps(body), encoding="utf-8")
     return directory
+
+
+def recommendation_config(tmp: Path, model_dir: Path, data: Path) -> dict[str, Any]:
+    """The trainer config of a worker run on ``make_interactions`` data (10 epochs, uniform negatives)."""
+    from trainer_fixtures import make_config
+
+    config = make_config(tmp, model_dir, data)
+    config["task"] = "recommendation"
+    config["data"] = {
+        "source": str(data),
+        "fields": {"kind": "interactions", "rating": "rating", "timestamp": "timestamp"},
+        "augmentation": {"negatives": {"strategy": "uniform", "count": 4}},
+    }
+    config["hyperparameters"] = {"epochs": 10, "microBatchSize": 128, "learningRate": 0.05, "warmupSteps": 0}
+    config["evaluation"] = {"everyEpoch": True, "batchSize": 64, "metrics": ["loss", "recall", "ndcg"]}
+    config["checkpointing"] = {"dir": str(tmp / "ckpt"), "saveOnEpochEnd": True, "keepLast": 1}
+    return config

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -16,39 +15,11 @@ import pytest
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.images import prepare_images
-from image_fixtures import make_tiny_image_model, write_digits
+from image_fixtures import image_config, make_tiny_image_model, write_digits
 from server_fixtures import running_server, write_server_config
-from trainer_fixtures import make_config, run_trainer, write_config
+from trainer_fixtures import run_trainer, write_config
 
 CLASSES = 10
-
-
-def image_config(tmp: Path, model: Path, data: Path, **overrides: Any) -> dict[str, Any]:
-    config = make_config(tmp, model, data)
-    config["task"] = "image-classification"
-    config["data"] = {
-        "source": str(data),
-        "format": "image-folder",
-        "fields": {"kind": "image-classification"},
-        "split": {"validation": 0.15, "test": 0.15, "seed": 3},
-        "augmentation": {"image": {"rotationDegrees": 10.0}},
-    }
-    config["hyperparameters"] = {
-        **config["hyperparameters"],
-        "epochs": 3,
-        "microBatchSize": 32,
-        "warmupSteps": 5,
-    }
-    config["evaluation"] = {
-        "everySteps": 0,
-        "everyEpoch": True,
-        "batchSize": 64,
-        "metrics": ["loss", "accuracy", "f1"],
-    }
-    config["checkpointing"] = {**config["checkpointing"], "everySteps": 0, "saveOnEpochEnd": True}
-    for section, values in overrides.items():
-        config[section] = {**config.get(section, {}), **values}
-    return config
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from finetune_trainer.config import ConfigError, Method, Task, TrainerConfig, pa
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data_order import DataOrder
 from finetune_trainer.tasks.recommendation import Recommendation
-from recommendation_fixtures import make_interactions, make_model_definition
+from recommendation_fixtures import make_interactions, make_model_definition, recommendation_config
 
 EPOCHS = 12
 BATCH = 128
@@ -187,20 +187,11 @@ def test_served_model_refuses_compression_and_unknown_users(tmp_path: Path) -> N
 def test_the_trainer_runs_the_task_end_to_end(tmp_path: Path) -> None:
     """``python -m finetune_trainer`` (launcher -> worker) trains, evaluates before/after, exports, writes the
     card with the recall@k curve; the artifact predicts through the server's loader."""
-    from trainer_fixtures import make_config, run_trainer, write_config
+    from trainer_fixtures import run_trainer, write_config
 
     data = make_interactions(tmp_path / "clicks.csv")
     model_dir = make_model_definition(tmp_path / "base")
-    config = make_config(tmp_path, model_dir, data)
-    config["task"] = "recommendation"
-    config["data"] = {
-        "source": str(data),
-        "fields": {"kind": "interactions", "rating": "rating", "timestamp": "timestamp"},
-        "augmentation": {"negatives": {"strategy": "uniform", "count": 4}},
-    }
-    config["hyperparameters"] = {"epochs": 10, "microBatchSize": 128, "learningRate": 0.05, "warmupSteps": 0}
-    config["evaluation"] = {"everyEpoch": True, "batchSize": 64, "metrics": ["loss", "recall", "ndcg"]}
-    config["checkpointing"] = {"dir": str(tmp_path / "ckpt"), "saveOnEpochEnd": True, "keepLast": 1}
+    config = recommendation_config(tmp_path, model_dir, data)
     result = run_trainer(write_config(tmp_path, config))
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
