@@ -51,10 +51,14 @@ def write_serving_files(directory: Path, cfg: TrainerConfig, data: Any) -> None:
     """serving.json and quality_sample.jsonl, then the manifest over the whole folder."""
     label_names: Sequence[str] | None = getattr(data, "label_names", None)
     split, examples = held_out_examples(data)
-    with (directory / QUALITY_SAMPLE_FILE).open("w", encoding="utf-8") as out:
-        for example in examples:
-            row = {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
-            out.write(json.dumps(row, separators=(",", ":")) + "\n")
+    # Only token examples make a quality sample (the gate measures token models); an image task's examples
+    # are not encoded ids, so its artifact ships none and the server refuses to compress it behind a gate.
+    encoded = not examples or "input_ids" in examples[0]
+    if encoded:
+        with (directory / QUALITY_SAMPLE_FILE).open("w", encoding="utf-8") as out:
+            for example in examples:
+                row = {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
+                out.write(json.dumps(row, separators=(",", ":")) + "\n")
     serving = {
         "version": SERVING_FORMAT_VERSION,
         "task": cfg.task.value,
@@ -63,7 +67,9 @@ def write_serving_files(directory: Path, cfg: TrainerConfig, data: Any) -> None:
         "systemPrompt": cfg.data.system_prompt,
         "addEos": cfg.data.add_eos,
         "labelNames": list(label_names) if label_names is not None else None,
-        "qualitySample": {"file": QUALITY_SAMPLE_FILE, "split": split, "rows": len(examples)},
+        "qualitySample": (
+            {"file": QUALITY_SAMPLE_FILE, "split": split, "rows": len(examples)} if encoded else None
+        ),
     }
     (directory / SERVING_FILE).write_text(json.dumps(serving, indent=1), encoding="utf-8")
     write_manifest(directory)

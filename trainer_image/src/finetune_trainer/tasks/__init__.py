@@ -15,11 +15,13 @@ from collections.abc import Callable
 from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.tasks.base import TrainingTask
 from finetune_trainer.tasks.causal_lm import CausalLM
+from finetune_trainer.tasks.object_detection import ObjectDetection
 
 TaskFactory = Callable[[TrainerConfig], TrainingTask]
 
 TASKS: dict[str, TaskFactory] = {
     CausalLM.name: CausalLM,
+    ObjectDetection.name: ObjectDetection,
 }
 
 
