@@ -111,7 +111,7 @@ QuantizationMethod = Literal[
     "none", "int8-dynamic", "onnx-int8", "bnb-int8", "bnb-nf4", "int4-weight-only", "fp8-dynamic"
 ]
 PruningMethod = Literal["none", "magnitude", "2:4"]
-ServedTask = Literal["causal-lm", "sequence-classification"]
+ServedTask = Literal["causal-lm", "sequence-classification", "object-detection"]
 
 QUANTIZATION_METHODS: tuple[QuantizationMethod, ...] = (
     "none",
@@ -295,7 +295,9 @@ class ServerConfig(_Section):
         description="Name clients use in the `model` field and that /v1/models lists."
     )
     task: ServedTask | None = Field(
-        None, description="causal-lm or sequence-classification; default: the artifact's serving.json."
+        None,
+        description="causal-lm, sequence-classification or object-detection; default: the artifact's "
+        "serving.json.",
     )
     verify_manifest: bool = Field(
         True, description="Check every file against the artifact's sha256 manifest; a missing one fails."

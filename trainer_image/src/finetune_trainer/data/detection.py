@@ -95,7 +95,7 @@ class DetectionRow:
 
 @dataclass
 class DetectionData:
-    """What :func:`prepare_detection` returns (the shape of ``finetune_trainer.data.pipeline.PreparedData``)."""
+    """What :func:`prepare_detection` returns (shaped like ``data.pipeline.PreparedData``)."""
 
     train: list[DetectionExample]
     validation: list[DetectionExample]
@@ -110,7 +110,7 @@ class DetectionData:
         return self.category_names
 
 
-class _BadRow(ValueError):
+class _BadRowError(ValueError):
     """Why an image cannot be used (the message names the box or the file)."""
 
 
@@ -122,7 +122,9 @@ def read_coco(src: ResolvedSource) -> tuple[list[DetectionRow], list[str], list[
     try:
         document = json.loads(src.path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{src.uri}: not a readable COCO annotation file: {exc}", reason="SourceUnreadable")
+        raise DataError(
+            f"{src.uri}: not a readable COCO annotation file: {exc}", reason="SourceUnreadable"
+        ) from exc
     if not isinstance(document, dict) or not isinstance(document.get("images"), list):
         raise DataError(
             f"{src.uri}: a COCO annotation file needs an 'images' list (and 'annotations', 'categories')",
@@ -223,14 +225,14 @@ def _image_size_and_digest(path: Path) -> tuple[tuple[int, int], str]:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise _BadRow(f"image file {path} does not exist")
+        raise _BadRowError(f"image file {path} does not exist")
     digest, _ = sha256_file(path)
     try:
         with Image.open(path) as image:
             image.load()
             size = image.size
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise _BadRow(f"image file {path} cannot be decoded: {exc}") from exc
+        raise _BadRowError(f"image file {path} cannot be decoded: {exc}") from exc
     return size, digest
 
 
@@ -241,28 +243,26 @@ def _box(bbox: Any, what: str, width: int, height: int) -> list[float]:
         or len(bbox) != 4
         or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
     ):
-        raise _BadRow(f"{what}: bbox {bbox!r} is not four finite numbers [x, y, width, height]")
+        raise _BadRowError(f"{what}: bbox {bbox!r} is not four finite numbers [x, y, width, height]")
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
-        raise _BadRow(f"{what}: bbox {list(bbox)} has zero or negative area (width {w:g}, height {h:g})")
+        raise _BadRowError(f"{what}: bbox {list(bbox)} has zero or negative area (width {w:g}, height {h:g})")
     tol = BORDER_TOLERANCE
     if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-        raise _BadRow(f"{what}: bbox {list(bbox)} lies outside the {width}x{height} image")
+        raise _BadRowError(f"{what}: bbox {list(bbox)} lies outside the {width}x{height} image")
     return [x, y, x + w, y + h]
 
 
-def _check(
-    row: DetectionRow, index: dict[str, int] | None
-) -> tuple[DetectionExample, str, list[str]]:
-    """The example of a row, its image digest and its category names; :class:`_BadRow` when unusable."""
+def _check(row: DetectionRow, index: dict[str, int] | None) -> tuple[DetectionExample, str, list[str]]:
+    """The example of a row, its image digest and its category names; :class:`_BadRowError` when unusable."""
     for obj in row.objects:
         if obj.problem is not None:
-            raise _BadRow(f"{obj.what}: {obj.problem}")
+            raise _BadRowError(f"{obj.what}: {obj.problem}")
         if index is not None and obj.category not in index:
-            raise _BadRow(f"{obj.what}: unknown category {obj.category!r}")
+            raise _BadRowError(f"{obj.what}: unknown category {obj.category!r}")
     (width, height), digest = _image_size_and_digest(row.image)
     if row.declared_size is not None and row.declared_size != (width, height):
-        raise _BadRow(
+        raise _BadRowError(
             f"image {row.image.name}: the annotations say {row.declared_size[0]}x{row.declared_size[1]}, "
             f"the file is {width}x{height}"
         )
@@ -285,9 +285,7 @@ def _sources(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
     return resolved
 
 
-def prepare_detection(
-    cfg: DataConfig, workdir: Path, *, model_license: str | None = None
-) -> DetectionData:
+def prepare_detection(cfg: DataConfig, workdir: Path, *, model_license: str | None = None) -> DetectionData:
     """Read, check, de-duplicate and split the detection data; write ``data_report.json`` and
     ``provenance.json`` into ``workdir``. Deterministic: the same data and config give the same examples in
     the same order. Raises :class:`DataError` (too many malformed images, an empty train split, COCO files
@@ -329,7 +327,7 @@ def prepare_detection(
     for row in rows:
         try:
             example, digest, names = _check(row, index)
-        except _BadRow as exc:
+        except _BadRowError as exc:
             bad.bad(row.source, row.line, str(exc))
             continue
         checked.append((row, example, digest, names))

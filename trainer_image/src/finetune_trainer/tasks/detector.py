@@ -96,7 +96,7 @@ def read_spec(folder: Path) -> DetectorSpec:
         raise DetectorFolderError(
             f"{path}: a transformers model (model_type {document['model_type']!r}); object-detection "
             "trains torchvision detectors described by a config.json with 'architecture' (fcos) and "
-            "'backbone' (docs/tasks.md)"
+            "'backbone' (docs/object-detection.md)"
         )
     try:
         return DetectorSpec.model_validate(document)
@@ -105,7 +105,7 @@ def read_spec(folder: Path) -> DetectorSpec:
 
 
 class TinyBackbone(nn.Module):
-    """Four stride-2 stages (strides 4, 8, 16, 32) of GroupNorm convolutions and an FPN over the last three."""
+    """A stride-2 stem and four stride-2 stages of GroupNorm convolutions; an FPN over strides 8, 16, 32."""
 
     def __init__(self, widths: tuple[int, int, int, int], fpn_channels: int) -> None:
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
@@ -168,8 +168,9 @@ def build_detector(spec: DetectorSpec, num_classes: int) -> nn.Module:
     # FCOS assigns a box to the level whose range (4x to 8x the anchor size) holds its extent: anchor
     # size = the level's stride, as torchvision's own FCOS does.
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-    head = FCOSHead(int(getattr(backbone, "out_channels")), 1, num_classes, num_convs=spec.head_convs)
-    return FCOS(
+    channels_out: int = backbone.out_channels  # type: ignore[assignment]
+    head = FCOSHead(channels_out, 1, num_classes, num_convs=spec.head_convs)
+    detector: nn.Module = FCOS(
         backbone,
         num_classes=num_classes,
         min_size=spec.min_size,
@@ -180,6 +181,7 @@ def build_detector(spec: DetectorSpec, num_classes: int) -> nn.Module:
         nms_thresh=spec.nms_threshold,
         detections_per_img=spec.detections_per_image,
     )
+    return detector
 
 
 def load_weights(model: nn.Module, folder: Path, *, same_categories: bool) -> list[str]:
@@ -192,11 +194,15 @@ def load_weights(model: nn.Module, folder: Path, *, same_categories: bool) -> li
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    kept = state if same_categories else {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIX)}
+    kept = (
+        state if same_categories else {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIX)}
+    )
     try:
         missing, unexpected = model.load_state_dict(kept, strict=False)
     except RuntimeError as exc:
-        raise DetectorFolderError(f"{path}: the weights do not fit the detector of {CONFIG_FILE}: {exc}") from exc
+        raise DetectorFolderError(
+            f"{path}: the weights do not fit the detector of {CONFIG_FILE}: {exc}"
+        ) from exc
     if unexpected:
         raise DetectorFolderError(f"{path}: weights the detector does not have: {unexpected[:5]}")
     allowed = set() if same_categories else {k for k in state if k.startswith(CLASSIFIER_PREFIX)}

@@ -62,7 +62,8 @@ def load_image(path: str) -> torch.Tensor:
 
     with Image.open(path) as image:
         rgb = image.convert("RGB")
-    return functional.to_dtype(functional.to_image(rgb), torch.float32, scale=True)
+    pixels: torch.Tensor = functional.to_dtype(functional.to_image(rgb), torch.float32, scale=True)
+    return pixels
 
 
 def collate_detection(examples: Sequence[DetectionExample], device: torch.device) -> Batch:
@@ -227,9 +228,7 @@ class ObjectDetection:
     def fingerprint(examples: Sequence[DetectionExample]) -> str:
         digest = hashlib.sha256()
         for example in examples:
-            digest.update(
-                json.dumps([example["image"], example["boxes"], example["labels"]]).encode()
-            )
+            digest.update(json.dumps([example["image"], example["boxes"], example["labels"]]).encode())
         return digest.hexdigest()[:16]
 
     # ----------------------------------------------------------------------------------- evaluation
