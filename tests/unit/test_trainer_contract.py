@@ -57,7 +57,7 @@ _FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "generation-samples": ({}, {}),
     "label-smoothing": ({}, {"hyperparameters": {"labelSmoothing": 0.1}}),
     "image-augmentation": ({"augmentation": {"copies": 1, "image": {}}}, {}),
-    "text-augmentation": ({"augmentation": {"copies": 1, "text": {}}}, {}),
+    "text-augmentation": ({"augmentation": {"copies": 1, "text": {"synonyms": {"good": ["fine"]}}}}, {}),
 }
 
 
@@ -188,6 +188,8 @@ def _scalar_candidates(kind: Any, current: Any) -> list[Any]:
 
 
 def _candidates(kind: Any, current: Any) -> list[Any]:
+    if get_origin(kind) is dict:
+        return [{**(current or {}), "other": ["word"]}]
     if get_origin(kind) is list:
         (item,) = get_args(kind)
         items = _scalar_candidates(_unwrap(item)[0], None)
@@ -375,7 +377,13 @@ def test_augmentation_sections_are_rendered_or_refused() -> None:
     img = _render(_base("image-classification"))
     assert seq is not None
     assert img is not None
-    assert seq["data"]["augmentation"]["text"] == {"wordDropout": 0.0, "wordSwap": 0.0}
+    assert seq["data"]["augmentation"]["text"] == {
+        "wordDropout": 0.0,
+        "wordSwap": 0.0,
+        "wordInsertion": 0.0,
+        "synonymReplacement": 0.0,
+        "synonyms": {"good": ["fine"]},
+    }
     assert img["data"]["augmentation"]["image"]["horizontalFlip"] is False
 
 

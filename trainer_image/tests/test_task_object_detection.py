@@ -17,11 +17,12 @@ from torch import nn
 
 from detection_shapes import CATEGORIES, make_detector_folder, make_shapes_coco
 from finetune_trainer.config import ConfigError, TrainerConfig
-from finetune_trainer.data.config import DataConfig
+from finetune_trainer.data.config import DataConfig, ImageAugmentationConfig
 from finetune_trainer.data.detection import prepare_detection
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.tasks import make_task
 from finetune_trainer.tasks.object_detection import (
+    collate_detection,
     mean_average_precision,
     training_mode_without_statistics,
 )
@@ -130,6 +131,34 @@ def test_rows_with_image_and_objects_columns(tmp_path: Path) -> None:
     [bad] = data.report.bad_rows.lines
     assert bad.line == 7
     assert "field 'boxes': not a JSON list" in bad.reason
+
+
+def test_training_images_are_augmented_with_their_boxes_deterministically(tmp_path: Path) -> None:
+    source = make_shapes_coco(tmp_path, 12, seed=6)
+    cfg = DataConfig.model_validate({"source": str(source), "fields": KIND, "split": {"validation": 0.3}})
+    data = prepare_detection(cfg, tmp_path / "work")
+    augmentation = ImageAugmentationConfig.model_validate(
+        {"horizontalFlip": True, "randomResizedCrop": True, "rotationDegrees": 20, "colorJitter": 0.3}
+    )
+    cpu = torch.device("cpu")
+
+    def batch(examples: list[Any], epoch: int) -> dict[str, torch.Tensor]:
+        return collate_detection(examples, cpu, augmentation, seed=3, epoch=epoch)
+
+    train = data.train[:4]
+    first, again, other = batch(train, 0), batch(train, 0), batch(train, 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["images"], other["images"])
+    assert not torch.equal(first["images"], collate_detection(train, cpu)["images"])
+    for b in (first, other):
+        kept = b["labels"] >= 0
+        boxes = b["boxes"][kept]
+        assert (boxes[:, 2] > boxes[:, 0]).all()
+        assert (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes >= 0).all()
+        assert (boxes <= 96).all()
+    held_out = data.validation[:2]
+    assert all(torch.equal(batch(held_out, 0)[k], collate_detection(held_out, cpu)[k]) for k in first)
 
 
 def test_evaluation_loss_moves_no_batchnorm_statistics() -> None:

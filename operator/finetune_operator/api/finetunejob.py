@@ -240,15 +240,35 @@ class ImageAugmentation(ApiModel):
     """Strength of random brightness/contrast/saturation changes (0 = off)."""
     rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
     """Maximum random rotation in degrees (0 = off)."""
+    random_erasing: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Probability of blacking out one random rectangle of 2 to 33 percent of the area (0 = off)."""
 
 
 class TextAugmentation(ApiModel):
-    """Random text perturbations applied to training rows only."""
+    """EDA-style word operations on the augmented copies of training rows (validation and test rows are
+    never changed): synonym replacement, insertion of training-vocabulary words, swaps, deletion, in that
+    order, each word by word with its probability; seeded by `hyperparameters.seed`, the row and the copy."""
 
     word_dropout: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
-    """Probability of deleting each word."""
+    """Probability of deleting each word (one word always stays)."""
     word_swap: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
     """Probability of swapping each word with its neighbour."""
+    word_insertion: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    """Probability of inserting, after each word, a random word of the training split's vocabulary."""
+    synonym_replacement: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Probability of replacing a word listed in `synonyms` by one of its synonyms."""
+    synonyms: dict[str, Annotated[list[str], Field(min_length=1)]] = Field(default_factory=dict)
+    """Synonym table: lower-case word to its replacements (matched on the lower-cased word)."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.synonymReplacement) || self.synonymReplacement == 0.0"
+            " || (has(self.synonyms) && size(self.synonyms) > 0)",
+            message="synonymReplacement needs a synonyms table",
+            holds=lambda m: m.synonym_replacement == 0.0 or bool(m.synonyms),
+            field_path=".synonymReplacement",
+        ),
+    )
 
 
 class Augmentation(ApiModel):
@@ -260,7 +280,17 @@ class Augmentation(ApiModel):
     image: ImageAugmentation | None = None
     """Image transforms (image-classification and object-detection only)."""
     text: TextAugmentation | None = None
-    """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text)."""
+    """Text perturbations (sequence-classification only; the trainer does not perturb causal-lm text). The
+    perturbed copies are made when the data is prepared, so `copies` must be at least 1."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.text) || self.copies >= 1",
+            message="text augmentation makes its copies when the data is prepared: set copies to at least 1",
+            holds=lambda m: m.text is None or m.copies >= 1,
+            field_path=".copies",
+        ),
+    )
 
 
 class BadRows(ApiModel):
@@ -276,8 +306,9 @@ class Dataset(ApiModel):
 
     source: SourceUri
     """Where the data is: `hf://org/name[@revision]`, `pvc://claim/path`, `s3://bucket/key` or `file:///path`."""
-    format: Literal["jsonl", "csv", "parquet", "hf-disk"] = "jsonl"
-    """File format: JSON lines, CSV with a header, Parquet, or a `datasets` `save_to_disk` directory."""
+    format: Literal["jsonl", "csv", "parquet", "hf-disk", "image-folder"] = "jsonl"
+    """File format: JSON lines, CSV with a header, Parquet, a `datasets` `save_to_disk` directory, or
+    `image-folder` (one folder per class holding its images; image-classification)."""
     field_mapping: FieldMapping | None = None
     """Which columns hold what; the task's default column names when omitted."""
     template: Literal["plain", "alpaca", "chatml", "tokenizer"] = "plain"

@@ -136,6 +136,7 @@ def _augmentation(job: FineTuneJob) -> dict[str, Any] | None:
     section: dict[str, Any] = {
         "strategy": "template-variants" if variants else "none",
         "copies": augmentation.copies,
+        "seed": job.spec.hyperparameters.seed,
     }
     if augmentation.image is not None:
         section["image"] = augmentation.image.model_dump(by_alias=True)

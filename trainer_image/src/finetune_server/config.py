@@ -111,7 +111,7 @@ QuantizationMethod = Literal[
     "none", "int8-dynamic", "onnx-int8", "bnb-int8", "bnb-nf4", "int4-weight-only", "fp8-dynamic"
 ]
 PruningMethod = Literal["none", "magnitude", "2:4"]
-ServedTask = Literal["causal-lm", "sequence-classification", "object-detection"]
+ServedTask = Literal["causal-lm", "sequence-classification", "image-classification", "object-detection"]
 
 QUANTIZATION_METHODS: tuple[QuantizationMethod, ...] = (
     "none",
@@ -296,8 +296,8 @@ class ServerConfig(_Section):
     )
     task: ServedTask | None = Field(
         None,
-        description="causal-lm, sequence-classification or object-detection; default: the artifact's "
-        "serving.json.",
+        description="causal-lm, sequence-classification, image-classification or object-detection; "
+        "default: the artifact's serving.json.",
     )
     verify_manifest: bool = Field(
         True, description="Check every file against the artifact's sha256 manifest; a missing one fails."

@@ -240,6 +240,10 @@ class Trainer:
             epoch, in_epoch = divmod(state.step, order.steps_per_epoch)
             if epoch != perm_epoch:
                 perm_epoch, perm = epoch, order.permutation(epoch)
+                # Tasks whose examples change per epoch (recommendation's negatives) are told which one.
+                set_epoch = getattr(self.task, "set_epoch", None)
+                if set_epoch is not None:
+                    set_epoch(epoch)
             step_start = time.perf_counter()
             for indices in order.micro_batches(perm, in_epoch, self.dist.rank):
                 examples = self._train_examples(indices)

@@ -108,11 +108,13 @@ def load_pretrained(
     device: torch.device,
     ds_config: dict[str, Any] | None,
     what: str,
+    new_head: bool = False,
     **config_overrides: Any,
 ) -> Any:
     """``auto_class.from_pretrained`` of ``model.path`` with the dropout override, QLoRA quantisation and
     ZeRO-3 partitioned loading applied; ``config_overrides`` go to the model config (``num_labels``,
-    ``id2label``...). ``what`` names the model kind in the error (``a causal LM``)."""
+    ``id2label``...). ``what`` names the model kind in the error (``a causal LM``). ``new_head``: the
+    checkpoint's classification head may have another number of classes; it is then initialised afresh."""
     from transformers import AutoConfig
 
     location, revision = resolve_model_location(cfg.model)
@@ -127,6 +129,8 @@ def load_pretrained(
         changed = _override_dropout(model_config, cfg.hyperparameters.dropout)
         log.info("dropout %.3f set on %s", cfg.hyperparameters.dropout, ", ".join(changed) or "nothing")
     kwargs: dict[str, Any] = {"config": model_config, "revision": revision, "trust_remote_code": trust}
+    if new_head:
+        kwargs["ignore_mismatched_sizes"] = True
     if cfg.method is Method.QLORA:
         from transformers import BitsAndBytesConfig
 

@@ -100,7 +100,7 @@ CATALOG: dict[str, TaskInfo] = {
             metrics=("loss", "accuracy", "f1", "precision", "recall", "auc"),
             layouts=(FieldLayout("classification", ("text", "label"), ("text_pair",)),),
             features=frozenset({"label-smoothing", "text-augmentation"}),
-            implemented=False,
+            implemented=True,
         ),
         TaskInfo(
             name="image-classification",
@@ -108,7 +108,7 @@ CATALOG: dict[str, TaskInfo] = {
             metrics=("loss", "accuracy", "f1", "precision", "recall"),
             layouts=(FieldLayout("image-classification", ("image", "label")),),
             features=frozenset({"label-smoothing", "image-augmentation"}),
-            implemented=False,
+            implemented=True,
         ),
         TaskInfo(
             name="object-detection",

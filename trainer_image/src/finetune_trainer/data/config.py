@@ -32,6 +32,7 @@ __all__ = [
     "ExtraPiiPattern",
     "FieldMapping",
     "ImageAugmentationConfig",
+    "ImagesConfig",
     "PiiConfig",
     "PiiKind",
     "SplitConfig",
@@ -65,7 +66,7 @@ class _DataModel(BaseModel):
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
-DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk"]
+DataFormat = Literal["auto", "jsonl", "csv", "parquet", "hf-disk", "image-folder"]
 #: The row layouts of the task catalog (finetune_trainer.task_catalog.LAYOUT_KINDS; a test keeps them equal).
 MappingKind = Literal[
     "prompt-completion",
@@ -332,6 +333,33 @@ class ComplianceConfig(_DataModel):
     )
 
 
+class ImagesConfig(_DataModel):
+    """Validation of every image row (image tasks): decodable, colour mode, size. A row that fails is a
+    malformed row (``badRows``) with its file and the reason."""
+
+    section_name = "data.images"
+
+    mode: Literal["convert", "refuse"] = Field(
+        default="convert",
+        description="Images that are not RGB (greyscale, palette, RGBA, CMYK, 16-bit): 'convert' them to RGB "
+        "when read, or 'refuse' them as malformed rows.",
+    )
+    min_size: int = Field(
+        default=1, ge=1, description="Smallest width and height in pixels; smaller images are malformed rows."
+    )
+    max_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest width and height in pixels; larger images are malformed rows. null: no limit.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImagesConfig:
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise ValueError(f"maxSize {self.max_size} is below minSize {self.min_size}")
+        return self
+
+
 class ImageAugmentationConfig(_DataModel):
     """Random image transforms of training images (FineTuneJob's dataset.augmentation.image)."""
 
@@ -343,10 +371,19 @@ class ImageAugmentationConfig(_DataModel):
     )
     color_jitter: float = Field(default=0.0, ge=0.0, le=1.0, description="Colour jitter strength (0: off).")
     rotation_degrees: float = Field(default=0.0, ge=0.0, le=180.0, description="Largest rotation (0: off).")
+    random_erasing: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of blacking out one random rectangle (2 to 33 percent of the area; 0: off).",
+    )
 
 
 class TextAugmentationConfig(_DataModel):
-    """Random word-level perturbations of training rows (FineTuneJob's dataset.augmentation.text)."""
+    """EDA-style word operations on copies of training rows (FineTuneJob's dataset.augmentation.text):
+    synonym replacement from a supplied table, insertion of words of the training split's vocabulary,
+    neighbour swaps and deletion, in that order, each per word with its probability (finetune_trainer.data.
+    augmentation). Seeded by ``data.augmentation.seed``, the row and the copy number."""
 
     section_name = "data.augmentation.text"
 
@@ -354,6 +391,37 @@ class TextAugmentationConfig(_DataModel):
     word_swap: float = Field(
         default=0.0, ge=0.0, le=0.5, description="Probability of swapping a word with its neighbour."
     )
+    word_insertion: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.5,
+        description="Probability of inserting, after a word, a random word of the training split's "
+        "vocabulary.",
+    )
+    synonym_replacement: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of replacing a word found in ``synonyms`` by one of its synonyms.",
+    )
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Synonym table: lower-case word -> its replacements (matched on the lower-cased word).",
+    )
+
+    @model_validator(mode="after")
+    def _synonyms_for_replacement(self) -> TextAugmentationConfig:
+        if self.synonym_replacement > 0 and not self.synonyms:
+            raise ValueError("synonymReplacement needs a synonyms table")
+        empty = sorted(word for word, options in self.synonyms.items() if not options)
+        if empty:
+            raise ValueError(f"synonyms: words without a replacement: {empty}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any operation can change a row."""
+        return any((self.word_dropout, self.word_swap, self.word_insertion, self.synonym_replacement))
 
 
 class AugmentationConfig(_DataModel):
@@ -376,7 +444,15 @@ class AugmentationConfig(_DataModel):
         ],
         description="Prompt rewrites, each containing '{prompt}'. Copy i of a row uses variant i mod len.",
     )
-    copies: int = Field(default=1, ge=0, le=16, description="Extra copies per training row.")
+    copies: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="Extra copies per training row (template variants, or text perturbations with ``text``).",
+    )
+    seed: int = Field(
+        default=42, description="Seed of the random augmentation (the operator renders the job's seed)."
+    )
     image: ImageAugmentationConfig | None = Field(
         default=None, description="Random image transforms (image tasks; FineTuneJob's augmentation.image)."
     )
@@ -391,6 +467,16 @@ class AugmentationConfig(_DataModel):
         if bad or not value:
             raise ValueError(f"every variant must contain '{{prompt}}' and the list must not be empty: {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind_of_copy(self) -> AugmentationConfig:
+        if self.text is not None and self.strategy != "none":
+            raise ValueError("text and strategy 'template-variants' both make the copies; set one of them")
+        if self.text is not None and self.copies == 0:
+            raise ValueError(
+                "text needs copies >= 1: the perturbed copies are made when the data is prepared"
+            )
+        return self
 
 
 class DataConfig(_DataModel):
@@ -409,7 +495,8 @@ class DataConfig(_DataModel):
     )
     format: DataFormat = Field(
         default="auto",
-        description="jsonl, csv, parquet, hf-disk, or auto (from the file extension / folder contents).",
+        description="jsonl, csv, parquet, hf-disk, image-folder (a folder per class holding its images; "
+        "image-classification), or auto (from the file extension / folder contents).",
     )
     hf_split: str = Field(
         default="train",
@@ -448,6 +535,7 @@ class DataConfig(_DataModel):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicate removal.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data detection.")
     bad_rows: BadRowsConfig = Field(default_factory=BadRowsConfig, description="Malformed-row policy.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="Image validation (image tasks).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split.")
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig, description="Licence allowlist.")
     augmentation: AugmentationConfig = Field(

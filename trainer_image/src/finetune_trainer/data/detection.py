@@ -59,7 +59,8 @@ __all__ = [
     "read_coco",
 ]
 
-#: {"image": path, "width": int, "height": int, "boxes": [[x1, y1, x2, y2], ...], "labels": [int, ...]}
+#: {"image": path, "width": int, "height": int, "boxes": [[x1, y1, x2, y2], ...], "labels": [int, ...],
+#: "split": name, "index": position in the split}
 DetectionExample = dict[str, Any]
 
 #: How far (pixels) a box edge may pass the image border before the box is "outside": float noise only.
@@ -362,6 +363,10 @@ def prepare_detection(cfg: DataConfig, workdir: Path, *, model_license: str | No
         place = row.role if row.role != "main" else assign_split(row.row_id or digest, cfg.split)
         example["labels"] = [label_of[n] for n in row_names]
         splits[place].append(example)
+    for name, members in splits.items():
+        for index, example in enumerate(members):
+            # The split and the position in it seed the training-only augmentation draws.
+            example["split"], example["index"] = name, index
     stages.append(StageRecord(name="split", rows_in=len(unique), rows_out=len(unique), removed={}))
     if not splits["train"]:
         raise DataError(

@@ -26,7 +26,8 @@ class Record:
     """One example, independent of its source format.
 
     ``parts`` holds the named text fields of the row layout (prompt/completion; instruction/input/output;
-    text); ``messages`` holds chat turns; ``label`` the class of a classification row.
+    text, and text_pair for a classification pair); ``messages`` holds chat turns; ``label`` the class of
+    a classification row.
     """
 
     source: str
@@ -174,4 +175,6 @@ def map_row(row: dict[str, Any], mapping: FieldMapping, *, source: str, line: in
     if kind == "text":
         return Record(source, line, kind, parts={"text": _text(row, mapping.text)}, row_id=row_id)
     parts = {"text": _text(row, mapping.text)}
+    if mapping.text_pair is not None:  # a mapped pair column is read from every row
+        parts["text_pair"] = _text(row, mapping.text_pair)
     return Record(source, line, kind, parts=parts, label=_key(row, mapping.label), row_id=row_id)

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finetune_trainer.data.augmentation import with_prompt
+from finetune_trainer.data.augmentation import augmentation_copies, augmented_copy, text_vocabulary
 from finetune_trainer.data.compliance import check_licences, config_digest
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.encoding import IGNORE_INDEX, Example
@@ -437,7 +437,7 @@ class _Plan:
 
 def _plan(cfg: DataConfig, splits: dict[str, np.ndarray]) -> _Plan:
     train = splits["train"]
-    copies = cfg.augmentation.copies if cfg.augmentation.strategy != "none" else 0
+    copies = augmentation_copies(cfg.augmentation)
     parts_rows = [train] + [train] * copies + [splits["validation"], splits["test"]]
     parts_copies = [np.full(len(train), c, dtype=np.int8) for c in range(copies + 1)] + [
         np.zeros(len(splits["validation"]), dtype=np.int8),
@@ -482,11 +482,22 @@ def _split_record(lengths: np.ndarray, loss: int, truncated: int, max_length: in
     )
 
 
-def _record_of(rows: Sequence[Path], cfg: DataConfig, row: int, copy: int) -> Record:
+def _record_of(rows: Sequence[Path], cfg: DataConfig, row: int, copy: int, vocabulary: list[str]) -> Record:
     record = Record.loads(_column(rows, "record")[row].as_py())
     if copy:
-        record = with_prompt(record, cfg.augmentation.variants[copy % len(cfg.augmentation.variants)])
+        record = augmented_copy(record, cfg.augmentation, vocabulary, row=row, copy=copy)
     return record
+
+
+def _insertion_vocabulary(cfg: DataConfig, rows: Sequence[Path], train: np.ndarray) -> list[str]:
+    """The training split's words, for text augmentation's insertions (empty when it inserts nothing)."""
+    text = cfg.augmentation.text
+    if text is None or text.word_insertion == 0 or not len(train):
+        return []
+    records = _column(rows, "record").take(pa.array(train))
+    return list(
+        text_vocabulary(value for item in records.to_pylist() for value in Record.loads(item).parts.values())
+    )
 
 
 def _pack(encoded: Sequence[Path], stop: int, block: int, target: Path) -> tuple[int, int]:
@@ -628,6 +639,7 @@ def _build(
     label_index = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
     plan = _plan(cfg, placed.splits)
     _write_plan(plan, work / "plan.arrow")
+    vocabulary = _insertion_vocabulary(cfg, rows, placed.splits["train"])
     encoded = _map(
         work / "plan.arrow",
         encode_rows,
@@ -639,6 +651,7 @@ def _build(
             "tokenizer": tokenizer,
             "rows_paths": [str(p) for p in rows],
             "label_index": label_index,
+            "vocabulary": vocabulary,
         },
     )
 
@@ -649,9 +662,10 @@ def _build(
     identical = np.asarray([d == "identical_copy" for d in dropped], dtype=bool)
     kept = np.asarray([d is None for d in dropped], dtype=bool)
     train_rows = len(placed.splits["train"])
-    if cfg.augmentation.strategy != "none":
+    if augmentation_copies(cfg.augmentation):
         start, stop = plan.ranges["train"]
         report.augmented_rows = int((~identical[train_rows:stop]).sum())
+        report.augmented_ratio = report.augmented_rows / train_rows if train_rows else 0.0
         stages.add("augment (train)", train_rows, train_rows + report.augmented_rows)
     removed = _counts([d for d in dropped if d is not None and d != "identical_copy"])
     samples: dict[str, list[dict[str, str]]] = {}
@@ -668,7 +682,7 @@ def _build(
         )
         samples[name] = []
         for position in chosen[:SAMPLES_KEPT].tolist():
-            record = _record_of(rows, cfg, int(plan.rows[position]), int(plan.copies[position]))
+            record = _record_of(rows, cfg, int(plan.rows[position]), int(plan.copies[position]), vocabulary)
             samples[name].append(
                 {
                     "prompt": render(record, cfg, tokenizer).prompt_text,
@@ -726,7 +740,7 @@ def _open(folder: Path, *, reused: bool) -> PreparedData:
     )
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path) -> None:
     """Make a fully written folder visible under its final name, atomically (a rename)."""
     write_text_atomically(tmp / READY, "")
     fsync_path(tmp)
@@ -870,7 +884,7 @@ def _prepare_into(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         _build(cfg, tokenizer, sources, tmp, key, workers, stages, bad, report)
-        _publish(tmp, final)
+        publish_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

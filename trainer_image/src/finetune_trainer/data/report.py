@@ -20,6 +20,7 @@ __all__ = [
     "CacheRecord",
     "DataReport",
     "Histogram",
+    "ImageSplitRecord",
     "LicenceRecord",
     "PiiRecord",
     "Provenance",
@@ -101,6 +102,16 @@ class SplitRecord(_ReportModel):
     mean_tokens: float = Field(default=0.0, description="Mean example length.")
 
 
+class ImageSplitRecord(_ReportModel):
+    images: int = Field(description="Images in the split.")
+    per_class: list[int] = Field(default_factory=list, description="Images per class id (labelNames order).")
+    modes: dict[str, int] = Field(default_factory=dict, description="Images by colour mode as stored.")
+    min_width: int = Field(default=0, description="Narrowest image (pixels).")
+    max_width: int = Field(default=0, description="Widest image (pixels).")
+    min_height: int = Field(default=0, description="Lowest image (pixels).")
+    max_height: int = Field(default=0, description="Tallest image (pixels).")
+
+
 class LicenceRecord(_ReportModel):
     dataset: str | None = Field(default=None, description="Dataset licence (SPDX).")
     model: str | None = Field(default=None, description="Base-model licence (SPDX).")
@@ -130,7 +141,14 @@ class DataReport(_ReportModel):
     pii: PiiRecord = Field(description="PII counts.")
     splits: dict[str, SplitRecord] = Field(default_factory=dict, description="train / validation / test.")
     augmented_rows: int = Field(default=0, description="Rows added to train by augmentation.")
+    augmented_ratio: float = Field(
+        default=0.0,
+        description="augmentedRows / the train rows before augmentation (0 without augmentation).",
+    )
     label_names: list[str] | None = Field(default=None, description="Class names (kind classification).")
+    images: dict[str, ImageSplitRecord] = Field(
+        default_factory=dict, description="train / validation / test of an image task: counts and sizes."
+    )
     cache: CacheRecord | None = Field(default=None, description="The prepared-data cache entry used.")
 
     @property
@@ -183,9 +201,13 @@ def render_data_section(report: DataReport) -> str:
     """A Markdown ``## Data`` section for the model card: sources, stages, removals, PII, splits, lengths."""
     prov = report.provenance
     out = ["## Data", ""]
+    rendered = (
+        "images decoded per batch"
+        if report.images
+        else f"template `{report.template}`, tokenizer `{prov.tokenizer}`"
+    )
     out.append(
-        f"Rows of kind `{report.mapping_kind}`, template `{report.template}`, tokenizer `{prov.tokenizer}`. "
-        f"Data config digest `{prov.config_digest[:16]}`."
+        f"Rows of kind `{report.mapping_kind}`, {rendered}. Data config digest `{prov.config_digest[:16]}`."
     )
     out += ["", "### Sources", ""]
     out += _table(
@@ -212,13 +234,18 @@ def render_data_section(report: DataReport) -> str:
         out[-1] += f" First: {shown}."
     pii = report.pii
     found = ", ".join(f"{k}: {v}" for k, v in sorted(pii.matches.items())) or "none"
-    out += [
-        "",
-        f"Personal data (policy `{pii.policy}`): {found}; rows with PII: {pii.rows_with_pii}, "
-        f"rejected: {pii.rows_rejected}.",
-    ]
+    if not report.images:  # images carry no text to scan
+        out += [
+            "",
+            f"Personal data (policy `{pii.policy}`): {found}; rows with PII: {pii.rows_with_pii}, "
+            f"rejected: {pii.rows_rejected}.",
+        ]
     if report.augmented_rows:
-        out += ["", f"Augmentation added {report.augmented_rows} training rows."]
+        out += [
+            "",
+            f"Augmentation added {report.augmented_rows} training rows "
+            f"({report.augmented_ratio:.2f} per original training row).",
+        ]
     lic = prov.licences
     if lic.checked or lic.dataset or lic.model:
         verdict = "checked against the allowlist" if lic.checked else "not checked (no allowlist)"
@@ -230,6 +257,8 @@ def render_data_section(report: DataReport) -> str:
     if report.cache is not None:
         how = "reused from an earlier preparation" if report.cache.reused else "prepared by this run"
         out += ["", f"Prepared examples (cache key `{report.cache.key[:16]}`): {how}."]
+    if report.images:
+        return "\n".join([*out, *_image_splits(report)]) + "\n"
     out += ["", "### Splits", ""]
     out += _table(
         ["split", "examples", "tokens", "loss tokens", "truncated", "min / mean / max tokens"],
@@ -255,3 +284,30 @@ def render_data_section(report: DataReport) -> str:
             [[f"{hist.edges[i]}-{hist.edges[i + 1] - 1}", str(n)] for i, n in enumerate(hist.counts)],
         )
     return "\n".join(out) + "\n"
+
+
+def _image_splits(report: DataReport) -> list[str]:
+    names = report.label_names or []
+    out = ["", "### Splits", ""]
+    out += _table(
+        ["split", "images", "width (min-max)", "height (min-max)", "colour modes"],
+        [
+            [
+                name,
+                str(sp.images),
+                f"{sp.min_width}-{sp.max_width}",
+                f"{sp.min_height}-{sp.max_height}",
+                ", ".join(f"{mode}: {n}" for mode, n in sorted(sp.modes.items())) or "—",
+            ]
+            for name, sp in report.images.items()
+        ],
+    )
+    out += ["", "Images per class:", ""]
+    out += _table(
+        ["class", *report.images],
+        [
+            [name, *(str(sp.per_class[i]) if i < len(sp.per_class) else "0" for sp in report.images.values())]
+            for i, name in enumerate(names)
+        ],
+    )
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from finetune_trainer.data.augmentation import with_prompt
+from finetune_trainer.data.augmentation import augmented_copy
 from finetune_trainer.data.cleaning import clean_record, length_violation
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.encoding import encode_columns
@@ -169,10 +169,12 @@ def encode_rows(
     tokenizer: Any,
     rows_paths: list[str],
     label_index: dict[str, int] | None,
+    vocabulary: list[str] | None = None,
 ) -> pa.Table:
     """Render and tokenize planned rows (``row``: index in the examined table, ``copy``: 0 for the row,
-    i > 0 for augmentation copy i); see :data:`ENCODED_SCHEMA`. An augmentation copy identical to its row
-    is ``dropped = "identical_copy"`` (not a row at all: never counted)."""
+    i > 0 for augmentation copy i: a prompt variant, or the row's text perturbed with words of
+    ``vocabulary``, see :func:`augmented_copy`); see :data:`ENCODED_SCHEMA`. An augmentation copy
+    identical to its row is ``dropped = "identical_copy"`` (not a row at all: never counted)."""
     import numpy as np
 
     from finetune_trainer.data.store import tables
@@ -182,11 +184,10 @@ def encode_rows(
     copies = batch.column("copy").to_pylist()
     texts = records.take(pa.array(rows)).to_pylist()
     planned: list[Record | None] = []
-    for text, copy in zip(texts, copies, strict=True):
+    for row, text, copy in zip(rows.tolist(), texts, copies, strict=True):
         record = Record.loads(text)
         if copy:
-            variant = cfg.augmentation.variants[copy % len(cfg.augmentation.variants)]
-            rewritten = with_prompt(record, variant)
+            rewritten = augmented_copy(record, cfg.augmentation, vocabulary or [], row=row, copy=copy)
             planned.append(rewritten if rewritten != record else None)
         else:
             planned.append(record)

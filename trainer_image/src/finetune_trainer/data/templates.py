@@ -11,7 +11,8 @@ Templates:
 - tokenizer: ``tokenizer.apply_chat_template``; each assistant turn's span is found by rendering the
   conversation up to that turn (with the generation prompt) and up to its end.
 
-Rows of kind text and classification are their text, whatever the template.
+Rows of kind text and classification are their text, whatever the template (a classification pair is its
+two texts around the tokenizer's separator token).
 """
 
 from __future__ import annotations
@@ -154,8 +155,18 @@ def _chat_template(record: Record, cfg: DataConfig, tokenizer: Any) -> Rendered:
     return Rendered(full, tuple(spans), full[:prompt_end], self_terminated=True)
 
 
+def pair_text(text: str, pair: str, tokenizer: Any) -> str:
+    """A classification pair as one text: the two texts around the tokenizer's separator token (``[SEP]``,
+    ``</s>``: the tokenizer turns it back into that special token), or a newline when it has none. A client
+    of the served model sends a pair joined the same way."""
+    sep = getattr(tokenizer, "sep_token", None) or getattr(tokenizer, "eos_token", None)
+    return f"{text} {sep} {pair}" if sep else f"{text}\n{pair}"
+
+
 def render(record: Record, cfg: DataConfig, tokenizer: Any = None) -> Rendered:
     """The training text of a record under ``cfg.template``."""
+    if record.kind == "classification" and "text_pair" in record.parts:
+        return _from_segments([(pair_text(record.parts["text"], record.parts["text_pair"], tokenizer), True)])
     if record.kind in ("text", "classification"):
         return _from_segments([(record.parts["text"], True)])
     if cfg.template == "plain":

@@ -15,12 +15,16 @@ from collections.abc import Callable
 from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.tasks.base import TrainingTask
 from finetune_trainer.tasks.causal_lm import CausalLM
+from finetune_trainer.tasks.image_classification import ImageClassification
 from finetune_trainer.tasks.object_detection import ObjectDetection
+from finetune_trainer.tasks.sequence_classification import SequenceClassification
 
 TaskFactory = Callable[[TrainerConfig], TrainingTask]
 
 TASKS: dict[str, TaskFactory] = {
     CausalLM.name: CausalLM,
+    SequenceClassification.name: SequenceClassification,
+    ImageClassification.name: ImageClassification,
     ObjectDetection.name: ObjectDetection,
 }
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ConfigError, Method, TrainerConfig
+from finetune_trainer.data.config import ImageAugmentationConfig
 from finetune_trainer.data.detection import DetectionExample
 from finetune_trainer.modeling import ModelError, resolve_model_location
 from finetune_trainer.tasks.base import Batch, Exported
@@ -66,8 +67,53 @@ def load_image(path: str) -> torch.Tensor:
     return pixels
 
 
-def collate_detection(examples: Sequence[DetectionExample], device: torch.device) -> Batch:
-    images = [load_image(e["image"]) for e in examples]
+def augmented(
+    example: DetectionExample, cfg: ImageAugmentationConfig, *, seed: int, epoch: int
+) -> tuple[torch.Tensor, DetectionExample]:
+    """A training image and its boxes through ``data.augmentation.image`` (box-aware: boxes move with the
+    pixels; boxes the crop or rotation made degenerate are dropped with their labels)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional
+
+    from finetune_trainer.data.image_augmentation import augment
+
+    image = load_image(example["image"])
+    sample = {
+        "image": tv_tensors.Image(image),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor(example["boxes"], dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(image.shape[1], image.shape[2]),
+        ),
+        "labels": torch.tensor(example["labels"], dtype=torch.long),
+    }
+    out = augment(sample, cfg, seed=seed, epoch=epoch, index=example["index"])
+    pixels: torch.Tensor = functional.to_dtype(
+        out["image"].as_subclass(torch.Tensor), torch.float32, scale=True
+    )
+    moved = {**example, "boxes": out["boxes"].tolist(), "labels": out["labels"].tolist()}
+    return pixels, moved
+
+
+def collate_detection(
+    examples: Sequence[DetectionExample],
+    device: torch.device,
+    augmentation: ImageAugmentationConfig | None = None,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+) -> Batch:
+    """Padded tensors of a batch; training examples go through ``augmentation`` when it is set."""
+    images = []
+    prepared = []
+    for example in examples:
+        if augmentation is not None and example.get("split") == "train":
+            image, example = augmented(example, augmentation, seed=seed, epoch=epoch)
+        else:
+            image = load_image(example["image"])
+        images.append(image)
+        prepared.append(example)
+    examples = prepared
     height = max(i.shape[1] for i in images)
     width = max(i.shape[2] for i in images)
     most = max(1, max(len(e["boxes"]) for e in examples))
@@ -153,6 +199,7 @@ class ObjectDetection:
             )
         self.cfg = cfg
         self.categories: list[str] = []
+        self.epoch = 0
         location, _ = resolve_model_location(cfg.model)
         if cfg.model.path.startswith("hf://"):
             raise ConfigError(
@@ -175,11 +222,6 @@ class ObjectDetection:
         # and cheap next to training) instead of waiting for rank 0's copy.
         from finetune_trainer.data.detection import prepare_detection
 
-        if self.cfg.data.augmentation.image is not None:
-            raise ConfigError(
-                "data.augmentation.image: box-aware image augmentation is not wired into object-detection "
-                "yet; remove it"
-            )
         data = prepare_detection(self.cfg.data, workdir, model_license=self.cfg.model.license)
         self.categories = data.category_names
         return data
@@ -205,8 +247,14 @@ class ObjectDetection:
         return model.to(device)
 
     # ------------------------------------------------------------------------------------- the loop
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next training batches belong to (their augmentation draws depend on it)."""
+        self.epoch = epoch
+
     def collate(self, examples: Sequence[DetectionExample], device: torch.device) -> Batch:
-        return collate_detection(examples, device)
+        return collate_detection(
+            examples, device, self.cfg.data.augmentation.image, seed=self.cfg.seed, epoch=self.epoch
+        )
 
     def forward(self, module: nn.Module, batch: Batch) -> dict[str, Any]:
         images, targets = unpack(batch)
