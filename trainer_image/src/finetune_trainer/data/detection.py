@@ -364,9 +364,9 @@ def prepare_detection(cfg: DataConfig, workdir: Path, *, model_license: str | No
         example["labels"] = [label_of[n] for n in row_names]
         splits[place].append(example)
     for name, members in splits.items():
-        for index, example in enumerate(members):
+        for position, example in enumerate(members):
             # The split and the position in it seed the training-only augmentation draws.
-            example["split"], example["index"] = name, index
+            example["split"], example["index"] = name, position
     stages.append(StageRecord(name="split", rows_in=len(unique), rows_out=len(unique), removed={}))
     if not splits["train"]:
         raise DataError(
