@@ -24,18 +24,36 @@ from trainer_fixtures import REPO, make_config, run_trainer, write_config
 TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sports": (
         ("the striker", "our goalkeeper", "the tennis player", "the coach", "the runner", "the team"),
-        ("scored a late goal", "won the final match", "trained at the stadium", "missed the penalty",
-         "broke the sprint record", "lost the championship game"),
+        (
+            "scored a late goal",
+            "won the final match",
+            "trained at the stadium",
+            "missed the penalty",
+            "broke the sprint record",
+            "lost the championship game",
+        ),
     ),
     "cooking": (
         ("the chef", "my grandmother", "the baker", "our cook", "the waiter", "the kitchen crew"),
-        ("baked fresh bread", "seasoned the soup with garlic", "roasted the vegetables",
-         "burned the pancakes", "chopped onions for the stew", "whisked eggs for the cake"),
+        (
+            "baked fresh bread",
+            "seasoned the soup with garlic",
+            "roasted the vegetables",
+            "burned the pancakes",
+            "chopped onions for the stew",
+            "whisked eggs for the cake",
+        ),
     ),
     "weather": (
         ("the forecast", "the storm", "the morning fog", "a cold front", "the summer heat", "the wind"),
-        ("brought heavy rain", "caused snow on the hills", "turned the sky grey", "cleared by noon",
-         "reached forty degrees", "knocked down power lines"),
+        (
+            "brought heavy rain",
+            "caused snow on the hills",
+            "turned the sky grey",
+            "cleared by noon",
+            "reached forty degrees",
+            "knocked down power lines",
+        ),
     ),
 }
 FILLERS = ("yesterday", "this week", "again", "on sunday", "as expected", "once more", "late at night")
@@ -113,13 +131,16 @@ def test_eda_operations_use_only_the_table_and_the_vocabulary_and_keep_a_word() 
     vocabulary = ("alpha", "beta")
     only_synonyms = TextAugmentationConfig(synonymReplacement=1.0, synonyms=table)
     out = perturb_words(words, only_synonyms, vocabulary, random.Random(0))
-    assert out[:3] == ["The", "chef", "cooked"] and out[3] in {"new", "warm"} and out[4:] == words[4:]
+    assert out[:3] == ["The", "chef", "cooked"]
+    assert out[3] in {"new", "warm"}
+    assert out[4:] == words[4:]
     inserting = TextAugmentationConfig(wordInsertion=0.5)
     out = perturb_words(words, inserting, vocabulary, random.Random(1))
     extra = list(out)
     for word in words:
         extra.remove(word)
-    assert extra and set(extra) <= set(vocabulary)
+    assert extra
+    assert set(extra) <= set(vocabulary)
     dropping = TextAugmentationConfig(wordDropout=0.5)
     for seed in range(50):
         assert 1 <= len(perturb_words(["one", "two"], dropping, vocabulary, random.Random(seed))) <= 2
@@ -214,7 +235,8 @@ def _predict(model_dir: Path, texts: Sequence[str]) -> list[Any]:
     async def all_of_them() -> list[Any]:
         batcher = Batcher(model.run_batch, max_batch_size=16, max_wait_s=0.05, max_queued=64, timeout_s=120)
         try:
-            return list(await asyncio.gather(*(batcher.submit(model.encode(t, i, 512)) for i, t in enumerate(texts))))
+            work = [batcher.submit(model.encode(text, i, 512)) for i, text in enumerate(texts)]
+            return list(await asyncio.gather(*work))
         finally:
             batcher.close()
 
@@ -247,7 +269,8 @@ def test_fine_tuned_minilm_beats_the_base_and_chance_and_serves(tmp_path: Path, 
     assert after["accuracy"] >= 0.85
     assert after["accuracy"] >= before["accuracy"] + 0.3
     assert after["accuracy"] >= chance + 0.4
-    assert after["f1"] > before["f1"] and after["auc"] > before["auc"]
+    assert after["f1"] > before["f1"]
+    assert after["auc"] > before["auc"]
     assert after["loss"] < before["loss"]
 
     # The label mapping travels with the model; the card has the per-class report and the confusion matrix.
@@ -256,7 +279,8 @@ def test_fine_tuned_minilm_beats_the_base_and_chance_and_serves(tmp_path: Path, 
     assert model_config["label2id"] == {name: i for i, name in enumerate(LABELS)}
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-classification" in card
-    assert "![confusion matrix](confusion_matrix.png)" in card and "## Per-class report (test split)" in card
+    assert "![confusion matrix](confusion_matrix.png)" in card
+    assert "## Per-class report (test split)" in card
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "classification_report.json").read_text())
     matrix = report["confusionMatrix"]
@@ -264,9 +288,11 @@ def test_fine_tuned_minilm_beats_the_base_and_chance_and_serves(tmp_path: Path, 
     assert sum(matrix[i][i] for i in range(len(LABELS))) / sum(map(sum, matrix)) == pytest.approx(
         after["accuracy"]
     )
-    assert len(metrics["samples"]) > 0 and {s["label"] for s in metrics["samples"]} <= set(LABELS)
+    assert len(metrics["samples"]) > 0
+    assert {s["label"] for s in metrics["samples"]} <= set(LABELS)
     data_report = json.loads((out / "data_report.json").read_text())
-    assert data_report["augmentedRows"] > 0 and data_report["augmentedRatio"] > 0.5
+    assert data_report["augmentedRows"] > 0
+    assert data_report["augmentedRatio"] > 0.5
 
     # The artifact loads through the server's classifier loader and predicts unseen sentences.
     known = {json.loads(line)["sentence"] for line in topics_data.read_text().splitlines()}
@@ -313,5 +339,6 @@ def test_the_example_manifest_renders_a_config_the_trainer_accepts() -> None:
     assert cfg.task.value == "sequence-classification"
     assert cfg.data.fields.kind == "classification"
     text = cfg.data.augmentation.text
-    assert text is not None and text.active
+    assert text is not None
+    assert text.active
     assert cfg.data.augmentation.seed == cfg.seed
