@@ -22,9 +22,10 @@ from finetune_server.feedback import FeedbackStore
 from finetune_server.metrics import ServerMetrics
 from finetune_server.models.base import LoadedModel
 from finetune_server.models.classifier import ClassifierModel
+from finetune_server.models.detector import DetectorModel
 from finetune_server.models.recommender import RecommenderModel
 from finetune_server.models.text_generation import TextGenerationModel
-from finetune_server.protocol import feedback, health, openai, predict, recommend
+from finetune_server.protocol import detection, feedback, health, openai, predict, recommend
 
 #: Paths that never need a key: probes and metrics are scraped by the cluster, not by users.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
@@ -67,6 +68,8 @@ def create_app(config: ServerConfig, model: LoadedModel, metrics: ServerMetrics 
         app.include_router(predict.build_router(model, batcher, limits, check_fault))
     elif isinstance(model, RecommenderModel):
         app.include_router(recommend.build_router(model, batcher, limits, check_fault))
+    elif isinstance(model, DetectorModel):
+        app.include_router(detection.build_router(model, batcher, limits, check_fault))
     if store is not None:
         app.include_router(feedback.build_router(store, config.feedback))
 

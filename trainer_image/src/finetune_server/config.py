@@ -112,7 +112,9 @@ QuantizationMethod = Literal[
     "none", "int8-dynamic", "onnx-int8", "bnb-int8", "bnb-nf4", "int4-weight-only", "fp8-dynamic"
 ]
 PruningMethod = Literal["none", "magnitude", "2:4"]
-ServedTask = Literal["causal-lm", "sequence-classification", "image-classification", "recommendation"]
+ServedTask = Literal[
+    "causal-lm", "sequence-classification", "image-classification", "object-detection", "recommendation"
+]
 
 QUANTIZATION_METHODS: tuple[QuantizationMethod, ...] = (
     "none",
@@ -310,9 +312,8 @@ class ServerConfig(_Section):
     )
     task: ServedTask | None = Field(
         None,
-        description=(
-            "causal-lm, sequence-classification or recommendation; default: the artifact's serving.json."
-        ),
+        description="causal-lm, sequence-classification, image-classification, object-detection or "
+        "recommendation; default: the artifact's serving.json.",
     )
     verify_manifest: bool = Field(
         True, description="Check every file against the artifact's sha256 manifest; a missing one fails."

@@ -141,6 +141,11 @@ class PrometheusMetrics:
     def set(self, values: dict[str, float | None]) -> None:
         for key, value in values.items():
             gauge = self.gauges.get(key)
+            if gauge is None and key.endswith("_per_second"):  # a task's own unit (images, interactions)
+                unit = key.removesuffix("_per_second")
+                gauge = self.gauges[key] = Gauge(
+                    f"finetune_trainer_{key}", f"Training {unit} per second, gang.", registry=self.registry
+                )
             if gauge is not None and value is not None:
                 gauge.set(value)
 

@@ -116,7 +116,7 @@ CATALOG: dict[str, TaskInfo] = {
             metrics=("loss", "map", "map50", "map75"),
             layouts=(FieldLayout("object-detection", ("image", "objects")),),
             features=frozenset({"image-augmentation"}),
-            implemented=False,
+            implemented=True,
         ),
         TaskInfo(
             name="recommendation",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from finetune_server.models.base import LoadedModel, ServedModel
 from finetune_server.models.classifier import ClassifierModel
+from finetune_server.models.detector import DetectorModel
 from finetune_server.models.image_classifier import ImageClassifierModel
 from finetune_server.models.recommender import RecommenderModel
 from finetune_server.models.text_generation import TextGenerationModel
@@ -12,6 +13,7 @@ from finetune_server.models.text_generation import TextGenerationModel
 MODEL_KINDS: dict[str, type[LoadedModel]] = {
     TextGenerationModel.task: TextGenerationModel,
     ClassifierModel.task: ClassifierModel,
+    DetectorModel.task: DetectorModel,
     RecommenderModel.task: RecommenderModel,
     ImageClassifierModel.task: ImageClassifierModel,
 }
@@ -19,6 +21,7 @@ MODEL_KINDS: dict[str, type[LoadedModel]] = {
 __all__ = [
     "MODEL_KINDS",
     "ClassifierModel",
+    "DetectorModel",
     "ImageClassifierModel",
     "LoadedModel",
     "RecommenderModel",

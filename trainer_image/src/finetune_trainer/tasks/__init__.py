@@ -16,6 +16,7 @@ from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.tasks.base import TrainingTask
 from finetune_trainer.tasks.causal_lm import CausalLM
 from finetune_trainer.tasks.image_classification import ImageClassification
+from finetune_trainer.tasks.object_detection import ObjectDetection
 from finetune_trainer.tasks.recommendation import Recommendation
 from finetune_trainer.tasks.sequence_classification import SequenceClassification
 
@@ -25,6 +26,7 @@ TASKS: dict[str, TaskFactory] = {
     CausalLM.name: CausalLM,
     SequenceClassification.name: SequenceClassification,
     ImageClassification.name: ImageClassification,
+    ObjectDetection.name: ObjectDetection,
     Recommendation.name: Recommendation,
 }
 

