@@ -12,7 +12,8 @@ that a package ships (nothing downloaded), each task trained by the real worker 
 
 Each task uses the configuration its test uses (the builders live in ``trainer_image/tests/*_fixtures.py``),
 so the figures here are the tests' figures, measured in one process per task. "before" is the base model's
-metric on the test split (evaluation before training), "after" the exported model's; ``baseline`` is a
+metric on the test split (validation for detection, whose test has no split of its own; evaluation before
+training), "after" the exported model's; ``baseline`` is a
 reference on the same split in the same run where the task has one (popularity for recommendation, chance
 for classification).
 
@@ -41,8 +42,10 @@ class Case:
     metric: str
     #: Makes the data and base model under the folder and returns the trainer config.
     config: Callable[[Path], dict[str, Any]]
-    #: The reference beside the metric, read from the "after" test metrics (None: a constant or nothing).
+    #: The reference beside the metric, read from the "after" metrics (None: nothing to compare with).
     baseline: Callable[[dict[str, float]], float | None] = lambda after: None
+    #: The held-out split the metric is read on.
+    split: str = "test"
 
 
 def causal_lm(tmp: Path) -> dict[str, Any]:
@@ -60,6 +63,13 @@ def image_classification(tmp: Path) -> dict[str, Any]:
     return image_config(tmp, make_tiny_image_model(tmp / "model", num_labels=10), data)
 
 
+def object_detection(tmp: Path) -> dict[str, Any]:
+    from detection_shapes import make_detector_folder, make_shapes_coco, trained_detection_config
+
+    data = make_shapes_coco(tmp / "data", 280, seed=0)
+    return trained_detection_config(tmp, make_detector_folder(tmp / "model"), data)
+
+
 def recommendation(tmp: Path) -> dict[str, Any]:
     from recommendation_fixtures import make_interactions, make_model_definition, recommendation_config
 
@@ -70,6 +80,7 @@ def recommendation(tmp: Path) -> dict[str, Any]:
 CASES: dict[str, Case] = {
     "causal-lm": Case("accuracy", causal_lm),
     "image-classification": Case("accuracy", image_classification, lambda after: 0.1),
+    "object-detection": Case("map50", object_detection, split="validation"),
     "recommendation": Case("recall", recommendation, lambda after: after["popularity-recall"]),
 }
 
@@ -86,9 +97,10 @@ def run(name: str, case: Case) -> dict[str, Any]:
         if result.returncode != 0:
             raise SystemExit(f"{name}: the trainer exited {result.returncode}:\n{result.stderr[-3000:]}")
         metrics = json.loads((Path(config["output"]["dir"]) / "metrics.json").read_text(encoding="utf-8"))
-    before, after = metrics["before"]["test"], metrics["after"]["test"]
+    before, after = metrics["before"][case.split], metrics["after"][case.split]
     figures: dict[str, Any] = {
         "metric": case.metric,
+        "split": case.split,
         "before": round(before[case.metric], 4),
         "after": round(after[case.metric], 4),
         "seconds": round(seconds, 1),

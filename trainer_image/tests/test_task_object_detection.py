@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detection_shapes import CATEGORIES, make_detector_folder, make_shapes_coco
+from detection_shapes import (
+    CATEGORIES,
+    KIND,
+    detection_config,
+    make_detector_folder,
+    make_shapes_coco,
+)
 from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data.config import DataConfig, ImageAugmentationConfig
 from finetune_trainer.data.detection import prepare_detection
@@ -26,9 +32,7 @@ from finetune_trainer.tasks.object_detection import (
     mean_average_precision,
     training_mode_without_statistics,
 )
-from trainer_fixtures import make_config, run_trainer, write_config
-
-KIND = {"kind": "object-detection"}
+from trainer_fixtures import run_trainer, write_config
 
 
 def _coco(root: Path) -> dict[str, Any]:
@@ -194,19 +198,13 @@ def test_map_is_one_for_perfect_detections_and_zero_for_none() -> None:
     assert mean_average_precision([nothing]) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
 
 
-def _detection_config(tmp: Path, model: Path, data: Path, **overrides: Any) -> dict[str, Any]:
-    config = make_config(tmp, model, data, task="object-detection", **overrides)
-    config["data"] = {"source": str(data), "fields": KIND, "split": {"validation": 0.15, "seed": 1}}
-    return config
-
-
 def test_lora_and_hub_models_are_refused_for_detection(tmp_path: Path) -> None:
     model = make_detector_folder(tmp_path / "model")
     data = tmp_path / "annotations.json"
-    lora = TrainerConfig.model_validate(_detection_config(tmp_path, model, data, method="lora"))
+    lora = TrainerConfig.model_validate(detection_config(tmp_path, model, data, method="lora"))
     with pytest.raises(ConfigError, match="set method: full"):
         make_task(lora)
-    hub_config = _detection_config(tmp_path, model, data)
+    hub_config = detection_config(tmp_path, model, data)
     hub_config["model"] = {"path": "hf://facebook/detr-resnet-50"}
     hub = TrainerConfig.model_validate(hub_config)
     with pytest.raises(ConfigError, match="local detector folder"):
@@ -217,24 +215,7 @@ def test_lora_and_hub_models_are_refused_for_detection(tmp_path: Path) -> None:
 def test_fcos_learns_shapes_through_the_entrypoint_and_is_served(tmp_path: Path) -> None:
     data = make_shapes_coco(tmp_path / "data", 280, seed=0)
     model = make_detector_folder(tmp_path / "model")
-    config = _detection_config(
-        tmp_path,
-        model,
-        data,
-        hyperparameters={
-            "epochs": 4,
-            "microBatchSize": 8,
-            "learningRate": 3e-3,
-            "lrScheduler": "constant",
-            "warmupSteps": 0,
-            "maxGradNorm": 5.0,
-        },
-        evaluation={"everySteps": 0, "everyEpoch": False, "batchSize": 16},
-        checkpointing={"dir": str(tmp_path / "ckpt"), "everySteps": 0, "saveOnEpochEnd": True},
-        # From random weights FCOS's start depends on the seed: with seed 7 this detector sat at mAP@0.5
-        # ~0.12 for 6 epochs, with seeds 1 and 2 it passed 0.4 in 4 (docs/object-detection.md).
-        seed=1,
-    )
+    config = trained_detection_config(tmp_path, model, data)
     result = run_trainer(write_config(tmp_path, config))
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
