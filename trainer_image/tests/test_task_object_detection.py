@@ -21,6 +21,7 @@ from detection_shapes import (
     detection_config,
     make_detector_folder,
     make_shapes_coco,
+    trained_detection_config,
 )
 from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data.config import DataConfig, ImageAugmentationConfig
