@@ -24,7 +24,9 @@ from tests.kube_helpers import REPO_ROOT, Cluster, KubectlError, kubectl_json, w
 CHART = REPO_ROOT / "helm" / "finetune-operator"
 OUR_KINDS = "finetunejobs.finetune.dev,modeldeployments.finetune.dev"
 #: The checkout's packages, as the pod's PYTHONPATH (the editable install may point at another checkout).
-CHECKOUT_PATH = ":".join(str(p) for p in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image" / "src", REPO_ROOT))
+CHECKOUT_PATH = ":".join(
+    str(p) for p in (REPO_ROOT / "operator", REPO_ROOT / "trainer_image" / "src", REPO_ROOT)
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def installed_operator_pod(
             )
         wait_for(
             lambda: any(
-                c.get("ready") for p in pod.pods() for c in (p.get("status") or {}).get("containerStatuses", [])
+                c.get("ready")
+                for p in pod.pods()
+                for c in (p.get("status") or {}).get("containerStatuses", [])
             ),
             60,
             "the operator pod Ready",
@@ -120,7 +124,14 @@ def installed_operator_pod(
     finally:
         for watched_namespace in watched:
             cluster.kubectl(
-                "delete", OUR_KINDS, "--all", "-n", watched_namespace, "--timeout=90s", check=False, timeout=120
+                "delete",
+                OUR_KINDS,
+                "--all",
+                "-n",
+                watched_namespace,
+                "--timeout=90s",
+                check=False,
+                timeout=120,
             )
         helm(cluster, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s")
         for watched_namespace in watched:

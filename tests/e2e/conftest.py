@@ -31,8 +31,9 @@ def operator_pod(
     cluster.kubectl("create", "namespace", namespace)
     cluster.kubectl("label", "namespace", namespace, "finetune.dev/test=true")
     wait_for(
-        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode
-        == 0,
+        lambda: (
+            cluster.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0
+        ),
         60,
         f"ServiceAccount {namespace}/default",
     )
