@@ -515,7 +515,9 @@ async def _reconcile(
             "message": judgement.message,
             "checkedAt": rfc3339(now),
         }
-    elif previous_analysis and plan.canary:
+    elif previous_analysis and (plan.canary or plan.phase == "RolledBack"):
+        # A running canary's last reading; after a rollback, the reading that failed it, for as long as the
+        # spec still asks for the rolled-back revision.
         rollout_status["analysis"] = previous_analysis
     writer.fields["rollout"] = null_dropped_keys(writer.original.get("rollout"), rollout_status)
     writer.fields["endpoint"] = endpoint(md)
