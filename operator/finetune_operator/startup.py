@@ -7,9 +7,11 @@ kind's reconciler is registered on the shared work queue (`RECONCILERS`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -49,13 +51,30 @@ def bind(runtime: Runtime, reconcilers: dict[str, ReconcilerOf]) -> dict[str, Re
     return {kind: functools.partial(reconcile, runtime) for kind, reconcile in reconcilers.items()}
 
 
+def in_cluster_server(environ: Mapping[str, str]) -> str | None:
+    """The API server's address in a pod, as client-go's InClusterConfig finds it: the `kubernetes`
+    Service's `KUBERNETES_SERVICE_HOST`/`_PORT`, which the kubelet sets in every pod. kopf's own
+    service-account login dials `kubernetes.default.svc`, which needs cluster DNS; a cluster without it
+    (the dev cluster's local node) still has these variables. None outside a pod."""
+    host, port = environ.get("KUBERNETES_SERVICE_HOST"), environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def _login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(settings=settings)
+    if info is not None:
+        server = in_cluster_server(os.environ)
+        return dataclasses.replace(info, server=server) if server else info
+    kubeconfig: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(settings=settings)
+    return kubeconfig
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+def login(*, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
     """In a pod: the ServiceAccount; elsewhere: $KUBECONFIG. No `kubernetes` client is imported (memory)."""
-    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
-        **kwargs
-    ) or kopf.login_with_kubeconfig(**kwargs)
-    return info
+    return _login(settings)
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
@@ -81,7 +100,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
 async def startup(*, settings: kopf.OperatorSettings, memo: Any, logger: kopf.Logger, **_: Any) -> None:
     config = OperatorConfig.from_env()
     configure(settings, config)
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    info = _login(settings)
     if info is None:
         raise kopf.PermanentError("no credentials: neither a ServiceAccount token nor $KUBECONFIG")
     # Each worker writes a job's children in parallel (six at once): enough connections for all of them.

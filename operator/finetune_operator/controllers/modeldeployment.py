@@ -520,13 +520,15 @@ async def _reconcile(
             "message": judgement.message,
             "checkedAt": rfc3339(now),
         }
-    elif previous_analysis and plan.canary:
+    elif previous_analysis and (plan.canary or plan.phase == "RolledBack"):
+        # A running canary's last reading; after a rollback, the reading that failed it, for as long as the
+        # spec still asks for the rolled-back revision.
         rollout_status["analysis"] = previous_analysis
-    writer.fields["rollout"] = rollout_status
+    writer.fields["rollout"] = null_dropped_keys(writer.original.get("rollout"), rollout_status)
     writer.fields["endpoint"] = endpoint(md)
     if md.spec.auth.enabled:
         writer.fields["apiKeySecret"] = api_keys_secret_name(md)
-    writer.fields["model"] = model.to_k8s()
+    writer.fields["model"] = null_dropped_keys(writer.original.get("model"), model.to_k8s())
     replicas = (stable.replicas if stable else 0) + (canary.replicas if canary and plan.canary else 0)
     writer.fields["replicas"] = replicas
     writer.fields["readyReplicas"] = (stable.ready_replicas if stable else 0) + (
@@ -539,9 +541,23 @@ async def _reconcile(
     gates = _gate_results(health)
     for step in ("quantization", "pruning"):
         if step in gates:
-            writer.fields[step] = gates[step]
+            writer.fields[step] = null_dropped_keys(writer.original.get(step), gates[step])
     await writer.commit()
     return _requeue(md, plan, values)
+
+
+def null_dropped_keys(previous: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """`new` for a JSON merge patch over `previous`: a key of `previous` that `new` no longer has is sent as
+    null, so the patch removes it (a merge patch keeps every key it doesn't name: without this a completed
+    canary's `canaryRevision` and `stepStartedAt` would stay in status). Nested objects alike; a key that
+    is already gone is not sent again, so an unchanged status is no change."""
+    out: dict[str, Any] = dict(new)
+    for key, old in (previous or {}).items():
+        if key not in out:
+            out[key] = None
+        elif isinstance(old, Mapping) and isinstance(out[key], Mapping):
+            out[key] = null_dropped_keys(old, out[key])
+    return out
 
 
 def _requeue(
@@ -554,4 +570,4 @@ def _requeue(
     return None
 
 
-__all__ = ["reconcile_modeldeployment"]
+__all__ = ["null_dropped_keys", "reconcile_modeldeployment"]
