@@ -132,7 +132,11 @@ async def _apply_children(runtime: Runtime, job: FineTuneJob, body: dict[str, An
             raise
 
     children = build_children(job, runtime.config)
-    await asyncio.gather(*(apply(m) for m in children))
+    # A RoleBinding after its Role: the API server checks the binder holds the Role's rules (escalation
+    # check), and under the operator's own (non-admin) role that check fails while the Role is not there yet.
+    bindings = [m for m in children if m["kind"] == "RoleBinding"]
+    await asyncio.gather(*(apply(m) for m in children if m["kind"] != "RoleBinding"))
+    await asyncio.gather(*(apply(m) for m in bindings))
     if runtime.audit is not None:
         names = ", ".join(f"{m['kind']}/{m['metadata']['name']}" for m in children)
         runtime.audit.action("ChildrenApplied", body, detail=names)
