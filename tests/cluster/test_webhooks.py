@@ -161,11 +161,6 @@ def invalid_cases(namespace: str) -> list[tuple[dict[str, Any], str, str]]:
             "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://)",
         ),
         (
-            mdep("bad-mdep", model={"uri": "file:///models/detector", "task": "object-detection"}),
-            "spec.model.task",
-            "task object-detection has no served model yet",
-        ),
-        (
             mdep("bad-mdep", model={"uri": "file:///models/a", "task": "causal-lm", "baseModel": "hf://o/b"}),
             "spec.model.baseModel",
             "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), "

@@ -293,26 +293,11 @@ INVALID_MDEP: list[tuple[str, dict[str, Any], ClusterView, str, str]] = [
         "the server would refuse this: the builtin runtime serves a model folder (pvc:// or file://), not hf://",
     ),
     (
-        "builtin runtime for a task it has no served model for",
-        mdep(model={"uri": "file:///models/detector", "task": "object-detection"}),
-        view(),
-        "spec.model.task",
-        "the builtin server serves causal-lm, sequence-classification; task object-detection has no served",
-    ),
-    (
         "builtin runtime for a Hub base model",
         mdep(model={"uri": "file:///models/adapter", "task": "causal-lm", "baseModel": "hf://org/base"}),
         view(),
         "spec.model.baseModel",
         "not hf://",
-    ),
-    (
-        "FineTuneJob whose task the server does not serve",
-        mdep(),
-        view(finetunejobs={"support-bot-lora": FineTuneJobFacts("image-classification", "Running")}),
-        "spec.model.fromFineTuneJob",
-        "FineTuneJob 'support-bot-lora' trains image-classification, and the server would refuse it: the "
-        "builtin server serves causal-lm, sequence-classification",
     ),
 ]
 

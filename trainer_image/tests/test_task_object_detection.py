@@ -202,9 +202,8 @@ def test_map_is_one_for_perfect_detections_and_zero_for_none() -> None:
 def test_lora_and_hub_models_are_refused_for_detection(tmp_path: Path) -> None:
     model = make_detector_folder(tmp_path / "model")
     data = tmp_path / "annotations.json"
-    lora = TrainerConfig.model_validate(detection_config(tmp_path, model, data, method="lora"))
-    with pytest.raises(ConfigError, match="set method: full"):
-        make_task(lora)
+    with pytest.raises(ValueError, match="object-detection, recommendation train the full model only"):
+        TrainerConfig.model_validate(detection_config(tmp_path, model, data, method="lora"))
     hub_config = detection_config(tmp_path, model, data)
     hub_config["model"] = {"path": "hf://facebook/detr-resnet-50"}
     hub = TrainerConfig.model_validate(hub_config)

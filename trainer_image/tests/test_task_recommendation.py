@@ -152,8 +152,9 @@ def test_the_definition_and_method_are_checked(tmp_path: Path) -> None:
     bad = make_model_definition(tmp_path / "bad", architecture="transformer")
     with pytest.raises(ConfigError, match="architecture"):
         Recommendation(_config(tmp_path, bad, data)).load_processor()
-    with pytest.raises(ConfigError, match="method 'lora'"):
-        Recommendation(_config(tmp_path, bad, data).model_copy(update={"method": Method.LORA}))
+    lora = _config(tmp_path, bad, data).model_dump(mode="json", by_alias=True) | {"method": "lora"}
+    with pytest.raises(ValueError, match="recommendation train the full model only; set method full"):
+        TrainerConfig.model_validate(lora)
 
 
 def test_served_model_refuses_compression_and_unknown_users(tmp_path: Path) -> None:

@@ -78,16 +78,6 @@ def test_unknown_keys_refused_by_plain_model_validate_too() -> None:
         TrainerConfig.model_validate(with_(checkpointing={"keepLst": 3}))
 
 
-def test_unimplemented_task_is_a_clear_config_error() -> None:
-    from finetune_trainer.task_catalog import CATALOG
-
-    pending = [name for name, info in CATALOG.items() if not info.implemented]
-    if not pending:
-        pytest.skip("every task of the catalog is implemented")
-    with pytest.raises(ConfigError, match=f"'{pending[0]}' is not implemented"):
-        parse_config(with_(task=pending[0]))
-
-
 def test_unsupported_version_refused() -> None:
     with pytest.raises(ConfigError, match="version 'v9' is not supported"):
         parse_config(with_(version="v9"))

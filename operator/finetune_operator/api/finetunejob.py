@@ -6,6 +6,7 @@ Field names are the wire names in snake_case; the camelCase alias is what users 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -37,7 +38,9 @@ from finetune_trainer.task_catalog import (
     describe_layouts,
     describe_metrics,
     feature_message,
+    full_only_tasks,
     layout_for,
+    method_message,
     tasks_with,
 )
 
@@ -851,9 +854,9 @@ class FineTuneJobSpec(ApiModel):
             lambda s: s.evaluation is not None and s.evaluation.top_k is not None,
         ),
         CelRule(
-            rule="self.task != 'recommendation' || self.method == 'full'",
-            message="recommendation trains its embeddings in full: set method full",
-            holds=lambda s: s.task != "recommendation" or s.method == "full",
+            rule="!(self.task in " + json.dumps(list(full_only_tasks())) + ") || self.method == 'full'",
+            message=method_message(),
+            holds=lambda s: s.task not in full_only_tasks() or s.method == "full",
             field_path=".method",
         ),
         CelRule(

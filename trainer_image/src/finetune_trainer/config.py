@@ -27,7 +27,7 @@ from pydantic import (
 
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.schema import ConfigSection, unknown_key_message, valid_keys
-from finetune_trainer.task_catalog import CATALOG, IMPLEMENTED_TASK_NAMES, feature_message
+from finetune_trainer.task_catalog import CATALOG, IMPLEMENTED_TASK_NAMES, feature_message, method_message
 
 #: The config schema version this trainer reads. Bump on incompatible changes; the operator renders it.
 CONFIG_VERSION = "v1"
@@ -453,6 +453,8 @@ class TrainerConfig(ConfigSection):
     def _check_task_catalog(self) -> None:
         """What the task catalog says this task reads, computes and supports (the API checks the same)."""
         info = CATALOG[self.task.value]
+        if self.method.value not in info.methods:
+            raise ValueError(method_message())
         unknown = [m for m in self.evaluation.metrics if m not in info.metrics]
         if unknown:
             raise ValueError(

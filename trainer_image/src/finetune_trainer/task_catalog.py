@@ -73,6 +73,8 @@ class TaskInfo:
     features: frozenset[str]
     #: Whether this trainer trains the task today; the others are refused by the trainer config.
     implemented: bool
+    #: The training methods the task supports (``full``, ``lora``, ``qlora``).
+    methods: tuple[str, ...] = ("full", "lora", "qlora")
 
     def layout(self, kind: str) -> FieldLayout | None:
         return next((layout for layout in self.layouts if layout.kind == kind), None)
@@ -109,6 +111,7 @@ CATALOG: dict[str, TaskInfo] = {
             layouts=(FieldLayout("image-classification", ("image", "label")),),
             features=frozenset({"label-smoothing", "image-augmentation"}),
             implemented=True,
+            methods=("full",),
         ),
         TaskInfo(
             name="object-detection",
@@ -117,6 +120,7 @@ CATALOG: dict[str, TaskInfo] = {
             layouts=(FieldLayout("object-detection", ("image", "objects")),),
             features=frozenset({"image-augmentation"}),
             implemented=True,
+            methods=("full",),
         ),
         TaskInfo(
             name="recommendation",
@@ -127,6 +131,7 @@ CATALOG: dict[str, TaskInfo] = {
             layouts=(FieldLayout("interactions", ("user", "item"), ("rating", "timestamp")),),
             features=frozenset({"negative-sampling", "top-k"}),
             implemented=True,
+            methods=("full",),
         ),
     )
 }
@@ -154,6 +159,16 @@ def feature_message(feature: str) -> str:
     tasks = tasks_with(feature)
     where = ", ".join(tasks) if tasks else "no task yet"
     return f"{FEATURE_FIELDS[feature]} applies to {where} only"
+
+
+def full_only_tasks() -> tuple[str, ...]:
+    """Tasks that train the whole model only (no LoRA/QLoRA adapters), in catalog order."""
+    return tuple(name for name, info in CATALOG.items() if info.methods == ("full",))
+
+
+def method_message() -> str:
+    """The one refusal message for a method a task does not support (API and trainer alike)."""
+    return f"method: {', '.join(full_only_tasks())} train the full model only; set method full"
 
 
 def layout_for(task: str, columns: set[str]) -> FieldLayout | None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import to_pil_image
 
-from finetune_trainer.config import ConfigError, Method, TrainerConfig
+from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.image_augmentation import augment
 from finetune_trainer.data.images import ImageExample, load_image, prepare_images
@@ -44,11 +44,6 @@ class ImageClassification(SequenceClassification):
     unit: ClassVar[str] = "images"
 
     def __init__(self, cfg: TrainerConfig):
-        if cfg.method is not Method.FULL:
-            raise ConfigError(
-                f"method {cfg.method.value!r}: image-classification trains the full model (method 'full'); "
-                "LoRA adapters for image models are not supported yet"
-            )
         super().__init__(cfg)
         self.processor: Any = None
         #: The epoch the next training batches belong to (their augmentation draws depend on it).

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune_trainer.config import ConfigError, Method, TrainerConfig
+from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data.config import ImageAugmentationConfig
 from finetune_trainer.data.detection import DetectionExample
 from finetune_trainer.modeling import ModelError, resolve_model_location
@@ -192,11 +192,6 @@ class ObjectDetection:
     unit: ClassVar[str] = "images"
 
     def __init__(self, cfg: TrainerConfig):
-        if cfg.method is not Method.FULL:
-            raise ConfigError(
-                f"method {cfg.method.value!r}: object-detection trains the whole detector; set method: full "
-                "(LoRA and QLoRA adapt transformer layers, which this detector does not have)"
-            )
         self.cfg = cfg
         self.categories: list[str] = []
         self.epoch = 0

@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from finetune_trainer.config import ConfigError, Method, TrainerConfig
+from finetune_trainer.config import ConfigError, TrainerConfig
 from finetune_trainer.data.config import NegativeSamplingConfig
 from finetune_trainer.data.interactions import PreparedInteractions, prepare_interactions, sample_negatives
 from finetune_trainer.schema import ConfigSection
@@ -158,10 +158,6 @@ class Recommendation:
     unit: ClassVar[str] = "interactions"
 
     def __init__(self, cfg: TrainerConfig) -> None:
-        if cfg.method is not Method.FULL:
-            raise ConfigError(
-                f"method {cfg.method.value!r}: recommendation trains its embeddings in full; set method full"
-            )
         self.cfg = cfg
         self.k = cfg.evaluation.top_k
         self.negatives = cfg.data.augmentation.negatives or DEFAULT_NEGATIVES
