@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 
 from finetune_server.batching import Batcher
 from finetune_server.config import Limits
-from finetune_server.errors import ModelNotFoundError, PayloadTooLargeError
 from finetune_server.models.detector import Detections, DetectorModel
+from finetune_server.protocol.requests import check_request
 
 
 class DetectRequest(BaseModel):
@@ -47,16 +47,7 @@ def build_router(
     @router.post("/predict")
     async def predict(req: DetectRequest) -> DetectResponse:
         check_fault()
-        if req.model != model.name:
-            raise ModelNotFoundError(
-                f"model: {req.model!r} is not served here; this server serves {model.name!r}", param="model"
-            )
-        if len(req.inputs) > limits.max_predict_inputs:
-            raise PayloadTooLargeError(
-                f"inputs: {len(req.inputs)} inputs is above this server's limit of "
-                f"{limits.max_predict_inputs} (limits.maxPredictInputs)",
-                param="inputs",
-            )
+        check_request(model.name, req.model, len(req.inputs), limits)
         images = [model.decode(data, i) for i, data in enumerate(req.inputs)]
         results: list[Detections] = await asyncio.gather(*(batcher.submit(image) for image in images))
         predictions = [DetectionsOut(boxes=r.boxes, labels=r.labels, scores=r.scores) for r in results]

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from finetune_server.batching import Batcher
 from finetune_server.config import Limits
-from finetune_server.errors import ModelNotFoundError, PayloadTooLargeError
 from finetune_server.models.classifier import ClassifierModel, Prediction
+from finetune_server.protocol.requests import check_request
 
 
 class PredictRequest(BaseModel):
@@ -45,17 +45,7 @@ def build_router(
     @router.post("/predict")
     async def predict(req: PredictRequest) -> PredictResponse:
         check_fault()
-        if req.model != model.name:
-            raise ModelNotFoundError(
-                f"model: {req.model!r} is not served here; this server serves {model.name!r}", param="model"
-            )
-        if len(req.inputs) > limits.max_predict_inputs:
-            raise PayloadTooLargeError(
-                f"inputs: {len(req.inputs)} inputs is above this server's limit of "
-                f"{limits.max_predict_inputs} "
-                "(limits.maxPredictInputs)",
-                param="inputs",
-            )
+        check_request(model.name, req.model, len(req.inputs), limits)
         encoded = [model.encode(text, i, limits.max_input_tokens) for i, text in enumerate(req.inputs)]
         results: list[Prediction] = await asyncio.gather(*(batcher.submit(ids) for ids in encoded))
         predictions = [PredictionOut(label=r.label, score=r.score, scores=r.scores) for r in results]

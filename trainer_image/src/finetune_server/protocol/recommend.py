@@ -18,8 +18,8 @@ from pydantic.alias_generators import to_camel
 
 from finetune_server.batching import Batcher
 from finetune_server.config import Limits
-from finetune_server.errors import ModelNotFoundError, PayloadTooLargeError
 from finetune_server.models.recommender import Recommendation, RecommenderModel
+from finetune_server.protocol.requests import check_request
 
 
 class RecommendRequest(BaseModel):
@@ -55,16 +55,7 @@ def build_router(
     @router.post("/recommend")
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         check_fault()
-        if req.model != model.name:
-            raise ModelNotFoundError(
-                f"model: {req.model!r} is not served here; this server serves {model.name!r}", param="model"
-            )
-        if len(req.users) > limits.max_predict_inputs:
-            raise PayloadTooLargeError(
-                f"users: {len(req.users)} users is above this server's limit of {limits.max_predict_inputs} "
-                "(limits.maxPredictInputs)",
-                param="users",
-            )
+        check_request(model.name, req.model, len(req.users), limits, field="users")
         model.require_ready()
         results: list[list[Recommendation]] = await asyncio.gather(
             *(batcher.submit((user, req.k, req.exclude_seen, i)) for i, user in enumerate(req.users))
