@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from detection_shapes import KIND, make_shapes_coco
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.pipeline import prepare
 from finetune_trainer.data.sharing import PreparationLostError, status_path, wait_for
 from finetune_trainer.exit_codes import ExitCode
-from detection_shapes import KIND, make_shapes_coco
 from tiny_tokenizer import make_tiny_tokenizer
 from trainer_fixtures import (
     make_config,

@@ -18,7 +18,13 @@ from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.images import prepare_images
 from image_fixtures import image_config, make_tiny_image_model, write_digits
 from server_fixtures import running_server, write_server_config
-from trainer_fixtures import ZERO2_CPU, check_two_rank_classification, run_trainer, run_two_ranks, write_config
+from trainer_fixtures import (
+    ZERO2_CPU,
+    check_two_rank_classification,
+    run_trainer,
+    run_two_ranks,
+    write_config,
+)
 
 CLASSES = 10
 
@@ -126,7 +132,9 @@ def test_two_ranks_zero2_train_image_classification(tmp_path: Path) -> None:
     result = run_two_ranks(write_config(tmp_path, config))
     assert result.returncode == 0, result.stderr[-5000:]
     test_rows = json.loads((tmp_path / "out" / "data_report.json").read_text())["images"]["test"]["images"]
-    before, after = check_two_rank_classification(tmp_path, {str(i): str(i) for i in range(CLASSES)}, test_rows)
+    before, after = check_two_rank_classification(
+        tmp_path, {str(i): str(i) for i in range(CLASSES)}, test_rows
+    )
     print(f"digits (500), ZeRO-2 x2, test split of {test_rows}: before {before}\n  after {after}")
     assert 0 < test_rows % 48 <= 24  # the last round leaves rank 1 without rows
     assert after["accuracy"] > before["accuracy"] + 0.2

@@ -151,10 +151,11 @@ def run_two_ranks(config_path: Path) -> subprocess.CompletedProcess[str]:
 def check_two_rank_classification(
     tmp: Path, id2label: dict[str, str], test_rows: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The shared checks of a two-rank ZeRO-2 classification run in ``tmp`` (``out``/``ckpt`` as ``make_config``
-    lays them out): every one of the ``test_rows`` (from the data report) was counted once in the confusion matrix (the padding rows of an uneven last
-    round dropped), its diagonal is the reported accuracy, rank 1 saved its optimizer shard, and the artifact
-    carries the label map. Returns the test split's metrics (before, after)."""
+    """The shared checks of a two-rank ZeRO-2 classification run in ``tmp`` (``out``/``ckpt`` laid out as
+    ``make_config`` does): each of the ``test_rows`` (from the data report) is counted once in the confusion
+    matrix (the padding rows of an uneven last round dropped), its diagonal is the reported accuracy, both
+    ranks saved their optimizer shard, and the artifact carries the label map. Returns the test split's
+    metrics (before, after)."""
     out = tmp / "out"
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["before"]["test"], metrics["after"]["test"]

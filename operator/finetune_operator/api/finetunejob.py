@@ -898,7 +898,8 @@ class FineTuneJobSpec(ApiModel):
         ),
         _feature_rule(
             "min-length",
-            f"has(self.dataset.preprocessing) && self.dataset.preprocessing.minLength != {Preprocessing().min_length}",
+            "has(self.dataset.preprocessing)"
+            f" && self.dataset.preprocessing.minLength != {Preprocessing().min_length}",
             lambda s: s.dataset.preprocessing.min_length != Preprocessing().min_length,
         ),
         _feature_rule(
@@ -912,7 +913,10 @@ class FineTuneJobSpec(ApiModel):
             " && (self.dataset.preprocessing.pii.policy == 'reject'"
             " || (has(self.dataset.preprocessing.pii.extraPatterns)"
             " && size(self.dataset.preprocessing.pii.extraPatterns) > 0))",
-            lambda s: s.dataset.preprocessing.pii.policy == "reject" or bool(s.dataset.preprocessing.pii.extra_patterns),
+            lambda s: (
+                s.dataset.preprocessing.pii.policy == "reject"
+                or bool(s.dataset.preprocessing.pii.extra_patterns)
+            ),
         ),
         _feature_rule(
             "near-dedup",

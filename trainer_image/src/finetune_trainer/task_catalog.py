@@ -59,7 +59,9 @@ FEATURE_FIELDS: dict[str, str] = {
 }
 
 #: The text stages of data preparation (features of the text tasks only).
-TEXT_STAGES: frozenset[str] = frozenset({"html-stripping", "min-length", "max-length", "pii-scanning", "near-dedup"})
+TEXT_STAGES: frozenset[str] = frozenset(
+    {"html-stripping", "min-length", "max-length", "pii-scanning", "near-dedup"}
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,8 @@ CATALOG: dict[str, TaskInfo] = {
                 FieldLayout("chat", ("messages",)),
                 FieldLayout("text", ("text",)),
             ),
-            features=frozenset({"template", "generation-samples", "augmentation-copies", "split-seed"}) | TEXT_STAGES,
+            features=frozenset({"template", "generation-samples", "augmentation-copies", "split-seed"})
+            | TEXT_STAGES,
             implemented=True,
         ),
         TaskInfo(

@@ -309,7 +309,8 @@ def prepare_detection(
     whose categories disagree, an unreadable source).
 
     With ``store`` and ``attempt`` the result is published into ``store`` for the other ranks of the attempt;
-    ``wait=True`` (those ranks) reads the preparing rank's result instead, or raises its :class:`DataError`."""
+    ``wait=True`` (those ranks) reads the preparing rank's result instead, or raises its
+    :class:`DataError`."""
     if wait:
         if store is None or attempt is None:
             raise ValueError("wait=True needs store= and attempt=")
@@ -457,7 +458,7 @@ EXAMPLES = "examples.json"
 
 
 def _publish(data: DetectionData, store: Path) -> Path:
-    """Write ``data`` into ``store/detection-<digest of its content>`` (atomically; an identical folder that is
+    """Write ``data`` into ``store/detection-<digest of its content>`` (atomically; an identical folder
     already there is kept) and return the folder."""
     from finetune_trainer.data.pipeline import publish_folder
 
