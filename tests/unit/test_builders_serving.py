@@ -115,7 +115,7 @@ def test_auth_off_renders_mode_none() -> None:
     [
         (ResolvedModel(uri="s3://bucket/model", task="causal-lm"), "spec.model.uri"),
         (ResolvedModel(uri="hf://org/model", task="causal-lm"), "spec.model.uri"),
-        (ResolvedModel(uri="pvc://c/m", task="object-detection"), "spec.model.task"),
+        (ResolvedModel(uri="pvc://c/m", task="speech-recognition"), "spec.model.task"),
         (ResolvedModel(task="causal-lm"), "spec.model"),
     ],
 )

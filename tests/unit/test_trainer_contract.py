@@ -12,6 +12,7 @@ replaced on the way to the trainer.
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -25,8 +26,8 @@ from finetune_operator.api import InvalidResourceError, parse_finetunejob
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.builders.trainer_config import render_trainer_config, validated_trainer_config
 from finetune_operator.config import OperatorConfig
-from finetune_trainer.config import TrainerConfig, parse_config
-from finetune_trainer.task_catalog import CATALOG
+from finetune_trainer.config import ConfigError, TrainerConfig, parse_config
+from finetune_trainer.task_catalog import CATALOG, FEATURE_FIELDS, feature_message
 
 OPERATOR_ONLY: dict[str, str] = {
     "resources": "pod requests, limits and placement: the Job's pod template",
@@ -58,11 +59,26 @@ _FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "template": ({"template": "alpaca"}, {}),
     "generation-samples": ({}, {}),
     "label-smoothing": ({}, {"hyperparameters": {"labelSmoothing": 0.1}}),
-    "image-augmentation": ({"augmentation": {"copies": 1, "image": {}}}, {}),
-    "text-augmentation": ({"augmentation": {"copies": 1, "text": {"synonyms": {"good": ["fine"]}}}}, {}),
-    "negative-sampling": ({"augmentation": {"copies": 1, "negatives": {}}}, {}),
+    "image-augmentation": ({"augmentation": {"image": {}}}, {}),
+    "text-augmentation": ({"augmentation": {"text": {"synonyms": {"good": ["fine"]}}}}, {}),
+    "negative-sampling": ({"augmentation": {"negatives": {}}}, {}),
     "top-k": ({}, {"evaluation": {"topK": 10}}),
+    "augmentation-copies": ({"augmentation": {"copies": 1}}, {}),
+    "split-seed": ({"split": {"seed": 7}}, {}),
+    "html-stripping": ({"preprocessing": {"stripHtml": True}}, {}),
+    "min-length": ({"preprocessing": {"minLength": 2}}, {}),
+    "max-length": ({"preprocessing": {"maxLength": 100000}}, {}),
+    "pii-scanning": ({"preprocessing": {"pii": {"extraPatterns": ["emp-[0-9]+"]}}}, {}),
+    "near-dedup": ({"preprocessing": {"dedup": {"mode": "near"}}}, {}),
 }
+
+
+def _merge(into: dict[str, Any], keys: dict[str, Any]) -> None:
+    for key, value in keys.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
 
 
 def _layout_base(task: str, kind: str) -> dict[str, Any]:
@@ -72,7 +88,7 @@ def _layout_base(task: str, kind: str) -> dict[str, Any]:
     dataset: dict[str, Any] = {
         "source": "file:///data/train.jsonl",
         "fieldMapping": {to_camel(column): f"{column}_column" for column in layout.columns},
-        "augmentation": {"copies": 1},
+        "augmentation": {},
     }
     spec: dict[str, Any] = {
         **_COMMON,
@@ -82,7 +98,7 @@ def _layout_base(task: str, kind: str) -> dict[str, Any]:
     }
     for feature in sorted(info.features):
         dataset_keys, spec_keys = _FEATURES[feature]
-        dataset.update(dataset_keys)
+        _merge(dataset, dataset_keys)
         for key, value in spec_keys.items():
             spec[key] = {**spec.get(key, {}), **value}
     if info.methods == ("full",):  # the API refuses LoRA for these tasks
@@ -517,3 +533,54 @@ def test_documented_defaults_are_the_rendered_ones() -> None:
     assert OperatorConfig().shm_size in (Resources.model_fields["shared_memory"].description or "")
     assert "5% of the data is held out for validation and none for test" in (Split.__doc__ or "")
     assert _trainer(_causal()).data.split.validation == 0.05
+
+
+#: A setting of a stage a task does not have, the rendered trainer config's key for it, the value.
+IGNORED_SETTINGS = [
+    ("augmentation-copies", ("augmentation", "copies"), 2),
+    ("split-seed", ("split", "seed"), 7),
+    ("html-stripping", ("cleaning", "stripHtml"), True),
+    ("min-length", ("cleaning", "minChars"), 5),
+    ("max-length", ("cleaning", "maxChars"), 500),
+    ("pii-scanning", ("pii", "policy"), "reject"),
+    ("near-dedup", ("dedup", "near"), True),
+]
+
+
+@pytest.mark.parametrize(
+    ("task", "feature", "trainer_key", "value"),
+    [
+        (task, *setting)
+        for task, info in CATALOG.items()
+        if info.modality != "text"
+        for setting in IGNORED_SETTINGS
+        if setting[0] not in info.features
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_setting_the_task_would_ignore_is_refused_by_the_api_and_the_trainer(
+    task: str, feature: str, trainer_key: tuple[str, str], value: Any
+) -> None:
+    """Image and interaction data have no text stages and no copies; recommendation's split has no seed. The
+    API refuses such a setting with its field named, and so does the trainer config (same message)."""
+    spec = _base(task)
+    dataset_keys, _ = _FEATURES[feature]
+    _merge(spec["dataset"], dataset_keys)
+    assert (f"spec.{FEATURE_FIELDS[feature]}", feature_message(feature)) in _refusal(spec)
+    rendered = _render(_base(task))
+    assert rendered is not None
+    section, key = trainer_key
+    rendered["data"].setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=re.escape(feature_message(feature))):
+        parse_config(rendered)
+
+
+def test_the_defaults_of_stages_a_task_lacks_are_accepted() -> None:
+    """An explicit default (the same as leaving the field out) is not refused: the server writes it anyway."""
+    spec = _base("recommendation")
+    spec["dataset"]["split"] = {"seed": 42}
+    spec["dataset"]["preprocessing"] = {"stripHtml": False, "minLength": 1, "pii": {"policy": "allow"}}
+    rendered = _render(spec)
+    assert rendered is not None
+    assert "seed" not in rendered["data"]["split"]
+    assert "copies" not in rendered["data"]["augmentation"]

@@ -1,5 +1,6 @@
 """Prepared once, shared and reused: one rank prepares and the others memory-map its result; a restarted
-attempt reuses the cache; an edited source or config never does; a failure ends every rank with exit 4."""
+attempt reuses the cache; an edited source or config never does; a failure ends every rank with exit 4.
+Object-detection data is shared the same way: rank 0 opens the images, the others read its result."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from detection_shapes import KIND, make_shapes_coco
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.pipeline import prepare
 from finetune_trainer.data.sharing import PreparationLostError, status_path, wait_for
@@ -164,6 +166,46 @@ def test_a_failure_on_the_preparing_rank_ends_the_waiting_rank_with_its_data_err
     report = json.loads((tmp_path / "w0" / "data_report.json").read_text())
     assert report["badRows"]["count"] == 5
     assert json.loads(status_path(store, "a1").read_text())["status"] == "failed"
+
+
+def test_detection_data_is_prepared_by_one_rank_and_read_by_the_other(tmp_path: Path) -> None:
+    annotations = make_shapes_coco(tmp_path / "shapes", 40)
+    config = {"source": str(annotations), "fields": KIND, "split": {"validation": 0.2, "seed": 1}}
+    store = tmp_path / "store"
+    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")  # started first: it must wait
+    time.sleep(1.0)
+    assert waiting.poll() is None
+    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
+    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    assert (code0, code1) == (0, 0)
+    assert second["train"] == first["train"]
+    assert second["validation"] == first["validation"]
+    assert len(first["train"]) + len(first["validation"]) == 40
+    assert all(example["boxes"] and example["labels"] for example in first["train"])
+    assert second["categories"] == first["categories"] == ["square", "circle", "triangle"]
+    assert second["report"] == first["report"]
+    assert second["folder"] == first["folder"]
+    assert second["seconds"] > first["seconds"]  # it waited for the whole preparation
+    assert _entries(store) == [Path(first["folder"]).name]  # one folder, nothing half-written left
+    assert (store / _entries(store)[0] / "READY").is_file()
+    assert (tmp_path / "w0" / "data_report.json").is_file()
+    assert not (tmp_path / "w1").exists()  # the waiting rank opened no image and writes nothing
+
+
+def test_a_detection_data_error_on_the_preparing_rank_ends_the_waiting_rank_with_it(tmp_path: Path) -> None:
+    annotations = make_shapes_coco(tmp_path / "shapes", 10)
+    for png in sorted((tmp_path / "shapes" / "images").glob("*.png"))[:5]:
+        png.write_bytes(b"not a png")
+    config = {"source": str(annotations), "fields": KIND, "split": {"validation": 0.2, "seed": 1}}
+    store = tmp_path / "store"
+    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")
+    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
+    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    assert code0 == code1 == 4
+    assert first == second
+    assert first["reason"] == "TooManyBadRows"
+    assert json.loads(status_path(store, "a1").read_text())["status"] == "failed"
+    assert _entries(store) == []
 
 
 @pytest.mark.slow

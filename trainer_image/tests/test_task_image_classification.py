@@ -1,7 +1,8 @@
 """Image classification end to end: scikit-learn's handwritten digits written out as PNG files (real data),
 a tiny randomly initialised ResNet trained through the trainer's worker entry, held-out accuracy before
 (about chance) and after (well above it), bad image files reported per row, and the artifact served by the
-inference server's image-classification kind (a base64 image in, the digit out)."""
+inference server's image-classification kind (a base64 image in, the digit out); two DeepSpeed ZeRO-2 ranks on
+the CPU."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.images import prepare_images
 from image_fixtures import image_config, make_tiny_image_model, write_digits
 from server_fixtures import running_server, write_server_config
-from trainer_fixtures import run_trainer, write_config
+from trainer_fixtures import (
+    ZERO2_CPU,
+    check_two_rank_classification,
+    run_trainer,
+    run_two_ranks,
+    write_config,
+)
 
 CLASSES = 10
 
@@ -106,3 +113,30 @@ def test_bad_images_are_reported_per_row(tmp_path: Path) -> None:
     strict = cfg.model_copy(update={"images": cfg.images.model_copy(update={"mode": "refuse"})})
     with pytest.raises(DataError, match=r"colour mode L is not RGB \(data.images.mode: refuse\)"):
         prepare_images(strict, tmp_path / "strict")
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_train_image_classification(tmp_path: Path) -> None:
+    data = write_digits(tmp_path / "digits", limit=500)
+    model = make_tiny_image_model(tmp_path / "model", num_labels=CLASSES)
+    config = image_config(
+        tmp_path,
+        model,
+        data,
+        distributed=ZERO2_CPU,
+        # micro 16 x 2 ranks: a global batch of 32, as the single-process run's.
+        hyperparameters={"microBatchSize": 16, "epochs": 4},
+        # 24 rows a rank a round: the test split's last round leaves rank 1 only a padding batch.
+        evaluation={"batchSize": 24},
+    )
+    result = run_two_ranks(write_config(tmp_path, config))
+    assert result.returncode == 0, result.stderr[-5000:]
+    test_rows = json.loads((tmp_path / "out" / "data_report.json").read_text())["images"]["test"]["images"]
+    before, after = check_two_rank_classification(
+        tmp_path, {str(i): str(i) for i in range(CLASSES)}, test_rows
+    )
+    print(f"digits (500), ZeRO-2 x2, test split of {test_rows}: before {before}\n  after {after}")
+    assert 0 < test_rows % 48 <= 24  # the last round leaves rank 1 without rows
+    assert after["accuracy"] > before["accuracy"] + 0.2
+    assert (tmp_path / "out" / "model" / "model.safetensors").stat().st_size > 0
+    assert (tmp_path / "out" / "confusion_matrix.png").stat().st_size > 0

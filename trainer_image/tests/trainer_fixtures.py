@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -135,6 +137,36 @@ def run_trainer(config_path: Path, **env: str) -> subprocess.CompletedProcess[st
         timeout=600,
         check=False,
     )
+
+
+#: Two DeepSpeed ranks on the CPU (gloo): ZeRO stage 2 in fp32, the ``distributed`` section of a config.
+ZERO2_CPU: dict[str, Any] = {"zeroStage": 2, "precision": "fp32", "shutdownTimeoutSeconds": 30}
+
+
+def run_two_ranks(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """The trainer on two local ranks, as torchrun starts them in a pod with two processes per node."""
+    return run_trainer(config_path, PET_NPROC_PER_NODE="2")
+
+
+def check_two_rank_classification(
+    tmp: Path, id2label: dict[str, str], test_rows: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The shared checks of a two-rank ZeRO-2 classification run in ``tmp`` (``out``/``ckpt`` laid out as
+    ``make_config`` does): each of the ``test_rows`` (from the data report) is counted once in the confusion
+    matrix (the padding rows of an uneven last round dropped), its diagonal is the reported accuracy, both
+    ranks saved their optimizer shard, and the artifact carries the label map. Returns the test split's
+    metrics (before, after)."""
+    out = tmp / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["before"]["test"], metrics["after"]["test"]
+    matrix = json.loads((out / "classification_report.json").read_text())["confusionMatrix"]
+    assert sum(map(sum, matrix)) == test_rows
+    assert sum(matrix[i][i] for i in range(len(matrix))) / test_rows == pytest.approx(after["accuracy"])
+    ckpt = sorted((tmp / "ckpt").glob("step-*"))[-1]
+    assert list((ckpt / "engine").rglob("zero_pp_rank_0_*optim_states.pt")), "rank 0's shard is missing"
+    assert list((ckpt / "engine").rglob("zero_pp_rank_1_*optim_states.pt")), "rank 1's shard is missing"
+    assert json.loads((out / "model" / "config.json").read_text())["id2label"] == id2label
+    return before, after
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -291,9 +291,11 @@ class NegativeSampling(ApiModel):
 class Augmentation(ApiModel):
     """Data augmentation of the training split."""
 
-    copies: Annotated[int, Field(ge=0, le=10)] = 1
-    """Augmented copies added per original training row (0 = augment on the fly only). For causal-lm each
-    copy rewrites the row's prompt with a fixed prompt variant (e.g. `Question: {prompt}`)."""
+    copies: Annotated[int, Field(ge=0, le=10)] | None = None
+    """Augmented copies added per original training row when the data is prepared; 1 when omitted
+    (causal-lm and sequence-classification only: image transforms are drawn on the fly and interactions are
+    not copied). For causal-lm each copy rewrites the row's prompt with a fixed prompt variant (e.g.
+    `Question: {prompt}`); 0 adds none."""
     image: ImageAugmentation | None = None
     """Image transforms (image-classification and object-detection only)."""
     text: TextAugmentation | None = None
@@ -305,9 +307,9 @@ class Augmentation(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="!has(self.text) || self.copies >= 1",
+            rule="!has(self.text) || !has(self.copies) || self.copies >= 1",
             message="text augmentation makes its copies when the data is prepared: set copies to at least 1",
-            holds=lambda m: m.text is None or m.copies >= 1,
+            holds=lambda m: m.text is None or m.copies is None or m.copies >= 1,
             field_path=".copies",
         ),
     )
@@ -876,6 +878,51 @@ class FineTuneJobSpec(ApiModel):
                 )
             ),
             field_path=".dataset.split",
+        ),
+        _feature_rule(
+            "augmentation-copies",
+            "has(self.dataset.augmentation) && has(self.dataset.augmentation.copies)",
+            lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.copies is not None,
+        ),
+        # The fields below have defaults the API server writes out: only a value other than the default is
+        # refused (the default is what a task without the stage does, or cannot be told from an omission).
+        _feature_rule(
+            "split-seed",
+            f"has(self.dataset.split) && self.dataset.split.seed != {Split().seed}",
+            lambda s: s.dataset.split.seed != Split().seed,
+        ),
+        _feature_rule(
+            "html-stripping",
+            "has(self.dataset.preprocessing) && self.dataset.preprocessing.stripHtml",
+            lambda s: s.dataset.preprocessing.strip_html,
+        ),
+        _feature_rule(
+            "min-length",
+            "has(self.dataset.preprocessing)"
+            f" && self.dataset.preprocessing.minLength != {Preprocessing().min_length}",
+            lambda s: s.dataset.preprocessing.min_length != Preprocessing().min_length,
+        ),
+        _feature_rule(
+            "max-length",
+            "has(self.dataset.preprocessing) && has(self.dataset.preprocessing.maxLength)",
+            lambda s: s.dataset.preprocessing.max_length is not None,
+        ),
+        _feature_rule(
+            "pii-scanning",
+            "has(self.dataset.preprocessing) && has(self.dataset.preprocessing.pii)"
+            " && (self.dataset.preprocessing.pii.policy == 'reject'"
+            " || (has(self.dataset.preprocessing.pii.extraPatterns)"
+            " && size(self.dataset.preprocessing.pii.extraPatterns) > 0))",
+            lambda s: (
+                s.dataset.preprocessing.pii.policy == "reject"
+                or bool(s.dataset.preprocessing.pii.extra_patterns)
+            ),
+        ),
+        _feature_rule(
+            "near-dedup",
+            "has(self.dataset.preprocessing) && has(self.dataset.preprocessing.dedup)"
+            " && self.dataset.preprocessing.dedup.mode == 'near'",
+            lambda s: s.dataset.preprocessing.dedup.mode == "near",
         ),
         _feature_rule(
             "label-smoothing",

@@ -133,12 +133,15 @@ def _augmentation(job: FineTuneJob) -> dict[str, Any] | None:
         return None
     # For causal-lm a copy is the row with its prompt rewritten by a template variant (the trainer's only
     # text-row augmentation); the other tasks' copies carry their image or text transforms.
-    variants = job.spec.task == "causal-lm" and augmentation.copies > 0
+    # Only the tasks that copy rows get copies (the API refuses copies for the others).
+    copies = augmentation.copies if augmentation.copies is not None else 1
+    variants = job.spec.task == "causal-lm" and copies > 0
     section: dict[str, Any] = {
         "strategy": "template-variants" if variants else "none",
-        "copies": augmentation.copies,
         "seed": job.spec.hyperparameters.seed,
     }
+    if "augmentation-copies" in CATALOG[job.spec.task].features:
+        section["copies"] = copies
     if augmentation.image is not None:
         section["image"] = augmentation.image.model_dump(by_alias=True)
     if augmentation.text is not None:
@@ -153,8 +156,9 @@ def _data_section(job: FineTuneJob) -> dict[str, Any]:
     prep = dataset.preprocessing
     validation, test = dataset.split.resolved_ratios()
     split: dict[str, Any] = {"validation": validation, "test": test, "seed": dataset.split.seed}
-    if job.spec.task == "recommendation":  # leave-last-out per user; the API refuses ratios and sources
-        split = {"seed": dataset.split.seed}
+    if "split-seed" not in CATALOG[job.spec.task].features:
+        # Leave-last-out per user (recommendation): the API refuses ratios, sources and a seed.
+        split = {}
     if dataset.split.validation_source:
         split["validationSource"] = _local_path(dataset.split.validation_source)
     if dataset.split.test_source:

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from finetune_trainer.data.config import DataConfig
+from finetune_trainer.data.config import CleaningConfig, DataConfig
 from finetune_trainer.schema import ConfigSection, unknown_key_message, valid_keys
 from finetune_trainer.task_catalog import CATALOG, IMPLEMENTED_TASK_NAMES, feature_message, method_message
 
@@ -477,6 +477,14 @@ class TrainerConfig(ConfigSection):
             "text-augmentation": self.data.augmentation.text is not None,
             "negative-sampling": self.data.augmentation.negatives is not None,
             "top-k": self.evaluation.top_k != Evaluation.model_fields["top_k"].default,
+            # Set in the file (the operator writes copies and a split seed only for the tasks that use them).
+            "augmentation-copies": "copies" in self.data.augmentation.model_fields_set,
+            "split-seed": "seed" in self.data.split.model_fields_set,
+            "html-stripping": self.data.cleaning.strip_html,
+            "min-length": self.data.cleaning.min_chars != CleaningConfig.model_fields["min_chars"].default,
+            "max-length": self.data.cleaning.max_chars is not None,
+            "pii-scanning": self.data.pii.policy == "reject" or bool(self.data.pii.extra_patterns),
+            "near-dedup": self.data.dedup.near,
         }
         for feature, on in used.items():
             if on and feature not in info.features:

@@ -45,7 +45,23 @@ FEATURE_FIELDS: dict[str, str] = {
     "text-augmentation": "dataset.augmentation.text",
     "negative-sampling": "dataset.augmentation.negatives",
     "top-k": "evaluation.topK",
+    # Copies of training rows made when the data is prepared (template variants, text perturbations); image
+    # transforms are drawn on the fly and interactions are never copied.
+    "augmentation-copies": "dataset.augmentation.copies",
+    # The hash split's seed; recommendation splits leave-last-out per user by time (no randomness).
+    "split-seed": "dataset.split.seed",
+    # Text cleaning, PII scanning and near-duplicate detection read text; images and interactions have none.
+    "html-stripping": "dataset.preprocessing.stripHtml",
+    "min-length": "dataset.preprocessing.minLength",
+    "max-length": "dataset.preprocessing.maxLength",
+    "pii-scanning": "dataset.preprocessing.pii",
+    "near-dedup": "dataset.preprocessing.dedup.mode",
 }
+
+#: The text stages of data preparation (features of the text tasks only).
+TEXT_STAGES: frozenset[str] = frozenset(
+    {"html-stripping", "min-length", "max-length", "pii-scanning", "near-dedup"}
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +109,8 @@ CATALOG: dict[str, TaskInfo] = {
                 FieldLayout("chat", ("messages",)),
                 FieldLayout("text", ("text",)),
             ),
-            features=frozenset({"template", "generation-samples"}),
+            features=frozenset({"template", "generation-samples", "augmentation-copies", "split-seed"})
+            | TEXT_STAGES,
             implemented=True,
         ),
         TaskInfo(
@@ -101,7 +118,8 @@ CATALOG: dict[str, TaskInfo] = {
             modality="text",
             metrics=("loss", "accuracy", "f1", "precision", "recall", "auc"),
             layouts=(FieldLayout("classification", ("text", "label"), ("text_pair",)),),
-            features=frozenset({"label-smoothing", "text-augmentation"}),
+            features=frozenset({"label-smoothing", "text-augmentation", "augmentation-copies", "split-seed"})
+            | TEXT_STAGES,
             implemented=True,
         ),
         TaskInfo(
@@ -109,7 +127,7 @@ CATALOG: dict[str, TaskInfo] = {
             modality="image",
             metrics=("loss", "accuracy", "f1", "precision", "recall"),
             layouts=(FieldLayout("image-classification", ("image", "label")),),
-            features=frozenset({"label-smoothing", "image-augmentation"}),
+            features=frozenset({"label-smoothing", "image-augmentation", "split-seed"}),
             implemented=True,
             methods=("full",),
         ),
@@ -118,7 +136,7 @@ CATALOG: dict[str, TaskInfo] = {
             modality="image",
             metrics=("loss", "map", "map50", "map75"),
             layouts=(FieldLayout("object-detection", ("image", "objects")),),
-            features=frozenset({"image-augmentation"}),
+            features=frozenset({"image-augmentation", "split-seed"}),
             implemented=True,
             methods=("full",),
         ),

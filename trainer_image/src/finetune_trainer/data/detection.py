@@ -22,6 +22,10 @@ column or, without one, of its image's content hash, so a copy can never sit in 
 Examples (:data:`DetectionExample`) are small dicts: the image path, its size, its boxes as
 ``[x1, y1, x2, y2]`` and its class ids (indices into ``category_names``); the task decodes the image at
 collation. Torch-free.
+
+Shared between ranks like the image and text pipelines (:mod:`finetune_trainer.data.sharing`): rank 0
+prepares and publishes the examples and report into a folder of ``store`` (``examples.json``, ``meta.json``,
+``READY`` written last), the other ranks wait for it and read it instead of opening every image again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +53,10 @@ from finetune_trainer.data.report import (
     StageRecord,
     write_report,
 )
+from finetune_trainer.data.sharing import Publisher, wait_for
 from finetune_trainer.data.sources import ResolvedSource, resolve_source, sha256_file
 from finetune_trainer.data.split import SPLITS, assign_split
+from finetune_trainer.data.store import META, READY, read_meta
 from finetune_trainer.data.validation import BadRowLog
 
 __all__ = [
@@ -286,11 +294,43 @@ def _sources(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
     return resolved
 
 
-def prepare_detection(cfg: DataConfig, workdir: Path, *, model_license: str | None = None) -> DetectionData:
+def prepare_detection(
+    cfg: DataConfig,
+    workdir: Path,
+    *,
+    model_license: str | None = None,
+    store: Path | None = None,
+    attempt: str | None = None,
+    wait: bool = False,
+) -> DetectionData:
     """Read, check, de-duplicate and split the detection data; write ``data_report.json`` and
     ``provenance.json`` into ``workdir``. Deterministic: the same data and config give the same examples in
     the same order. Raises :class:`DataError` (too many malformed images, an empty train split, COCO files
-    whose categories disagree, an unreadable source)."""
+    whose categories disagree, an unreadable source).
+
+    With ``store`` and ``attempt`` the result is published into ``store`` for the other ranks of the attempt;
+    ``wait=True`` (those ranks) reads the preparing rank's result instead, or raises its
+    :class:`DataError`."""
+    if wait:
+        if store is None or attempt is None:
+            raise ValueError("wait=True needs store= and attempt=")
+        folder, _ = wait_for(store, attempt)
+        return _open(folder)
+    if store is None or attempt is None:
+        return _prepare(cfg, workdir, model_license)
+    publisher = Publisher(store, attempt)
+    publisher.start()
+    try:
+        data = _prepare(cfg, workdir, model_license)
+        data.folder = _publish(data, store)
+    except BaseException as exc:
+        publisher.failed(exc)
+        raise
+    publisher.ready(data.folder, reused=False)
+    return data
+
+
+def _prepare(cfg: DataConfig, workdir: Path, model_license: str | None) -> DetectionData:
     licences = check_licences(cfg.compliance, model_license=model_license)
     workdir.mkdir(parents=True, exist_ok=True)
     sources = _sources(cfg, workdir / ".source-cache")
@@ -410,6 +450,52 @@ def prepare_detection(cfg: DataConfig, workdir: Path, *, model_license: str | No
         report=report,
         category_names=names,
         folder=workdir,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- sharing
+EXAMPLES = "examples.json"
+
+
+def _publish(data: DetectionData, store: Path) -> Path:
+    """Write ``data`` into ``store/detection-<digest of its content>`` (atomically; an identical folder
+    already there is kept) and return the folder."""
+    from finetune_trainer.data.pipeline import publish_folder
+
+    examples = json.dumps({name: getattr(data, name) for name in SPLITS}, sort_keys=True)
+    meta = {
+        "report": data.report.model_dump(mode="json", by_alias=True),
+        "categoryNames": data.category_names,
+    }
+    key = hashlib.sha256((examples + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
+    final = store / f"detection-{key}"
+    if (final / READY).is_file():
+        return final
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".{final.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / EXAMPLES).write_text(examples, encoding="utf-8")
+        (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
+        publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _open(folder: Path) -> DetectionData:
+    """The :class:`DetectionData` a preparing rank published into ``folder``."""
+    meta = read_meta(folder)
+    splits = json.loads((folder / EXAMPLES).read_text(encoding="utf-8"))
+    return DetectionData(
+        train=splits["train"],
+        validation=splits["validation"],
+        test=splits["test"],
+        report=DataReport.model_validate(meta["report"]),
+        category_names=list(meta["categoryNames"]),
+        folder=folder,
     )
 
 

@@ -213,11 +213,17 @@ class ObjectDetection:
         return self.spec
 
     def prepare(self, processor: Any, workdir: Path, *, store: Path, attempt: str, wait: bool) -> Any:
-        # Preparation reads annotations and opens each image once; every rank does it (it is deterministic
-        # and cheap next to training) instead of waiting for rank 0's copy.
+        # Rank 0 reads the annotations and opens each image once; the other ranks read its published result.
         from finetune_trainer.data.detection import prepare_detection
 
-        data = prepare_detection(self.cfg.data, workdir, model_license=self.cfg.model.license)
+        data = prepare_detection(
+            self.cfg.data,
+            workdir,
+            model_license=self.cfg.model.license,
+            store=store,
+            attempt=attempt,
+            wait=wait,
+        )
         self.categories = data.category_names
         return data
 
