@@ -47,9 +47,7 @@ def test_chart_audit_persistence_env_is_what_the_operator_reads(cluster: Any) ->
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     deployment = yaml.safe_load(rendered.stdout)
-    env = {
-        e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     config = OperatorConfig.from_env(env)
     persistence = yaml.safe_load((CHART / "values.yaml").read_text())["audit"]["persistence"]
     assert config.audit_max_file_bytes == persistence["maxFileBytes"]
