@@ -476,6 +476,9 @@ def test_the_full_run_leaves_an_audit_log_that_verifies_and_no_secret_value_anyw
     audit files of the chart's audit claim and scans everything the run produced for the Secrets' markers."""
     ns = operator_pod.namespace
     started = time.monotonic()
+    for name, values in ((CREDENTIALS, CREDENTIAL_VALUES), (API_KEYS, {"api-keys": API_KEY})):
+        data = get(cluster, ns, "secret", name)["data"]
+        assert {k: base64.b64decode(v).decode() for k, v in data.items()} == values, name  # what we look for
     # What exists now (before the deletions below remove the objects, their status and their pods' logs).
     scanned = {"objects before deletion": namespace_objects(cluster, ns), **pod_logs(local_node, ns)}
     present = [n for n in ("canary", "faulty") if n in children_owners(cluster, ns)]
@@ -507,9 +510,13 @@ def test_the_full_run_leaves_an_audit_log_that_verifies_and_no_secret_value_anyw
     for record in records:
         verbs.setdefault(f"{record['kind']}/{record['name']}", set()).add(record["verb"])
     print("audit actions:", json.dumps({k: sorted(v) for k, v in sorted(verbs.items())}))
-    assert {"GangAdmitted", "ChildrenApplied", "Deleted"} <= verbs[f"FineTuneJob/{JOB}"], verbs
+    assert {"GangAdmitted", "ChildrenApplied", "Completed", "Deleted"} <= verbs[f"FineTuneJob/{JOB}"], verbs
     for name in ("rolling", "canary", "faulty"):
-        assert {"ModelLoaded", "Deleted"} <= verbs[f"ModelDeployment/{name}"], verbs
+        assert {"ModelLoaded", "RollingUpdate", "RolloutComplete", "Deleted"} <= verbs[
+            f"ModelDeployment/{name}"
+        ]
+    assert "Promoting" in verbs["ModelDeployment/canary"], verbs
+    assert "RolledBack" in verbs["ModelDeployment/faulty"], verbs
     assert {r["user"] for r in records} == {"system:finetune-operator"}, {r["user"] for r in records}
     assert len(deletions) == len({r["name"] for r in deletions}), deletions
 
@@ -530,7 +537,8 @@ def test_the_full_run_leaves_an_audit_log_that_verifies_and_no_secret_value_anyw
     assert kinds["Pod"], kinds
     assert any("trainer" in name for name in scanned), sorted(scanned)
     print(
-        f"scanned {len(scanned)} sources ({sum(len(t) for t in scanned.values())} characters; "
+        f"scanned {len(scanned)} sources {sorted(scanned)} "
+        f"({sum(len(t) for t in scanned.values())} characters; "
         f"objects before deletion: {dict(kinds)}) for {len(markers)} markers; "
         f"deletion {scanned_at - started:.1f} s, checks {time.monotonic() - scanned_at:.1f} s"
     )
