@@ -47,11 +47,18 @@ class OperatorPod:
     def service_account(self) -> str:
         return f"system:serviceaccount:{self.namespace}:{self.deployment}"
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 400) -> str:
+        """The operator's log (stderr) and audit records (stdout); `tail=-1` for all of it."""
         result = self.cluster.kubectl(
-            "logs", f"deployment/{self.deployment}", "-n", self.namespace, "--tail=400", check=False
+            "logs", f"deployment/{self.deployment}", "-n", self.namespace, f"--tail={tail}", check=False
         )
         return result.stdout + result.stderr
+
+    def audit_dir(self) -> Path:
+        """The folder of the audit claim's PersistentVolume (a hostPath of the local provisioner)."""
+        claim = kubectl_json(self.cluster, "get", "pvc", f"{self.deployment}-audit", "-n", self.namespace)
+        volume = kubectl_json(self.cluster, "get", "pv", claim["spec"]["volumeName"])
+        return Path((volume["spec"].get("hostPath") or volume["spec"]["local"])["path"])
 
     def pods(self) -> list[dict[str, Any]]:
         selector = f"app.kubernetes.io/instance={self.release}"
@@ -84,6 +91,9 @@ def operator_pod_values(watched: Sequence[str], env: Mapping[str, str]) -> dict[
         "nodeSelector": dict(nodeagent.NODE_SELECTOR),
         "tolerations": [dict(nodeagent.TOLERATION)],
         "env": {"PYTHONPATH": CHECKOUT_PATH, **env},
+        # The chart's audit file sink on its own claim: the local provisioner's folder is on this machine,
+        # so a test reads the files the operator wrote (OperatorPod.audit_dir).
+        "audit": {"persistence": {"enabled": True, "size": "64Mi"}},
     }
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from finetune_operator.builders.webhooks import build_webhook_configurations
+from finetune_operator.config import OperatorConfig
 from tests.kube_helpers import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -35,6 +36,23 @@ def test_helm_lint_and_template_render_for_the_dev_cluster_version(cluster: Any)
     assert rendered.returncode == 0, rendered.stderr
     assert "kind: ClusterRole" in rendered.stdout
     assert "strategy: {type: Recreate}" in rendered.stdout
+
+
+def test_chart_audit_persistence_env_is_what_the_operator_reads(cluster: Any) -> None:
+    """Helm renders large numbers as floats (6.7108864e+07) unless told otherwise; the operator would refuse
+    to start. Every literal env value of the rendered Deployment goes through the operator's own config."""
+    rendered = _helm(
+        cluster, "template", "t", str(CHART), "--namespace", "x", "--kube-version", "1.36.3",
+        "--set", "audit.persistence.enabled=true", "--show-only", "templates/deployment.yaml",
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    deployment = yaml.safe_load(rendered.stdout)
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = OperatorConfig.from_env(env)
+    persistence = yaml.safe_load((CHART / "values.yaml").read_text())["audit"]["persistence"]
+    assert config.audit_max_file_bytes == persistence["maxFileBytes"]
+    assert config.audit_keep_files == persistence["keepFiles"]
+    assert str(config.audit_dir) == "/audit"
 
 
 def test_chart_installs_under_restricted_pod_security_and_grants_least_privilege(

@@ -283,6 +283,10 @@ def test_webhooks_refuse_record_and_fail_closed(
     assert created["specDigest"].startswith("sha256:")
     assert created["correlationId"] == f"FineTuneJob/{namespace}/good@1"
     actions = [r for r in records if r["type"] == "action" and r["name"] == "good"]
+    # The operator saw it go (its own record, after the unrecorded DELETE below), for the deleting generation.
+    gone = [r for r in actions if r["verb"] == "Deleted"]
+    assert len(gone) == 1, actions
+    actions = [r for r in actions if r["verb"] != "Deleted"]
     assert "ChildrenApplied" in {r["verb"] for r in actions}, actions
     assert len({r["verb"] for r in actions}) >= 3, actions  # condition transitions (admitted, running...)
     assert all(r["correlationId"] == created["correlationId"] for r in actions)  # one generation

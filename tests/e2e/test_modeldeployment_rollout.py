@@ -8,13 +8,22 @@ Service's loopback forwarder (`python -m hack.devcluster services`).
   while a client sends requests throughout, and none fails; deleting removes every child;
 - a canary without traffic stays inconclusive (never a pass); with traffic it is promoted step by step to
   100 %, each step in `status.rollout.history` and an Event;
-- a canary whose pods answer errors (`runtime.faultErrorRate`) is rolled back by itself.
+- a canary whose pods answer errors (`runtime.faultErrorRate`) is rolled back by itself;
+- last, the whole run (job -> deployments -> rollouts -> deletion) left an audit file (the chart's audit
+  persistence) that `audit verify` accepts, with the actions of every step; and the run's Secrets, whose
+  values are random markers (the trainer's credentials, the deployments' API keys), appear in no object of
+  the namespace, no Event, no pod log and no audit record.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,9 +37,10 @@ import httpx
 import pytest
 from hack import nodeagent
 from hack.make_tiny_model import make_tiny_assets
+from hack.nodeagent.agent import agent_dir
 
 from tests.kube_helpers import Cluster, LocalNode, kubectl_json, wait_for
-from tests.operator_pod import OperatorPod
+from tests.operator_pod import CHECKOUT_PATH, OperatorPod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -40,6 +50,14 @@ LABEL = "finetune.dev/deployment"
 CHILD_KINDS = "deployments,services,configmaps,secrets,poddisruptionbudgets,networkpolicies,pods"
 PROMPT = "word: kqzt\nfirst:"
 READY_TIMEOUT = 420.0
+CREDENTIALS = "trainer-credentials"
+API_KEYS = "client-api-keys"
+#: The values of the run's Secrets: random markers that must show up nowhere else.
+CREDENTIAL_VALUES = {
+    "HF_TOKEN": f"hf_{secrets.token_hex(16)}",
+    "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
+}
+API_KEY = f"sk-{secrets.token_hex(16)}"
 
 
 def finetunejob(model: Path, data: Path) -> dict[str, Any]:
@@ -71,8 +89,13 @@ def finetunejob(model: Path, data: Path) -> dict[str, Any]:
                 "nodeSelector": dict(nodeagent.NODE_SELECTOR),
                 "tolerations": [dict(nodeagent.TOLERATION)],
             },
+            "credentialsSecret": CREDENTIALS,
         },
     }
+
+
+def secret(name: str, values: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": values}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +103,12 @@ def trained(
     cluster: Cluster, operator_pod: OperatorPod, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     """The FineTuneJob `src`, trained to Succeeded by the operator pod on the local node: its artifact is
-    what every deployment of this module serves."""
+    what every deployment of this module serves. Its trainer gets the credentials Secret (`envFrom`) and
+    every deployment takes its API key from `client-api-keys`: both hold random markers."""
+    cluster.apply(
+        [secret(CREDENTIALS, CREDENTIAL_VALUES), secret(API_KEYS, {"api-keys": API_KEY})],
+        operator_pod.namespace,
+    )
     tiny = make_tiny_assets(tmp_path_factory.mktemp("tiny"))
     cluster.apply(finetunejob(tiny.model_dir, tiny.data_path), operator_pod.namespace)
 
@@ -115,6 +143,7 @@ def modeldeployment(name: str, **spec: Any) -> dict[str, Any]:
             "runtime": {"maxNewTokens": 2},
             "quantization": {"method": "int8-dynamic", "maxQualityDrop": 0.05},
             "replicas": 1,
+            "auth": {"apiKeySecretRef": {"name": API_KEYS, "key": "api-keys"}},
             "resources": {
                 "cpu": "250m",
                 "memory": "1Gi",
@@ -405,3 +434,116 @@ def test_a_canary_whose_pods_answer_errors_is_rolled_back(
     warnings = [e for e in events(cluster, ns, "faulty") if e["type"] == "Warning"]
     assert any(e["reason"] == "AnalysisFailed" for e in warnings), warnings
     print("rollback:", last["message"])
+
+
+def audit(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m finetune_operator audit ARGS` of this checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_operator", "audit", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": CHECKOUT_PATH},
+    )
+
+
+def namespace_objects(cluster: Cluster, namespace: str) -> str:
+    """Every listable namespaced object but Secrets (ConfigMaps, our kinds with their status, pods,
+    Deployments, Events...), as JSON."""
+    kinds = cluster.kubectl("api-resources", "--namespaced", "--verbs=list", "-o", "name").stdout.split()
+    listed = [k for k in kinds if k.split(".")[0] != "secrets"]
+    return cluster.kubectl("get", ",".join(listed), "-n", namespace, "-o", "json", timeout=180).stdout
+
+
+def pod_logs(local_node: LocalNode, namespace: str) -> dict[str, str]:
+    """The node agent's log file of every container run in `namespace` (each pod's until it is deleted)."""
+    logs = agent_dir(local_node.root) / "logs"
+    return {
+        str(path.relative_to(logs)): path.read_text(encoding="utf-8", errors="replace")
+        for path in sorted(logs.glob(f"{namespace}_*/*/*.log"))
+    }
+
+
+def test_the_full_run_leaves_an_audit_log_that_verifies_and_no_secret_value_anywhere(
+    cluster: Cluster,
+    local_node: LocalNode,
+    operator_pod: OperatorPod,
+    trained: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    """Runs last: the module's job, rollouts and rollback are done. Deletes what is left, then checks the
+    audit files of the chart's audit claim and scans everything the run produced for the Secrets' markers."""
+    ns = operator_pod.namespace
+    started = time.monotonic()
+    for name, values in ((CREDENTIALS, CREDENTIAL_VALUES), (API_KEYS, {"api-keys": API_KEY})):
+        data = get(cluster, ns, "secret", name)["data"]
+        assert {k: base64.b64decode(v).decode() for k, v in data.items()} == values, name  # what we look for
+    # What exists now (before the deletions below remove the objects, their status and their pods' logs).
+    scanned = {"objects before deletion": namespace_objects(cluster, ns), **pod_logs(local_node, ns)}
+    present = [n for n in ("canary", "faulty") if n in children_owners(cluster, ns)]
+    for kind, name in [*(("modeldeployment", n) for n in present), ("finetunejob", JOB)]:
+        cluster.kubectl("delete", kind, name, "-n", ns, "--timeout=120s", timeout=150)
+    folder = operator_pod.audit_dir()
+
+    def deleted_recorded() -> list[dict[str, Any]] | None:
+        out = audit("query", str(folder), "--action", "Deleted", "-o", "jsonl")
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+        return records if {r["name"] for r in records} >= {"rolling", *present, JOB} else None
+
+    deletions = wait_for(deleted_recorded, 60, "a Deleted audit record for each resource", interval=1)
+    scanned_at = time.monotonic()
+
+    # (1) The audit log (a copy: the operator still runs and may append) verifies and holds every step.
+    copy = tmp_path / "audit"
+    shutil.copytree(folder, copy)
+    verified = audit("verify", str(copy))
+    assert verified.returncode == 0, f"{verified.stdout}{verified.stderr}"
+    print("audit verify:", verified.stdout.strip(), f"({sorted(p.name for p in copy.iterdir())})")
+    out = audit("query", str(copy), "--checkpoints", "-o", "jsonl")
+    assert out.returncode == 0, out.stderr
+    everything = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    assert verified.stdout.startswith(f"OK: {len(everything)} records"), (verified.stdout, len(everything))
+    records = [r for r in everything if r["type"] != "checkpoint"]
+    verbs: dict[str, set[str]] = {}
+    for record in records:
+        verbs.setdefault(f"{record['kind']}/{record['name']}", set()).add(record["verb"])
+    print("audit actions:", json.dumps({k: sorted(v) for k, v in sorted(verbs.items())}))
+    assert {"GangAdmitted", "ChildrenApplied", "Completed", "Deleted"} <= verbs[f"FineTuneJob/{JOB}"], verbs
+    for name in ("rolling", "canary", "faulty"):
+        assert {"ModelLoaded", "RollingUpdate", "RolloutComplete", "Deleted"} <= verbs[
+            f"ModelDeployment/{name}"
+        ]
+    assert "Promoting" in verbs["ModelDeployment/canary"], verbs
+    assert "RolledBack" in verbs["ModelDeployment/faulty"], verbs
+    assert {r["user"] for r in records} == {"system:finetune-operator"}, {r["user"] for r in records}
+    assert len(deletions) == len({r["name"] for r in deletions}), deletions
+
+    # (2) No Secret value anywhere the run wrote: objects (ConfigMaps, every status), Events, the
+    # operator's log and audit stdout, every pod's log (trainer, servers, operator), the audit files.
+    scanned["objects after deletion"] = namespace_objects(cluster, ns)
+    scanned["operator log (kubectl logs)"] = operator_pod.logs(tail=-1)
+    scanned.update(pod_logs(local_node, ns))
+    for path in sorted(copy.iterdir()):
+        scanned[f"audit file {path.name}"] = path.read_text(encoding="utf-8")
+    markers = [API_KEY, *CREDENTIAL_VALUES.values()]
+    found = [(where, m) for where, text in scanned.items() for m in markers if m in text]
+    assert found == [], found
+    configmaps = json.loads(scanned["objects before deletion"])["items"]
+    kinds = Counter(item["kind"] for item in configmaps)
+    assert kinds["ConfigMap"], kinds
+    assert kinds["Event"], kinds
+    assert kinds["Pod"], kinds
+    assert any("trainer" in name for name in scanned), sorted(scanned)
+    print(
+        f"scanned {len(scanned)} sources {sorted(scanned)} "
+        f"({sum(len(t) for t in scanned.values())} characters; "
+        f"objects before deletion: {dict(kinds)}) for {len(markers)} markers; "
+        f"deletion {scanned_at - started:.1f} s, checks {time.monotonic() - scanned_at:.1f} s"
+    )
+
+
+def children_owners(cluster: Cluster, namespace: str) -> list[str]:
+    listing = kubectl_json(cluster, "get", "modeldeployments", "-n", namespace)
+    return [item["metadata"]["name"] for item in listing["items"]]

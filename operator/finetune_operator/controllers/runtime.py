@@ -103,6 +103,12 @@ class Runtime:
             if self.queue is not None:
                 self.queue.enqueue_after(key, random.uniform(0, spread))
 
+    def record_deleted(self, body: Mapping[str, Any]) -> None:
+        """The watch showed the object gone: one `Deleted` audit action (its children go with it by
+        garbage collection), so a log kept without the admission webhooks still shows the deletion."""
+        if self.audit is not None:
+            self.audit.action("Deleted", body, detail="children removed by garbage collection")
+
     def forget(self, key: ObjectKey) -> None:
         """The object is gone: drop what every kind-generic part knows of it."""
         self.cache.forget(key)

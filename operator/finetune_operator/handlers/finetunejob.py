@@ -22,6 +22,7 @@ async def finetunejob_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: Any, 
     runtime = runtime_of(memo, kwargs)
     key = key_of(body)
     if event["type"] == "DELETED":
+        runtime.record_deleted(body)
         forget_finetunejob(runtime, key)
         return
     if runtime.cache.observe(body):

@@ -21,6 +21,7 @@ async def modeldeployment_seen(*, event: kopf.RawEvent, body: kopf.Body, memo: A
     runtime = runtime_of(memo, kwargs)
     key = key_of(body)
     if event["type"] == "DELETED":
+        runtime.record_deleted(body)
         runtime.forget(key)
         return
     if runtime.cache.observe(body):
