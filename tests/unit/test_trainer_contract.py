@@ -517,3 +517,15 @@ def test_documented_defaults_are_the_rendered_ones() -> None:
     assert OperatorConfig().shm_size in (Resources.model_fields["shared_memory"].description or "")
     assert "5% of the data is held out for validation and none for test" in (Split.__doc__ or "")
     assert _trainer(_causal()).data.split.validation == 0.05
+
+
+def test_the_trainers_artifact_formats_are_the_ones_the_status_accepts() -> None:
+    """The trainer reports `status.artifact.format` from its task's export: a value outside the CRD's enum
+    made the API server refuse the whole status patch (422), so a recommendation or object-detection job
+    (formats `recommender`, `torch`) succeeded with no status.artifact and no metrics after training."""
+    from finetune_operator.api.finetunejob import Artifact
+    from finetune_trainer.tasks.base import ArtifactFormat
+
+    field = Artifact.model_fields["format"].annotation
+    [accepted] = [arg for arg in get_args(field) if get_origin(arg) is Literal]
+    assert set(get_args(ArtifactFormat)) == set(get_args(accepted))
