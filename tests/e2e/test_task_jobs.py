@@ -68,7 +68,7 @@ def sequence_classification(root: Path) -> dict[str, Any]:
             "split": {"validationRatio": 0.25, "testRatio": 0, "seed": 1},
         },
         "hyperparameters": {
-            "maxSteps": 12,
+            "maxSteps": 6,
             "warmupSteps": 0,
             "batchSize": 16,
             "learningRate": 1e-4,
