@@ -584,3 +584,15 @@ def test_the_defaults_of_stages_a_task_lacks_are_accepted() -> None:
     assert rendered is not None
     assert "seed" not in rendered["data"]["split"]
     assert "copies" not in rendered["data"]["augmentation"]
+
+
+def test_the_trainers_artifact_formats_are_the_ones_the_status_accepts() -> None:
+    """The trainer reports `status.artifact.format` from its task's export: a value outside the CRD's enum
+    made the API server refuse the whole status patch (422), so a recommendation or object-detection job
+    (formats `recommender`, `torch`) succeeded with no status.artifact and no metrics after training."""
+    from finetune_operator.api.finetunejob import Artifact
+    from finetune_trainer.tasks.base import ArtifactFormat
+
+    field = Artifact.model_fields["format"].annotation
+    [accepted] = [arg for arg in get_args(field) if get_origin(arg) is Literal]
+    assert set(get_args(ArtifactFormat)) == set(get_args(accepted))

@@ -230,7 +230,7 @@ def test_fcos_learns_shapes_through_the_entrypoint_and_is_served(tmp_path: Path)
     # The artifact: detector folder + serving files; the card draws sample detections.
     for name in ("config.json", "model.safetensors", "serving.json", "sha256sums.json"):
         assert (out / "model" / name).is_file(), name
-    assert metrics["artifact"]["format"] == "torch"
+    assert metrics["artifact"]["format"] == "full"
     assert json.loads((out / "model" / "config.json").read_text())["categories"] == list(CATEGORIES)
     card = (out / "README.md").read_text()
     assert "## Sample detections" in card

@@ -116,7 +116,7 @@ def test_recall_at_10_beats_popularity_and_before(
 
     # The artifact: exported, loaded back by the scoring entry point and by the server's loader.
     exported = task.export(module, module.state_dict(), tmp_path / "out", prepared)
-    assert exported.format == "recommender"
+    assert exported.format == "full"
     recommender = load_recommender(exported.directory)
     hits = 0
     for example in prepared.test:
@@ -204,7 +204,7 @@ def test_the_trainer_runs_the_task_end_to_end(tmp_path: Path) -> None:
     )
     assert after["recall"] > after["popularity-recall"] + 0.1
     assert after["recall"] > before["recall"] + 0.15
-    assert metrics["artifact"]["format"] == "recommender"
+    assert metrics["artifact"]["format"] == "full"
     card = (out / "README.md").read_text()
     assert "## Recommendation" in card
     assert "recall_at_k.png" in card

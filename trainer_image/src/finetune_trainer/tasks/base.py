@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -33,13 +33,18 @@ from torch import nn
 Batch = dict[str, torch.Tensor]
 
 
+#: What the artifact holds, as FineTuneJob ``status.artifact.format`` accepts it: the ``full`` weights, a LoRA
+#: ``adapter`` only, or an adapter ``merged`` into the base weights. Not the file layout (a task's serving
+#: manifest names that): any other value makes the API server refuse the trainer's status patch.
+ArtifactFormat = Literal["full", "adapter", "merged"]
+
+
 @dataclass(frozen=True)
 class Exported:
-    """What :meth:`TrainingTask.export` wrote: the artifact folder and its format (``full``, ``adapter``,
-    ``merged`` or a task's own, e.g. ``torch``)."""
+    """What :meth:`TrainingTask.export` wrote: the artifact folder and what it holds."""
 
     directory: Path
-    format: str
+    format: ArtifactFormat
 
 
 class TrainingTask(Protocol):

@@ -340,7 +340,7 @@ class ObjectDetection:
         model_dir = out / "model"
         spec = self.spec.model_copy(update={"categories": list(prepared.category_names)})
         save_detector(model_dir, spec, state_dict)
-        return Exported(model_dir, "torch")
+        return Exported(model_dir, "full")  # every weight of the detector (torch state dict)
 
     def card_section(self, metrics: Mapping[str, Any], out: Path) -> str:
         lines = [

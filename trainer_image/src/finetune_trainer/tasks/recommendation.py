@@ -378,7 +378,7 @@ class Recommendation:
         }
         (target / "serving.json").write_text(json.dumps(serving, indent=1), encoding="utf-8")
         write_manifest(target)
-        return Exported(directory=target, format="recommender")
+        return Exported(directory=target, format="full")  # every weight (embeddings) of the recommender
 
     def card_section(self, metrics: Mapping[str, Any], out: Path) -> str:
         """Model vs popularity at k, and the recall@k curve (k = 1..K) of both as ``recall_at_k.png``."""
