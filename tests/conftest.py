@@ -12,8 +12,8 @@
 - `operator` (function): `python -m finetune_operator` running against the cluster under `operator_role`
   (not the admin kubeconfig, which the tests' own kubectl calls keep), watching `namespace`;
   `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
-  is the test's namespace). A 403 (`forbidden`) in its log fails the test: the chart lacks a rule the
-  operator uses.
+  is the test's namespace). An RBAC 403 (`forbidden: User ... cannot ...`) in its log fails the test: the
+  chart lacks a rule the operator uses.
 - `local_node` (session): the dev cluster's local node (hack/nodeagent), whose pods run as processes here. A
   machine that cannot run them fails the test under CI=true and skips it (with the reason) elsewhere.
 
@@ -188,8 +188,9 @@ def operator_role(
         role.delete()
 
 
-#: What the API server answers, in the operator's log, when its role lacks a rule.
-FORBIDDEN = re.compile(r".*forbidden.*", re.IGNORECASE)
+#: What the API server's authorizer answers, in the operator's log, when its role lacks a rule (other 403s,
+#: e.g. "create not allowed while custom resource definition is terminating", are not about RBAC).
+FORBIDDEN = re.compile(r'.*forbidden: User ".*" cannot .*')
 
 
 @pytest.fixture
