@@ -6,9 +6,14 @@
 - `crds` (session): crds/ applied server-side and Established.
 - `namespace` (function): a fresh namespace, deleted afterwards (waits until its pods are gone, so the fake
   GPUs are free for the next test).
-- `operator` (function): `python -m finetune_operator` running against the cluster, watching `namespace`;
+- `operator_role` (session): the chart's ServiceAccount and ClusterRole (rendered by the real `helm
+  template`, `rbac.scope` cluster) in a namespace of their own, and a kubeconfig with a token of that
+  ServiceAccount.
+- `operator` (function): `python -m finetune_operator` running against the cluster under `operator_role`
+  (not the admin kubeconfig, which the tests' own kubectl calls keep), watching `namespace`;
   `@pytest.mark.operator_env(FTO_X="...")` sets operator settings for one test (`{namespace}` in a value
-  is the test's namespace).
+  is the test's namespace). An RBAC 403 (`forbidden: User ... cannot ...`) in its log fails the test: the
+  chart lacks a rule the operator uses.
 - `local_node` (session): the dev cluster's local node (hack/nodeagent), whose pods run as processes here. A
   machine that cannot run them fails the test under CI=true and skips it (with the reason) elsewhere.
 
@@ -40,6 +45,7 @@ from tests.kube_helpers import (
     cannot_run_pods,
     wait_for,
 )
+from tests.operator_role import OperatorRole
 
 CRDS_DIR = REPO_ROOT / "crds"
 OUR_KINDS = ("finetunejobs.finetune.dev", "modeldeployments.finetune.dev")
@@ -164,18 +170,42 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     )
 
 
+@pytest.fixture(scope="session")
+def operator_role(
+    cluster: Cluster, crds: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorRole]:
+    suffix = secrets.token_hex(3)
+    role = OperatorRole(
+        cluster,
+        namespace=f"fto-operator-{suffix}",
+        release=f"fto-{suffix}",
+        kubeconfig_path=tmp_path_factory.mktemp("operator-role") / "kubeconfig",
+    )
+    try:
+        role.apply()
+        yield role
+    finally:
+        role.delete()
+
+
+#: What the API server's authorizer answers, in the operator's log, when its role lacks a rule (other 403s,
+#: e.g. "create not allowed while custom resource definition is terminating", are not about RBAC).
+FORBIDDEN = re.compile(r'.*forbidden: User ".*" cannot .*')
+
+
 @pytest.fixture
 def operator(
     cluster: Cluster,
     crds: list[str],
     namespace: str,
+    operator_role: OperatorRole,
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     marker = request.node.get_closest_marker("operator_env")
     env = {k: str(v).format(namespace=namespace) for k, v in (marker.kwargs if marker else {}).items()}
     proc = OperatorProcess(
-        namespace, cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env
+        namespace, operator_role.kubeconfig(), tmp_path_factory.mktemp("operator") / "operator.log", env
     )
     try:
         proc.start()
@@ -194,6 +224,13 @@ def operator(
             _strip_finalizers(cluster, namespace, kinds)
         if _test_failed(request):
             print(f"----- operator log ({proc.log_path}) -----\n{proc.logs()}")
+    refused = [m.group(0) for m in FORBIDDEN.finditer(proc.logs())]
+    if refused:
+        pytest.fail(
+            f"the operator under the chart's ClusterRole {operator_role.name} was refused "
+            f"({len(refused)} lines; helm/finetune-operator/templates/rbac.yaml lacks a rule):\n"
+            + "\n".join(refused[:10])
+        )
 
 
 def _strip_finalizers(cluster: Cluster, namespace: str, kinds: str) -> None:

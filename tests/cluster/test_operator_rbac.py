@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,27 +14,10 @@ import pytest
 from hack import devcluster
 
 from tests.cluster.test_finetunejob import ftj, gpu_pool_free, trainer_pods, wait_phase
-from tests.cluster.test_helm_chart import CHART
 from tests.kube_helpers import Cluster, OperatorProcess, finish_pod
+from tests.operator_role import render_chart_rbac, service_account_kubeconfig
 
 pytestmark = pytest.mark.cluster
-
-
-def service_account_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
-    admin = json.loads(cluster.kubectl("config", "view", "--raw", "-o", "json").stdout)
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": admin["clusters"],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [
-            {"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}
-        ],
-        "current-context": account,
-    }
-    path.write_text(json.dumps(config))
-    return path
 
 
 @pytest.fixture(params=["cluster", "namespaced"])
@@ -46,23 +28,18 @@ def chart_rbac(
     (rbac.scope cluster), or a Role in the watched namespace plus a ClusterRole for what has no namespace
     (rbac.scope namespaced)."""
     release = f"rbac-{uuid.uuid4().hex[:6]}"
-    rendered = subprocess.run(
-        [str(cluster.bin_dir / "helm"), "template", release, str(CHART), "--namespace", namespace,
-         "--kube-version", "1.36.3", "--show-only", "templates/rbac.yaml",
-         "--show-only", "templates/serviceaccount.yaml",
-         "--set", f"rbac.scope={request.param}", "--set", f"watchNamespaces={{{namespace}}}"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    cluster.kubectl("apply", "-f", "-", input=rendered.stdout)
+    rendered = render_chart_rbac(cluster, release, namespace, request.param, [namespace])
+    cluster.kubectl("apply", "-f", "-", input=rendered)
     yield f"{release}-finetune-operator"
-    cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout, check=False)
+    cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered, check=False)
 
 
 def test_the_operator_runs_a_job_under_the_charts_role(
     cluster: Cluster, namespace: str, chart_rbac: str, tmp_path: Path
 ) -> None:
     name = chart_rbac  # the chart's fullname: its webhook configurations' resourceNames allow exactly these
-    kubeconfig = service_account_kubeconfig(cluster, namespace, name, tmp_path / "sa.kubeconfig")
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    service_account_kubeconfig(cluster, namespace, name, kubeconfig)
     env = {
         "FTO_WEBHOOK_PORT": str(devcluster.free_port()),
         "FTO_WEBHOOK_CONFIGURATION_NAME": name,

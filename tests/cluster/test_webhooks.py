@@ -19,6 +19,7 @@ from hack import devcluster
 
 from tests.cluster.test_finetunejob import ftj, get_ftj, gpu_pool_free, trainer_pods, wait_phase
 from tests.kube_helpers import REPO_ROOT, Cluster, OperatorProcess, finish_pod, kubectl_json, wait_for
+from tests.operator_role import OperatorRole
 
 pytestmark = pytest.mark.cluster
 
@@ -35,10 +36,10 @@ def audit_records(directory: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def webhook_operator(
-    cluster: Cluster, crds: list[str], namespace: str, tmp_path: Path
+    cluster: Cluster, crds: list[str], namespace: str, operator_role: OperatorRole, tmp_path: Path
 ) -> Iterator[tuple[OperatorProcess, Path]]:
     audit_dir = tmp_path / "audit"
-    name = f"fto-test-{namespace}"
+    name = operator_role.name  # the chart's fullname: the ClusterRole may write only these configurations
     env = {
         "FTO_WEBHOOK_PORT": str(devcluster.free_port()),
         "FTO_WEBHOOK_CONFIGURATION_NAME": name,
@@ -48,7 +49,7 @@ def webhook_operator(
         "FTO_AUDIT_DIR": str(audit_dir),
         "FTO_AUDIT_CHECKPOINT_EVERY": "10",
     }
-    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", env=env)
+    proc = OperatorProcess(namespace, operator_role.kubeconfig(), tmp_path / "operator.log", env=env)
     try:
         proc.start()
         wait_for(
@@ -333,14 +334,14 @@ def test_webhooks_refuse_record_and_fail_closed(
 
 
 def test_failing_audit_file_sink_is_a_condition_and_a_metric_and_recovers(
-    cluster: Cluster, crds: list[str], namespace: str, tmp_path: Path
+    cluster: Cluster, crds: list[str], namespace: str, operator_role: OperatorRole, tmp_path: Path
 ) -> None:
     """The audit directory can't be created (a file is in the way): reconciling goes on, the objects and
     the metrics say so, stdout keeps every record; once the path is free the backlog is written."""
     blocker = tmp_path / "blocked"
     blocker.write_text("not a directory")
     env = {"FTO_AUDIT_DIR": str(blocker / "audit"), "FTO_AUDIT_RETRY_SECONDS": "1"}
-    proc = OperatorProcess(namespace, cluster.kubeconfig, tmp_path / "operator.log", env=env)
+    proc = OperatorProcess(namespace, operator_role.kubeconfig(), tmp_path / "operator.log", env=env)
     proc.start()
     try:
         cluster.apply(ftj("parked", suspend=True), namespace)
