@@ -216,6 +216,10 @@ def test_cut_extended_reordered_or_moved_files_are_refused(tmp_path: Path) -> No
         opened(tmp_path, blob, key, relative="x.bin")
     with pytest.raises(EncryptionError, match="not an encrypted artifact file"):
         opened(tmp_path, data, key)
+    # A file of a deeper folder (a checkpoint's copy of the model) does not pass for the artifact's own.
+    deeper = sealed(tmp_path, data, key, name="checkpoints/step-10/model/w.bin")
+    with pytest.raises(EncryptionError, match=r"moved or copied to 'w\.bin'"):
+        opened(tmp_path, deeper, key)
 
 
 def test_key_files_raw_hex_base64_and_bad_ones(tmp_path: Path) -> None:

@@ -88,9 +88,11 @@ def test_a_sigkilled_attempt_is_restarted_and_reuses_the_cache(tmp_path: Path) -
     config = {"source": str(_data(tmp_path / "d.jsonl", 300))}
     store = tmp_path / "store"
     first = _rank(config, store, "a1", "prepare", tmp_path / "w", "--hold")
-    assert first.stdout is not None
-    prepared = json.loads(first.stdout.readline())  # prepared; now "training"
-    first.send_signal(signal.SIGKILL)
+    try:
+        assert first.stdout is not None
+        prepared = json.loads(first.stdout.readline())  # prepared; now "training"
+    finally:
+        first.send_signal(signal.SIGKILL)  # also when it failed: --hold would keep it for an hour
     _, first_log = first.communicate(timeout=30)
     code, restarted, log = _finish_with_log(_rank(config, store, "a2", "prepare", tmp_path / "w"))
     assert code == 0

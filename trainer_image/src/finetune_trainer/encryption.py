@@ -167,8 +167,9 @@ def decrypt_file(source: Path, target: BinaryIO, key: bytes, relative: str) -> N
     """Write the plaintext of ``source`` to ``target``.
 
     ``relative`` is the file's path below the folder being read; the name the file was encrypted under
-    must be it or end with ``/`` + it (the trainer names files relative to ``output.dir``, the server reads
-    ``output.dir/model``). Raises :class:`EncryptionError` for a wrong key, a changed, cut or moved file."""
+    must be it, or it below one top-level folder (the trainer names files relative to ``output.dir``, the
+    server reads ``output.dir/model``): a file of a deeper folder, such as a checkpoint's, is refused.
+    Raises :class:`EncryptionError` for a wrong key, a changed, cut or moved file."""
     with source.open("rb") as handle:
         header = read_header(handle, source)
         if header is None:
@@ -178,7 +179,8 @@ def decrypt_file(source: Path, target: BinaryIO, key: bytes, relative: str) -> N
                 f"{source}: encrypted with key id {header.key_id.hex()}, but the key given has id "
                 f"{key_id(key).hex()}: wrong key (use the Secret the FineTuneJob encrypted with)"
             )
-        if header.name != relative and not header.name.endswith("/" + relative):
+        # The trainer names a file relative to output.dir; the artifact is one top-level folder of it.
+        if header.name != relative and header.name.partition("/")[2] != relative:
             raise EncryptionError(
                 f"{source}: this is the encrypted {header.name!r}, moved or copied to {relative!r}"
             )

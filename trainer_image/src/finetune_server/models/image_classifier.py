@@ -68,7 +68,13 @@ class ImageClassifierModel(ClassifierModel):
             blob = base64.b64decode(text, validate=True)
             with Image.open(io.BytesIO(blob)) as image:
                 return image.convert("RGB")
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        except (
+            binascii.Error,
+            ValueError,
+            UnidentifiedImageError,
+            OSError,
+            Image.DecompressionBombError,
+        ) as exc:
             raise InvalidInputError(
                 f"inputs[{index}]: not a base64-encoded image file ({exc})", param=f"inputs[{index}]"
             ) from exc
