@@ -68,7 +68,7 @@ class Recommender:
             raise UnknownUserError(user) from None
 
     def seen(self, user: str) -> list[str]:
-        """The user's training items."""
+        """The user's items in the data the model was trained on (every split), which ``top_k`` leaves out."""
         u = self.index_of(user)
         return [self.item_ids[i] for i in self.seen_items[self.seen_indptr[u] : self.seen_indptr[u + 1]]]
 

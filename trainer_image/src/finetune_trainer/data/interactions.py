@@ -237,6 +237,14 @@ class PreparedInteractions:
     def num_items(self) -> int:
         return len(self.item_ids)
 
+    def all_seen(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's items in every split, as ``(indptr, items)`` like ``seen_indptr``/``seen_items``:
+        what a served model leaves out of a user's recommendations (the held-out items are theirs too)."""
+        train_users = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(self.seen_indptr))
+        users = np.concatenate([train_users, self.validation.users, self.test.users]).astype(np.int64)
+        items = np.concatenate([self.seen_items, self.validation.items, self.test.items]).astype(np.int64)
+        return _csr(users, items, self.num_users)
+
     def seen_keys(self) -> np.ndarray:
         """``user * num_items + item`` of every training pair, sorted (membership by binary search)."""
         users = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(self.seen_indptr))

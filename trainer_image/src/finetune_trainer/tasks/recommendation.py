@@ -357,10 +357,11 @@ class Recommendation:
             },
             str(target / EMBEDDINGS_FILE),
         )
+        seen_indptr, seen_items = prepared.all_seen()
         save_file(
             {
-                "indptr": torch.as_tensor(prepared.seen_indptr, dtype=torch.int64),
-                "items": torch.as_tensor(prepared.seen_items, dtype=torch.int64),
+                "indptr": torch.as_tensor(seen_indptr, dtype=torch.int64),
+                "items": torch.as_tensor(seen_items, dtype=torch.int64),
                 "popularity": torch.as_tensor(prepared.item_counts, dtype=torch.int64),
             },
             str(target / SEEN_FILE),
