@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,9 +332,16 @@ def prepare_detection(
 
 
 def _prepare(cfg: DataConfig, workdir: Path, model_license: str | None) -> DetectionData:
+    # Remote sources are downloaded into a temporary folder, never into workdir (the job's output.dir,
+    # which is copied to output.copyTo with the artifact).
+    with tempfile.TemporaryDirectory(prefix="fto-detection-sources-") as scratch:
+        return _prepare_from(cfg, workdir, model_license, Path(scratch))
+
+
+def _prepare_from(cfg: DataConfig, workdir: Path, model_license: str | None, cache: Path) -> DetectionData:
     licences = check_licences(cfg.compliance, model_license=model_license)
     workdir.mkdir(parents=True, exist_ok=True)
-    sources = _sources(cfg, workdir / ".source-cache")
+    sources = _sources(cfg, cache)
     rows: list[DetectionRow] = []
     bad = BadRowLog()
     coco_names: list[str] | None = None
