@@ -104,10 +104,15 @@ def decrypted_config(config: ServerConfig) -> ServerConfig:
         except EncryptionError as exc:
             raise ArtifactError(str(exc)) from None
     root = settings.decrypt_dir or Path(tempfile.mkdtemp(prefix="finetune-server-decrypted-"))
-    model_dir = _plain_dir(config.model_dir, "modelDir", key, root, trained=True)
-    base_dir = config.base_model_dir
-    if base_dir is not None:
-        base_dir = _plain_dir(base_dir, "baseModelDir", key, root, trained=False)
+    try:
+        model_dir = _plain_dir(config.model_dir, "modelDir", key, root, trained=True)
+        base_dir = config.base_model_dir
+        if base_dir is not None:
+            base_dir = _plain_dir(base_dir, "baseModelDir", key, root, trained=False)
+    except BaseException:
+        if settings.decrypt_dir is None:  # our own folder: nothing decrypted stays behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     if model_dir == config.model_dir and base_dir == config.base_model_dir:
         if settings.decrypt_dir is None:
             root.rmdir()
