@@ -18,7 +18,10 @@ load from other processes hits them alike (DeepSpeed's runs come after, apart: i
 ("no worse": at most 1.05). Medians of each loop's figures and the ranges of the ratios are reported too.
 
 Prints one JSON line: ours_steps_per_s, plain_steps_per_s, deepspeed_steps_per_s, ratio (ours / plain),
-arrow_step_s, list_step_s, arrow_vs_list.
+arrow_step_s, list_step_s, arrow_vs_list; and what reading the examples costs a step, timed around the reads
+themselves in the same runs (``arrow_read_ms_per_step``, ``list_read_ms_per_step``) with the step-time ratio
+that cost implies (``arrow_vs_list_from_reads``): on a loaded machine the difference of two step times is
+mostly noise, the time inside the reads is not.
 """
 
 from __future__ import annotations
@@ -71,8 +74,15 @@ class TimedTrainer(Trainer):
             test=list(prepared.test),
         )
 
+    def _train_examples(self, indices: list[int]) -> list[Any]:
+        start = time.perf_counter()
+        examples = super()._train_examples(indices)
+        self.read_seconds += time.perf_counter() - start
+        return examples
+
     def _train(self, state: Any) -> Any:
         self.step_times: list[float] = []
+        self.read_seconds = 0.0
         original = self.engine.optimizer_step
 
         def timed() -> float | None:
@@ -88,9 +98,15 @@ def steps_per_second(times: list[float]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
-def run_ours(
-    root: Path, raw: dict[str, Any], run: str, *, lists: bool = False
-) -> tuple[float, list[dict[str, list[int]]]]:
+@dataclasses.dataclass
+class OursRun:
+    steps_per_s: float
+    #: Seconds spent reading the training examples (``Trainer._train_examples``), per optimizer step.
+    read_s_per_step: float
+    train: Any
+
+
+def run_ours(root: Path, raw: dict[str, Any], run: str, *, lists: bool = False) -> OursRun:
     raw = json.loads(json.dumps(raw))
     raw["checkpointing"]["dir"] = str(root / f"ckpt-{run}")
     raw["output"]["dir"] = str(root / f"out-{run}")
@@ -100,7 +116,8 @@ def run_ours(
         trainer.run()
     finally:
         trainer.close()
-    return steps_per_second(trainer.step_times), trainer.data.train
+    steps = len(trainer.step_times)
+    return OursRun(steps_per_second(trainer.step_times), trainer.read_seconds / steps, trainer.data.train)
 
 
 def batches(train: list[dict[str, list[int]]], seed: int, steps: int) -> list[list[int]]:
@@ -193,10 +210,17 @@ def main() -> None:
 
         pad_id = int(AutoTokenizer.from_pretrained(model_dir).pad_token_id)
         train: list[dict[str, list[int]]] = []
-        _, train = run_ours(root, raw, "warm-up")  # imports, allocator, the prepared data; not counted
+        train = run_ours(root, raw, "warm-up").train  # imports, allocator, the prepared data; not counted
+        reads: dict[str, list[float]] = {"ours": [], "lists": []}
+
+        def ours_run(attempt: int, lists: bool) -> float:
+            run = run_ours(root, raw, f"{'lists' if lists else 'arrow'}-{attempt}", lists=lists)
+            reads["lists" if lists else "ours"].append(run.read_s_per_step)
+            return run.steps_per_s
+
         loops = {
-            "ours": lambda attempt: run_ours(root, raw, f"arrow-{attempt}")[0],
-            "lists": lambda attempt: run_ours(root, raw, f"lists-{attempt}", lists=True)[0],
+            "ours": lambda attempt: ours_run(attempt, False),
+            "lists": lambda attempt: ours_run(attempt, True),
             "plain": lambda attempt: run_plain(model_dir, train, raw, pad_id),
         }
         measured: dict[str, list[float]] = {name: [] for name in loops}
@@ -237,6 +261,16 @@ def main() -> None:
                 "arrow_vs_list_min": round(min(arrow_vs_list), 3),
                 "arrow_vs_list_max": round(max(arrow_vs_list), 3),
                 "target_arrow_vs_list": 1.05,
+                # What reading the examples costs a step, timed around the reads themselves (steadier than
+                # the difference of two noisy step times): Arrow vs lists, and the step-time ratio it implies.
+                "arrow_read_ms_per_step": round(statistics.median(reads["ours"]) * 1000, 3),
+                "list_read_ms_per_step": round(statistics.median(reads["lists"]) * 1000, 3),
+                "arrow_vs_list_from_reads": round(
+                    1
+                    + (statistics.median(reads["ours"]) - statistics.median(reads["lists"]))
+                    * statistics.median(lists),
+                    4,
+                ),
                 "steps": steps,
                 "repeats": repeats,
                 "micro_batch": MICRO_BATCH,
