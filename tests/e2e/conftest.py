@@ -29,7 +29,9 @@ def operator_pod(
     slug = re.sub(r"[^a-z0-9]+", "-", request.module.__name__.rsplit(".", 1)[-1].lower())[:30].strip("-")
     namespace = f"t-{slug}-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", namespace)
-    cluster.kubectl("label", "namespace", namespace, "finetune.dev/test=true")
+    # Restricted Pod Security: the operator pod, trainer and server pods of the whole path must meet it.
+    restricted = "pod-security.kubernetes.io/enforce=restricted"
+    cluster.kubectl("label", "namespace", namespace, "finetune.dev/test=true", restricted)
     wait_for(
         lambda: (
             cluster.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0
