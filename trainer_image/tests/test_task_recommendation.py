@@ -156,7 +156,8 @@ def test_the_definition_and_method_are_checked(tmp_path: Path) -> None:
     bad = make_model_definition(tmp_path / "bad", architecture="transformer")
     with pytest.raises(ConfigError, match="architecture"):
         Recommendation(_config(tmp_path, bad, data)).load_processor()
-    lora = _config(tmp_path, bad, data).model_dump(mode="json", by_alias=True) | {"method": "lora"}
+    lora = _config(tmp_path, bad, data).model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    lora["method"] = "lora"
     with pytest.raises(ValueError, match="recommendation train the full model only; set method full"):
         TrainerConfig.model_validate(lora)
 
