@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from finetune_server.artifact import Artifact, read_artifact
 from finetune_server.config import ConfigError, ServerConfig, resolve_device
-from finetune_server.errors import ArtifactError, ModelNotReadyError, QualityGateError
+from finetune_server.errors import ArtifactError, InvalidInputError, ModelNotReadyError, QualityGateError
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +253,33 @@ class LoadedModel:
 
 
 ModelFactory = Callable[[ServerConfig], LoadedModel]
+
+
+def refuse_compression(config: ServerConfig, task: str) -> None:
+    """Kinds served as trained (image and detection models): a quantization or pruning method is refused,
+    naming the field, never skipped."""
+    for name, method in (
+        ("quantization.method", config.quantization.method),
+        ("pruning.method", config.pruning.method),
+    ):
+        if method != "none":
+            raise ConfigError(f"{name}: {method} is not available for {task} models; use none")
+
+
+def decode_image(data: str, index: int) -> Any:
+    """``inputs[index]``, a base64-encoded image file, as an RGB PIL image; a 400 naming the input when it
+    is not one (bad base64, not an image, over PIL's decompression-bomb limit)."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        blob = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(blob)) as image:
+            return image.convert("RGB")
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidInputError(
+            f"inputs[{index}]: not a base64-encoded image file ({exc})", param=f"inputs[{index}]"
+        ) from exc

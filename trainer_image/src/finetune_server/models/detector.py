@@ -8,16 +8,13 @@ measured on token models only, so they are refused for detectors (the field name
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from finetune_server.artifact import read_artifact
-from finetune_server.config import ConfigError, resolve_device
-from finetune_server.errors import ArtifactError, InvalidInputError
-from finetune_server.models.base import LoadedModel
+from finetune_server.config import resolve_device
+from finetune_server.errors import ArtifactError
+from finetune_server.models.base import LoadedModel, decode_image, refuse_compression
 
 
 @dataclass(frozen=True)
@@ -40,12 +37,7 @@ class DetectorModel(LoadedModel):
         from finetune_trainer.tasks.detector import DetectorFolderError, load_trained_detector
 
         config = self.config
-        for field, method in (
-            ("quantization.method", config.quantization.method),
-            ("pruning.method", config.pruning.method),
-        ):
-            if method != "none":
-                raise ConfigError(f"{field}: {method} is not available for object-detection models; use none")
+        refuse_compression(config, self.task)
         device = resolve_device(config, torch.cuda.is_available())
         self.status.device = device
         if config.threads and device == "cpu":
@@ -63,26 +55,11 @@ class DetectorModel(LoadedModel):
 
     def decode(self, data: str, index: int) -> Any:
         """A base64 image → float RGB tensor [3, H, W]; 400 naming ``inputs[index]`` when it is not one."""
-        from PIL import Image, UnidentifiedImageError
+        import torch
         from torchvision.transforms.v2 import functional
 
         self.require_ready()
-        try:
-            raw = base64.b64decode(data, validate=True)
-            with Image.open(io.BytesIO(raw)) as image:
-                rgb = image.convert("RGB")
-        except (
-            binascii.Error,
-            ValueError,
-            UnidentifiedImageError,
-            OSError,
-            Image.DecompressionBombError,
-        ) as exc:
-            raise InvalidInputError(
-                f"inputs[{index}]: not a base64-encoded image ({exc})", param=f"inputs[{index}]"
-            ) from exc
-        import torch
-
+        rgb = decode_image(data, index)
         return functional.to_dtype(functional.to_image(rgb), torch.float32, scale=True)
 
     def run_batch(self, batch: list[Any]) -> None:

@@ -11,13 +11,10 @@ config that asks for them fails to load with the field named instead of serving 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from typing import Any, ClassVar
 
-from finetune_server.config import ConfigError, resolve_device
-from finetune_server.errors import InvalidInputError
+from finetune_server.config import resolve_device
+from finetune_server.models.base import decode_image, refuse_compression
 from finetune_server.models.classifier import ClassifierModel, Prediction
 
 
@@ -33,14 +30,7 @@ class ImageClassifierModel(ClassifierModel):
         from finetune_server.backends import serialized_size
 
         config = self.config
-        for section, method in (
-            ("pruning", config.pruning.method),
-            ("quantization", config.quantization.method),
-        ):
-            if method != "none":
-                raise ConfigError(
-                    f"{section}.method {method!r}: image-classification models are served as trained"
-                )
+        refuse_compression(config, self.task)
         device = resolve_device(config, torch.cuda.is_available())
         self.status.device = device
         artifact = read_artifact(
@@ -61,23 +51,8 @@ class ImageClassifierModel(ClassifierModel):
 
     def encode(self, text: str, index: int, max_input_tokens: int) -> Any:
         """The image of ``inputs[index]`` (base64 of an image file), decoded as RGB."""
-        from PIL import Image, UnidentifiedImageError
-
         self.require_ready()
-        try:
-            blob = base64.b64decode(text, validate=True)
-            with Image.open(io.BytesIO(blob)) as image:
-                return image.convert("RGB")
-        except (
-            binascii.Error,
-            ValueError,
-            UnidentifiedImageError,
-            OSError,
-            Image.DecompressionBombError,
-        ) as exc:
-            raise InvalidInputError(
-                f"inputs[{index}]: not a base64-encoded image file ({exc})", param=f"inputs[{index}]"
-            ) from exc
+        return decode_image(text, index)
 
     def run_batch(self, batch: list[Any]) -> None:
         import torch
