@@ -143,12 +143,10 @@ def map_interaction(row: dict[str, Any], fields: FieldMapping) -> Interaction:
 
 
 # ------------------------------------------------------------------------------------------- examples
-class TrainInteractions(Sequence[dict[str, Any]]):
-    """The train split as examples ``{"index", "user", "item", "weight"}`` (index: the interaction's
-    position, the key of its negatives)."""
+class _Examples(Sequence[dict[str, Any]]):
+    """A split held as arrays (one entry per interaction in ``users``), read as example dicts by index."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
-        self.users, self.items, self.weights = users, items, weights
+    users: np.ndarray
 
     def __len__(self) -> int:
         return len(self.users)
@@ -159,10 +157,23 @@ class TrainInteractions(Sequence[dict[str, Any]]):
     def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
     def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            return [self._example(i) for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
             raise IndexError(index)
-        index %= len(self)
+        return self._example(index % len(self))
+
+    def _example(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class TrainInteractions(_Examples):
+    """The train split as examples ``{"index", "user", "item", "weight"}`` (index: the interaction's
+    position, the key of its negatives)."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, weights: np.ndarray) -> None:
+        self.users, self.items, self.weights = users, items, weights
+
+    def _example(self, index: int) -> dict[str, Any]:
         return {
             "index": index,
             "user": int(self.users[index]),
@@ -177,7 +188,7 @@ class TrainInteractions(Sequence[dict[str, Any]]):
         return digest.hexdigest()[:16]
 
 
-class HeldOut(Sequence[dict[str, Any]]):
+class HeldOut(_Examples):
     """A held-out split as examples ``{"user", "item", "seen"}``: the user's held-out item and the items
     the ranking leaves out (the user's training items; for test also the validation item)."""
 
@@ -192,19 +203,7 @@ class HeldOut(Sequence[dict[str, Any]]):
         self.users, self.items = users, items
         self._indptr, self._seen, self._extra = seen_indptr, seen, extra
 
-    def __len__(self) -> int:
-        return len(self.users)
-
-    @overload
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
-    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
+    def _example(self, index: int) -> dict[str, Any]:
         user = int(self.users[index])
         seen = self._seen[self._indptr[user] : self._indptr[user + 1]]
         if self._extra[index] >= 0:
