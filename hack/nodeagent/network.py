@@ -61,6 +61,14 @@ class ClusterNetwork:
         return f"fto-{self.cluster_id}"
 
     @property
+    def bridge_mac(self) -> str:
+        """A fixed, locally administered MAC for br0. A bridge left without one takes the lowest MAC of its
+        ports and changes it when a port goes: the other pods' ARP entry for the gateway then points nowhere
+        and their connections stall until it expires (seen as a status patch lost after a pod ended)."""
+        octets = bytes.fromhex(self.cluster_id.rjust(6, "0")[:6])
+        return ":".join(f"{b:02x}" for b in (0x02, 0x00, *octets, 0x01))
+
+    @property
     def gateway(self) -> str:
         return str(self.subnet[1])
 
@@ -88,12 +96,14 @@ class ClusterNetwork:
     def ensure_node(self) -> None:
         """Make the node namespace and its bridge (idempotent)."""
         self.ensure_host_route()
-        if self.netns_path(self.node_netns).exists():
-            return
         ns = self.node_netns
+        if self.netns_path(ns).exists():
+            # A namespace of an older agent may have a bridge that follows its ports.
+            ip("-n", ns, "link", "set", BRIDGE, "address", self.bridge_mac)
+            return
         ip("netns", "add", ns)
         ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", ns, "link", "add", BRIDGE, "type", "bridge")
+        ip("-n", ns, "link", "add", BRIDGE, "address", self.bridge_mac, "type", "bridge")
         ip("-n", ns, "addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", BRIDGE)
         ip("-n", ns, "link", "set", BRIDGE, "up")
         ip("-n", ns, "route", "add", "local", str(self.service_cidr), "dev", "lo")

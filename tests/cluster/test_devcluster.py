@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -603,6 +604,37 @@ def _host_routes() -> str:
     return subprocess.run(
         ["ip", "route", "show", "table", "all"], capture_output=True, text=True, check=True
     ).stdout
+
+
+def test_the_gateway_keeps_its_mac_while_pods_come_and_go(tmp_path: Path) -> None:
+    """A bridge without a MAC of its own takes its lowest port's and changes it when that port goes; the other
+    pods' ARP entry for the gateway then leads nowhere and their connections (to the API server, to Services)
+    stall until it expires. Pods of the local node come and go all the time, so the gateway's MAC is fixed."""
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        cannot_run_pods("network namespaces need root and `ip`")
+    network = ClusterNetwork.for_dev_dir(tmp_path / "cluster", devcluster.SERVICE_CIDR)
+
+    def gateway_mac() -> str:
+        out = subprocess.run(
+            ["ip", "-n", network.node_netns, "-j", "link", "show", "br0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return str(json.loads(out)[0]["address"])
+
+    try:
+        network.ensure_node()
+        assert gateway_mac() == network.bridge_mac
+        for slot in (1, 2, 3):
+            network.add_pod(slot)
+            assert gateway_mac() == network.bridge_mac, f"after pod {slot} came"
+        for slot in (1, 2):
+            network.remove_pod(slot)
+            assert gateway_mac() == network.bridge_mac, f"after pod {slot} went"
+    finally:
+        network.teardown()
+    assert network.owned_netns() == []
 
 
 def _host_links() -> set[str]:

@@ -231,7 +231,8 @@ def test_a_finetunejob_of_each_task_succeeds_through_the_operator(
         if status["phase"] != "Succeeded" or not succeeded or succeeded["status"] != "True":
             failures.append(f"{spec.task}: phase {status['phase']}, conditions {status.get('conditions')}")
         elif not status.get("artifact", {}).get("uri"):
-            failures.append(f"{spec.task}: no status.artifact: {status}")
+            log = trainer_log(cluster, namespace, pods[name])[-6000:]
+            failures.append(f"{spec.task}: no status.artifact: {status}\n{log}")
         elif spec.metric not in before or spec.metric not in after:
             failures.append(f"{spec.task}: no {spec.metric} before and after in status: {before} -> {after}")
         elif not spec.better(before[spec.metric], after[spec.metric]):
