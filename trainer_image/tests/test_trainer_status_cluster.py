@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -80,7 +87,7 @@ def _trainer_kubeconfig(cluster: Any, namespace: str, job: str, tmp: Path) -> Pa
 
 
 def test_trainer_patches_its_own_job_status_and_nothing_else(
-    cluster: Any, crds: list[str], namespace: str, tmp_path: Path
+    cluster: Any, crds: list[str], namespace: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cluster.apply([_job("mine"), _job("other")], namespace=namespace)
     kubeconfig = _trainer_kubeconfig(cluster, namespace, "mine", tmp_path)
@@ -148,6 +155,91 @@ def test_trainer_patches_its_own_job_status_and_nothing_else(
     # A refused patch is logged and counted, never raised into the training loop.
     patcher = StatusPatcher(api, "other", namespace, throttle_seconds=0)
     patcher.submit({"progress": {"step": 2}})
-    patcher.close()
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.reporting"):
+        patcher.close()
     assert patcher.errors == 1
     assert patcher.patches_sent == 0
+    # Tried once (the answer would not change), and the log carries the API server's own reason.
+    (refusal,) = [r.getMessage() for r in caplog.records if "status patch" in r.getMessage()]
+    assert "attempt 1 of 3" in refusal, refusal
+    assert "trying again" not in refusal, refusal
+    assert "403 Forbidden" in refusal, refusal
+    assert 'cannot patch resource "finetunejobs/status"' in refusal, refusal
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class DroppingProxy:
+    """A loopback TCP proxy to the API server that, once told to, takes the next request sent on any
+    connection and closes that connection without an answer: what a client sees when a connection it kept
+    open dies under it (an idle timeout, a load balancer, a node's network changing)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.drop_next = threading.Event()
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, may_drop: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if may_drop and self.drop_next.is_set():
+                    self.drop_next.clear()
+                    self.dropped += 1
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_patch_whose_connection_dies_unanswered_is_sent_again(
+    cluster: Any, crds: list[str], namespace: str, tmp_path: Path
+) -> None:
+    cluster.apply([_job("mine")], namespace=namespace)
+    kubeconfig = _trainer_kubeconfig(cluster, namespace, "mine", tmp_path)
+    config = yaml.safe_load(kubeconfig.read_text())
+    server = urlsplit(config["clusters"][0]["cluster"]["server"])
+    assert server.hostname is not None
+    assert server.port is not None
+    proxy = DroppingProxy((server.hostname, server.port))
+    try:
+        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.address[1]}"
+        kubeconfig.write_text(yaml.safe_dump(config))
+        api = _api_client({STATUS_KUBECONFIG_ENV: str(kubeconfig)})
+        patcher = StatusPatcher(api, "mine", namespace, throttle_seconds=0)
+        patcher.submit({"progress": {"step": 1}})
+        wait_until(lambda: patcher.patches_sent == 1, 30, "the first patch")
+        # The connection the client keeps for its next request dies with that request unanswered.
+        proxy.drop_next.set()
+        patcher.submit({"artifact": {"uri": "pvc://mine-checkpoints/output/model/model"}})
+        patcher.close()
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert (patcher.patches_sent, patcher.errors) == (2, 0)
+    status = json.loads(cluster.kubectl("get", "ftj", "mine", "-n", namespace, "-o", "json").stdout)["status"]
+    assert status["artifact"]["uri"] == "pvc://mine-checkpoints/output/model/model"
+    assert status["progress"]["step"] == 1

@@ -3,7 +3,9 @@
 Status patches go through the Kubernetes API with the pod's ServiceAccount (or a kubeconfig named by
 ``FTO_STATUS_KUBECONFIG`` outside a pod) from a background thread: at most one patch every
 ``reporting.statusThrottleSeconds``, newest values win, and API errors are logged, never raised — a
-training run must not die because the API server is slow or the Role is wrong.
+training run must not die because the API server is slow or the Role is wrong. A merge patch of status is
+idempotent, so one that failed on the way (a dropped or stalled connection, 429, 5xx) is sent again: the last
+one carries the artifact.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from finetune_trainer.env import STATUS_KUBECONFIG_ENV, in_cluster
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+#: Tries of one status patch, and the seconds one waits for an answer (what a stalled connection costs).
+PATCH_ATTEMPTS, PATCH_TIMEOUT_SECONDS = 3, 30.0
+#: API answers worth another try; any other (403, 404, 422) would be refused again.
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 #: Field manager of the trainer's status patches (`kubectl get ftj -o yaml --show-managed-fields`).
 FIELD_MANAGER = "finetune-trainer"
 
@@ -46,6 +52,29 @@ def _api_client(environ: dict[str, str] | None = None) -> Any | None:
         config.load_incluster_config()
         return client.CustomObjectsApi()
     return None
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed patch may pass on another try: the API server's answer says so, or there was none (the
+    connection dropped, stalled or was refused)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return exc.status in RETRYABLE_STATUS
+    return True
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The API server's own message for a refused patch (which field, which rule), else the error."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return f"{exc.status} {exc.reason}: {message or exc.body or ''}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 class StatusPatcher:
@@ -79,20 +108,35 @@ class StatusPatcher:
             return pending
 
     def _send(self, status: dict[str, Any]) -> None:
-        try:
-            self.api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                {"status": status},
-                field_manager=FIELD_MANAGER,
-            )
-            self.patches_sent += 1
-        except Exception as exc:  # any API failure: log and keep training
-            self.errors += 1
-            log.warning("status patch of %s/%s failed: %s", self.namespace, self.name, str(exc)[:300])
+        for attempt in range(1, PATCH_ATTEMPTS + 1):
+            try:
+                self.api.patch_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    {"status": status},
+                    field_manager=FIELD_MANAGER,
+                    _request_timeout=PATCH_TIMEOUT_SECONDS,
+                )
+                self.patches_sent += 1
+                return
+            except Exception as exc:  # any API failure: log and keep training
+                again = attempt < PATCH_ATTEMPTS and retryable(exc)
+                log.warning(
+                    "status patch of %s/%s failed (attempt %d of %d%s): %s",
+                    self.namespace,
+                    self.name,
+                    attempt,
+                    PATCH_ATTEMPTS,
+                    ", trying again" if again else "",
+                    failure_reason(exc),
+                )
+                if not again:
+                    self.errors += 1
+                    return
+                time.sleep(attempt)
 
     def _run(self) -> None:
         while not self._stopped:
