@@ -83,7 +83,8 @@ def create_under_loosened_crd(cluster: Cluster, namespace: str, job: dict[str, A
         "create", "-n", namespace, "--dry-run=server", "-f=-", input=yaml.safe_dump(job), check=False
     )
     assert refused.returncode != 0
-    assert "spec.task" in refused.stderr and "Unsupported value" in refused.stderr, refused.stderr
+    assert "spec.task" in refused.stderr, refused.stderr
+    assert "Unsupported value" in refused.stderr, refused.stderr
 
 
 def invalid_job() -> dict[str, Any]:
