@@ -13,9 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.images import prepare_images
+from finetune_trainer.tasks.image_classification import ImageClassification
+from finetune_trainer.tasks.sequence_classification import SequenceClassification
 from image_fixtures import image_config, make_tiny_image_model, write_digits
 from server_fixtures import running_server, write_server_config
 from trainer_fixtures import (
@@ -50,7 +53,8 @@ def test_training_lifts_held_out_accuracy_far_above_chance(trained: Path) -> Non
     assert before["accuracy"] < chance + 0.15  # a random head is about chance
     assert after["accuracy"] > 0.8
     assert after["accuracy"] > before["accuracy"] + 0.5
-    assert {"loss", "accuracy", "f1", "precision", "recall", "top5_accuracy"} <= set(after)
+    assert {"loss", "accuracy", "f1", "precision", "recall", "auc", "top5_accuracy"} <= set(after)
+    assert after["auc"] > before["auc"]
     card = (trained / "README.md").read_text()
     assert "![confusion matrix](confusion_matrix.png)" in card
     assert (trained / "confusion_matrix.png").stat().st_size > 0
@@ -77,6 +81,48 @@ def test_the_artifact_predicts_through_the_server(trained: Path, tmp_path: Path)
         )
         assert bad.status_code == 400
         assert "inputs[0]" in bad.text
+
+
+def test_image_scores_are_sequence_classification_scores_with_auc_and_top5(tmp_path: Path) -> None:
+    """AUC is reported (status extra, metrics.json and the card all take final_metrics) as for sequence
+    classification, can be asked for and stopped on, and equals scikit-learn's one-vs-rest macro AUC."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    config = image_config(
+        tmp_path,
+        tmp_path / "model",
+        tmp_path / "digits",
+        evaluation={"metrics": ["loss", "accuracy", "auc"]},
+        earlyStopping={"enabled": True, "metric": "auc", "mode": "max"},
+    )
+    task = ImageClassification(TrainerConfig.model_validate(config))
+    task.label_names = [str(i) for i in range(CLASSES)]
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % CLASSES
+    # Logits that lean towards the true class: better than chance, short of perfect.
+    logits = torch.randn(60, CLASSES, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, CLASSES)
+    batches = [{"labels": labels[i : i + 16]} for i in range(0, 60, 16)]
+    outputs = [logits[i : i + 16] for i in range(0, 60, 16)]
+    sums: dict[str, float] = {}
+    records = []
+    for out, batch in zip(outputs, batches, strict=True):
+        for key, value in task.eval_sums(out, batch).items():
+            sums[key] = sums.get(key, 0.0) + value
+        records += task.eval_records(out, batch)
+    metrics = task.final_metrics(sums, records)
+
+    probabilities = torch.softmax(logits, dim=-1).numpy()
+    expected_auc = roc_auc_score(labels.numpy(), probabilities, multi_class="ovr", average="macro")
+    assert metrics["auc"] == pytest.approx(expected_auc)
+    assert 0.6 < metrics["auc"] < 1.0
+    top5 = np.argsort(-probabilities, axis=1)[:, :5]
+    assert metrics["top5_accuracy"] == pytest.approx(np.mean([y in row for y, row in zip(labels, top5)]))
+    text_task = SequenceClassification(task.cfg)
+    text_metrics = text_task.final_metrics(sums, records)
+    assert metrics == {**text_metrics, "top5_accuracy": metrics["top5_accuracy"]}
+    assert "AUC is the mean one-vs-rest ROC AUC" in task.card_section({"after": {"test": metrics}}, tmp_path)
 
 
 def test_bad_images_are_reported_per_row(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ model's own ``AutoImageProcessor`` (resize, crop, normalisation as the model was
 decoded per batch; training images first go through ``data.augmentation.image``
 (:mod:`finetune_trainer.data.image_augmentation`), seeded by (seed, epoch, index in the split).
 
-Scoring is sequence classification's (loss and accuracy from sums; macro precision, recall and F1 from
-per-row records; the per-class report and confusion-matrix PNG in the model card), plus top-5 accuracy when
-there are more than five classes. The artifact is ``model/`` with the weights, ``config.json`` (``id2label``)
+Scoring is sequence classification's (loss and accuracy from sums; macro precision, recall, F1 and
+one-vs-rest AUC from per-row records; the per-class report and confusion-matrix PNG in the model card), plus
+top-5 accuracy when there are more than five classes. The artifact is ``model/`` with the weights, ``config.json`` (``id2label``)
 and ``preprocessor_config.json``; the server's ``image-classification`` kind loads it.
 
 Full fine-tuning only: LoRA/QLoRA for image models needs the new head trained beside the adapters, which
@@ -150,9 +150,9 @@ class ImageClassification(SequenceClassification):
         return sums
 
     def final_metrics(self, sums: Mapping[str, float], records: Sequence[Record]) -> dict[str, float]:
-        """loss, accuracy, macro precision/recall/F1, and top-5 accuracy with more than five classes."""
+        """Sequence classification's metrics (loss, accuracy, macro precision/recall/F1, one-vs-rest AUC), and
+        top-5 accuracy with more than five classes."""
         metrics = super().final_metrics(sums, records)
-        metrics.pop("auc", None)  # not a metric of this task in the catalog
         if "correct_top5" in sums:
             metrics["top5_accuracy"] = sums["correct_top5"] / max(sums["rows"], 1.0)
         return metrics
@@ -203,4 +203,4 @@ class ImageClassification(SequenceClassification):
             "Images are decoded per batch and prepared by the model's image processor; "
             f"top-5 accuracy is reported with more than {TOP_K} classes."
         )
-        return note + "\n\n" + text.replace(" AUC is the mean one-vs-rest ROC AUC over the classes.", "")
+        return note + "\n\n" + text
