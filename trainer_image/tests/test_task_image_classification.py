@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,6 +127,34 @@ def test_image_scores_are_sequence_classification_scores_with_auc_and_top5(tmp_p
     text_metrics = text_task.final_metrics(sums, records)
     assert metrics == {**text_metrics, "top5_accuracy": metrics["top5_accuracy"]}
     assert "AUC is the mean one-vs-rest ROC AUC" in task.card_section({"after": {"test": metrics}}, tmp_path)
+
+
+def test_image_augmentation_is_seeded_by_the_augmentation_seed_else_the_runs(tmp_path: Path) -> None:
+    """One rule for every augmentation: ``data.augmentation.seed`` where the config sets it, else ``seed``
+    (TrainerConfig resolves it, so text perturbations read the same field)."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    example = {"path": str(tmp_path / "noise.png"), "data": None, "label": 0, "split": "train", "index": 3}
+    transforms = {"horizontalFlip": True, "randomResizedCrop": True, "rotationDegrees": 30.0}
+
+    def task(run_seed: int, **augmentation: Any) -> ImageClassification:
+        config = image_config(tmp_path, tmp_path / "model", tmp_path / "digits")
+        config["seed"] = run_seed
+        config["data"]["augmentation"] = {"image": transforms, **augmentation}
+        return ImageClassification(TrainerConfig.model_validate(config))
+
+    run7, run8, run8_aug7 = task(7), task(8), task(8, seed=7)
+    assert [t.cfg.data.augmentation.seed for t in (run7, run8, run8_aug7)] == [7, 8, 7]
+
+    def pixels(t: ImageClassification, **changes: Any) -> Any:
+        return np.asarray(t._image({**example, **changes}))  # type: ignore[typeddict-item]
+
+    assert np.array_equal(pixels(run7), pixels(run8_aug7))
+    assert not np.array_equal(pixels(run7), pixels(run8))
+    assert np.array_equal(pixels(run7, split="validation"), noise)  # never augmented
 
 
 def test_bad_images_are_reported_per_row(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ The model is ``AutoModelForImageClassification`` (ViT, ConvNeXt, ResNet, … wha
 config names) with a new head of the data's classes and the label mapping in its config, fed by the
 model's own ``AutoImageProcessor`` (resize, crop, normalisation as the model was trained with). Images are
 decoded per batch; training images first go through ``data.augmentation.image``
-(:mod:`finetune_trainer.data.image_augmentation`), seeded by (seed, epoch, index in the split).
+(:mod:`finetune_trainer.data.image_augmentation`), seeded by (``data.augmentation.seed``, epoch, index in
+the split).
 
 Scoring is sequence classification's (loss and accuracy from sums; macro precision, recall, F1 and
 one-vs-rest AUC from per-row records; the per-class report and confusion-matrix PNG in the model card), plus
@@ -109,10 +110,12 @@ class ImageClassification(SequenceClassification):
 
     def _image(self, example: ImageExample) -> Any:
         image = load_image(example)
-        augmentation = self.cfg.data.augmentation.image
-        if augmentation is None or example["split"] != "train":
+        augmentation = self.cfg.data.augmentation
+        if augmentation.image is None or example["split"] != "train":
             return image
-        augmented = augment(image, augmentation, seed=self.cfg.seed, epoch=self.epoch, index=example["index"])
+        augmented = augment(
+            image, augmentation.image, seed=augmentation.seed, epoch=self.epoch, index=example["index"]
+        )
         return to_pil_image(augmented) if isinstance(augmented, torch.Tensor) else augmented
 
     def collate(self, examples: Sequence[ImageExample], device: torch.device) -> Batch:  # type: ignore[override]
