@@ -416,7 +416,13 @@ class TrainerConfig(ConfigSection):
     distributed: Distributed = Field(default_factory=Distributed)
     output: Output = Field(default_factory=Output)
     reporting: Reporting = Field(default_factory=Reporting)
-    seed: int = 42
+    seed: int = Field(
+        default=42,
+        description=(
+            "Seed of initialisation, data order and dropout; also of data augmentation (text perturbations, "
+            "image transforms, negative sampling) where ``data.augmentation.seed`` is not set."
+        ),
+    )
 
     @field_validator("version")
     @classmethod
@@ -439,6 +445,14 @@ class TrainerConfig(ConfigSection):
                 f"(implemented: {', '.join(sorted(IMPLEMENTED_TASK_NAMES))})"
             )
         return value
+
+    @model_validator(mode="after")
+    def _augmentation_seeded_by_the_run(self) -> Self:
+        # One rule for every augmentation (read as data.augmentation.seed by the text stage and the tasks):
+        # the seed given there, else the run's. A config written back keeps the seed it was resolved to.
+        if "seed" not in self.data.augmentation.model_fields_set:
+            self.data.augmentation.seed = self.seed
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

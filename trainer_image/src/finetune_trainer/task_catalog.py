@@ -125,7 +125,7 @@ CATALOG: dict[str, TaskInfo] = {
         TaskInfo(
             name="image-classification",
             modality="image",
-            metrics=("loss", "accuracy", "f1", "precision", "recall"),
+            metrics=("loss", "accuracy", "f1", "precision", "recall", "auc"),
             layouts=(FieldLayout("image-classification", ("image", "label")),),
             features=frozenset({"label-smoothing", "image-augmentation", "split-seed"}),
             implemented=True,

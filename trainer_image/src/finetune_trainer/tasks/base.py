@@ -14,8 +14,10 @@ Rules every task keeps:
   (``finetune_trainer.task_catalog.CATALOG[name].metrics``), ``loss`` always among them.
 - **No silent fallbacks.** A value the task cannot honour raises ``ConfigError``/``DataError`` naming the
   field or the row; it is never replaced by another.
-- **Deterministic for a seed.** Data preparation, augmentation and negative sampling take their randomness
-  from ``cfg.seed`` (and the epoch, where it changes per epoch), never from global state.
+- **Deterministic for a seed.** Initialisation takes its randomness from ``cfg.seed``; augmentation (text
+  perturbations, image transforms) and negative sampling from ``cfg.data.augmentation.seed`` (the run's
+  seed unless the config sets it; TrainerConfig resolves it) and the epoch, where it changes per epoch;
+  never from global state.
 - **Artifacts the server loads.** ``export`` writes a folder that ``finetune_server``'s loader for the task
   (``finetune_server.models.MODEL_KINDS[name]``) loads and predicts with.
 """

@@ -4,12 +4,14 @@ The model is ``AutoModelForImageClassification`` (ViT, ConvNeXt, ResNet, … wha
 config names) with a new head of the data's classes and the label mapping in its config, fed by the
 model's own ``AutoImageProcessor`` (resize, crop, normalisation as the model was trained with). Images are
 decoded per batch; training images first go through ``data.augmentation.image``
-(:mod:`finetune_trainer.data.image_augmentation`), seeded by (seed, epoch, index in the split).
+(:mod:`finetune_trainer.data.image_augmentation`), seeded by (``data.augmentation.seed``, epoch, index in
+the split).
 
-Scoring is sequence classification's (loss and accuracy from sums; macro precision, recall and F1 from
-per-row records; the per-class report and confusion-matrix PNG in the model card), plus top-5 accuracy when
-there are more than five classes. The artifact is ``model/`` with the weights, ``config.json`` (``id2label``)
-and ``preprocessor_config.json``; the server's ``image-classification`` kind loads it.
+Scoring is sequence classification's (loss and accuracy from sums; macro precision, recall, F1 and
+one-vs-rest AUC from per-row records; the per-class report and confusion-matrix PNG in the model card), plus
+top-5 accuracy when there are more than five classes. So is the export: ``model/`` with the weights,
+``config.json`` (``id2label``) and, instead of the tokenizer, ``preprocessor_config.json``; the server's
+``image-classification`` kind loads it.
 
 Full fine-tuning only: LoRA/QLoRA for image models needs the new head trained beside the adapters, which
 this trainer does not set up yet, so ``method`` lora/qlora is refused (never trained as something else).
@@ -29,7 +31,7 @@ from finetune_trainer.config import TrainerConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.image_augmentation import augment
 from finetune_trainer.data.images import ImageExample, load_image, prepare_images
-from finetune_trainer.tasks.base import Batch, Exported
+from finetune_trainer.tasks.base import Batch
 from finetune_trainer.tasks.sequence_classification import SAMPLE_ROWS, Record, SequenceClassification
 
 #: Top-k accuracy is reported for this k when there are more than k classes.
@@ -37,11 +39,15 @@ TOP_K = 5
 
 
 class ImageClassification(SequenceClassification):
-    """Shares sequence classification's label mapping, loss, scoring and model-card section; reads,
-    feeds and exports images instead of token ids."""
+    """Shares sequence classification's label mapping, loss, scoring, export and model-card section; reads
+    and feeds images instead of token ids, and saves the image processor instead of the tokenizer."""
 
     name: ClassVar[str] = "image-classification"
     unit: ClassVar[str] = "images"
+    model_kind: ClassVar[str] = "an image classifier"
+    # A pretrained image classifier's head may have other classes (ImageNet's 1000): initialised afresh.
+    new_head: ClassVar[bool] = True
+    peft_task_type: ClassVar[str] = ""  # LoRA is refused for this task (see the module docstring)
 
     def __init__(self, cfg: TrainerConfig):
         super().__init__(cfg)
@@ -83,27 +89,19 @@ class ImageClassification(SequenceClassification):
         return prepared
 
     def label_config(self) -> dict[str, Any]:
-        return {
-            "num_labels": len(self.label_names),
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": {name: i for i, name in enumerate(self.label_names)},
-        }
+        """Sequence classification's label mapping, without the padding id (images have no padding)."""
+        config = super().label_config()
+        del config["pad_token_id"]
+        return config
 
-    def load_model(self, prepared: Any, device: torch.device, ds_config: dict[str, Any] | None) -> nn.Module:
+    def model_class(self) -> Any:
         from transformers import AutoModelForImageClassification
 
-        from finetune_trainer.modeling import apply_method, load_pretrained
+        return AutoModelForImageClassification
 
-        model = load_pretrained(
-            self.cfg,
-            AutoModelForImageClassification,
-            device=device,
-            ds_config=ds_config,
-            what="an image classifier",
-            new_head=True,
-            **self.label_config(),
-        )
-        return apply_method(self.cfg, model, peft_task_type="")
+    def saved_processor(self) -> Any:
+        """The image processor (the export is sequence classification's, with this beside the weights)."""
+        return self.processor
 
     # ------------------------------------------------------------------------------------- the loop
     def set_epoch(self, epoch: int) -> None:
@@ -112,10 +110,12 @@ class ImageClassification(SequenceClassification):
 
     def _image(self, example: ImageExample) -> Any:
         image = load_image(example)
-        augmentation = self.cfg.data.augmentation.image
-        if augmentation is None or example["split"] != "train":
+        augmentation = self.cfg.data.augmentation
+        if augmentation.image is None or example["split"] != "train":
             return image
-        augmented = augment(image, augmentation, seed=self.cfg.seed, epoch=self.epoch, index=example["index"])
+        augmented = augment(
+            image, augmentation.image, seed=augmentation.seed, epoch=self.epoch, index=example["index"]
+        )
         return to_pil_image(augmented) if isinstance(augmented, torch.Tensor) else augmented
 
     def collate(self, examples: Sequence[ImageExample], device: torch.device) -> Batch:  # type: ignore[override]
@@ -150,9 +150,9 @@ class ImageClassification(SequenceClassification):
         return sums
 
     def final_metrics(self, sums: Mapping[str, float], records: Sequence[Record]) -> dict[str, float]:
-        """loss, accuracy, macro precision/recall/F1, and top-5 accuracy with more than five classes."""
+        """Sequence classification's metrics (loss, accuracy, macro precision/recall/F1, one-vs-rest AUC), and
+        top-5 accuracy with more than five classes."""
         metrics = super().final_metrics(sums, records)
-        metrics.pop("auc", None)  # not a metric of this task in the catalog
         if "correct_top5" in sums:
             metrics["top5_accuracy"] = sums["correct_top5"] / max(sums["rows"], 1.0)
         return metrics
@@ -180,27 +180,10 @@ class ImageClassification(SequenceClassification):
             )
         return out
 
-    def export(
-        self, module: nn.Module, state_dict: dict[str, torch.Tensor], out: Path, prepared: Any
-    ) -> Exported:
-        from transformers import AutoModelForImageClassification
-
-        from finetune_trainer.tasks.hf import save_pretrained_artifact
-
-        return save_pretrained_artifact(
-            self.cfg,
-            module,
-            state_dict,
-            out,
-            self.processor,
-            AutoModelForImageClassification,
-            **self.label_config(),
-        )
-
     def card_section(self, metrics: Mapping[str, Any], out: Path) -> str:
         text = super().card_section(metrics, out)
         note = (
             "Images are decoded per batch and prepared by the model's image processor; "
             f"top-5 accuracy is reported with more than {TOP_K} classes."
         )
-        return note + "\n\n" + text.replace(" AUC is the mean one-vs-rest ROC AUC over the classes.", "")
+        return note + "\n\n" + text

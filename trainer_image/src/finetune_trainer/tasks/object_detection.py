@@ -254,7 +254,11 @@ class ObjectDetection:
 
     def collate(self, examples: Sequence[DetectionExample], device: torch.device) -> Batch:
         return collate_detection(
-            examples, device, self.cfg.data.augmentation.image, seed=self.cfg.seed, epoch=self.epoch
+            examples,
+            device,
+            self.cfg.data.augmentation.image,
+            seed=self.cfg.data.augmentation.seed,
+            epoch=self.epoch,
         )
 
     def forward(self, module: nn.Module, batch: Batch) -> dict[str, Any]:

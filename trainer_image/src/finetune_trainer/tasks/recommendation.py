@@ -7,13 +7,13 @@ The "base model" (``model.path``) is a model definition: a folder with ``recomme
      "loss": "bpr" | "sampled-softmax"}
 
 Weights start from ``seed`` (users and items are the data's own). Training examples are interactions; each
-gets ``data.augmentation.negatives.count`` negatives drawn from (seed, epoch, interaction)
-(:func:`finetune_trainer.data.interactions.sample_negatives`). Evaluation ranks every item the user has not
-interacted with in training (at test time the validation item is left out too) and scores the held-out item:
-recall@k, NDCG@k, hit-rate@k (k = ``evaluation.topK``), the AUC of the held-out item, and the same for a
-popularity baseline (train-split counts) beside them, plus recall@1..K curves for the model card. With one
-held-out item per user (leave-last-out), recall@k and hit-rate@k coincide. Every figure is a per-user sum, so
-ranks add them up.
+gets ``data.augmentation.negatives.count`` negatives drawn from (``data.augmentation.seed``, epoch,
+interaction) (:func:`finetune_trainer.data.interactions.sample_negatives`). Evaluation ranks every item the
+user has not interacted with in training (at test time the validation item is left out too) and scores the
+held-out item: recall@k, NDCG@k, hit-rate@k (k = ``evaluation.topK``), the AUC of the held-out item, and the
+same for a popularity baseline (train-split counts) beside them, plus recall@1..K curves for the model card.
+With one held-out item per user (leave-last-out), recall@k and hit-rate@k coincide. Every figure is a per-user
+sum, so ranks add them up.
 
 The artifact (``format: recommender``) holds ``embeddings.safetensors`` (``users`` and ``items``: a user's
 scores are ``items @ users[u]``, the item bias folded in), ``id_maps.json``, the training items of each user
@@ -218,7 +218,7 @@ class Recommendation:
                 indices,
                 users.numpy(),
                 config=self.negatives,
-                seed=self.cfg.seed,
+                seed=self.cfg.data.augmentation.seed,
                 epoch=self.epoch,
                 item_counts=self.prepared.item_counts,
                 seen_keys=self._seen_keys,

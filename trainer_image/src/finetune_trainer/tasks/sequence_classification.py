@@ -111,6 +111,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str],
 class SequenceClassification:
     name: ClassVar[str] = "sequence-classification"
     unit: ClassVar[str] = "tokens"
+    #: The model kind named in a load error.
+    model_kind: ClassVar[str] = "a sequence classifier"
+    #: Whether the checkpoint's classification head may have other classes (then initialised afresh).
+    new_head: ClassVar[bool] = False
+    #: peft's task type for LoRA/QLoRA.
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
 
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
@@ -149,20 +155,29 @@ class SequenceClassification:
             "pad_token_id": self.pad_id,
         }
 
-    def load_model(self, prepared: Any, device: torch.device, ds_config: dict[str, Any] | None) -> nn.Module:
+    def model_class(self) -> Any:
+        """The transformers auto class of the model: loaded for training, reloaded to merge an adapter."""
         from transformers import AutoModelForSequenceClassification
 
+        return AutoModelForSequenceClassification
+
+    def saved_processor(self) -> Any:
+        """What the artifact holds beside the weights for the server's loader (the tokenizer)."""
+        return self.tokenizer
+
+    def load_model(self, prepared: Any, device: torch.device, ds_config: dict[str, Any] | None) -> nn.Module:
         from finetune_trainer.modeling import apply_method, load_pretrained
 
         model = load_pretrained(
             self.cfg,
-            AutoModelForSequenceClassification,
+            self.model_class(),
             device=device,
             ds_config=ds_config,
-            what="a sequence classifier",
+            what=self.model_kind,
+            new_head=self.new_head,
             **self.label_config(),
         )
-        return apply_method(self.cfg, model, peft_task_type="SEQ_CLS")
+        return apply_method(self.cfg, model, peft_task_type=self.peft_task_type)
 
     # ------------------------------------------------------------------------------------- the loop
     def collate(self, examples: Sequence[Example], device: torch.device) -> Batch:
@@ -245,8 +260,7 @@ class SequenceClassification:
     def export(
         self, module: nn.Module, state_dict: dict[str, torch.Tensor], out: Path, prepared: Any
     ) -> Exported:
-        from transformers import AutoModelForSequenceClassification
-
+        """The weights with the label mapping in their config, and :meth:`saved_processor` beside them."""
         from finetune_trainer.tasks.hf import save_pretrained_artifact
 
         return save_pretrained_artifact(
@@ -254,8 +268,8 @@ class SequenceClassification:
             module,
             state_dict,
             out,
-            self.tokenizer,
-            AutoModelForSequenceClassification,
+            self.saved_processor(),
+            self.model_class(),
             **self.label_config(),
         )
 
