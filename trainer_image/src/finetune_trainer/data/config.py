@@ -479,7 +479,11 @@ class AugmentationConfig(_DataModel):
         description="Extra copies per training row (template variants, or text perturbations with ``text``).",
     )
     seed: int = Field(
-        default=42, description="Seed of the random augmentation (the operator renders the job's seed)."
+        default=42,
+        description=(
+            "Seed of the random augmentation; unset in a trainer config, the config's top-level ``seed`` "
+            "(the operator renders the job's seed)."
+        ),
     )
     image: ImageAugmentationConfig | None = Field(
         default=None, description="Random image transforms (image tasks; FineTuneJob's augmentation.image)."
