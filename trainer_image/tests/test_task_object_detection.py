@@ -70,7 +70,7 @@ def test_bad_annotations_and_images_are_named(tmp_path: Path) -> None:
     assert "zero or negative area" in reasons[2]
     assert "unknown category_id 9" in reasons[3]
     assert "does not exist" in reasons[4]
-    assert "cannot be decoded" in reasons[5]
+    assert "cannot decode the image" in reasons[5]
     assert "the annotations say 128x96, the file is 96x96" in reasons[6]
     assert "image_id 77 is not in images" in reasons[len(doc["annotations"])]
     assert len(data.train) + len(data.validation) + len(data.test) == 4
