@@ -103,6 +103,33 @@ def test_bad_rows_are_named_with_line_and_column(tmp_path: Path) -> None:
     assert sum(prepared.report.interactions.interactions.values()) == 40  # type: ignore[union-attr]
 
 
+def test_a_second_preparation_reuses_the_published_folder(tmp_path: Path) -> None:
+    source = _csv(tmp_path / "data.csv", [f"u{i % 5},i{i % 7},1,{i}" for i in range(60)])
+    store = tmp_path / "store"
+    first = prepare_interactions(_config(source), tmp_path / "w1", store=store)
+    again = prepare_interactions(_config(source), tmp_path / "w2", store=store)
+    assert first.report.cache is not None
+    assert again.report.cache is not None
+    assert (first.report.cache.reused, again.report.cache.reused) == (False, True)
+    assert first.folder is not None
+    assert again.folder == first.folder
+    assert first.folder.name.startswith("interactions-")
+    assert sorted(p.name for p in first.folder.iterdir()) == [
+        "READY",
+        "id_maps.json",
+        "interactions.npz",
+        "meta.json",
+    ]
+    assert [p.name for p in store.iterdir()] == [first.folder.name]  # no temporary folder left
+    assert np.array_equal(again.train.items, first.train.items)
+    assert json.loads((tmp_path / "w2" / "data_report.json").read_text())["cache"]["reused"] is True
+    # An edited source is other data.
+    _csv(source, [f"u{i % 5},i{i % 6},1,{i}" for i in range(60)])
+    edited = prepare_interactions(_config(source), tmp_path / "w3", store=store)
+    assert edited.report.cache is not None
+    assert edited.report.cache.reused is False
+
+
 def test_parquet_with_integer_ids_and_non_positive_ratings(tmp_path: Path) -> None:
     table = pa.table(
         {

@@ -70,7 +70,7 @@ def test_bad_annotations_and_images_are_named(tmp_path: Path) -> None:
     assert "zero or negative area" in reasons[2]
     assert "unknown category_id 9" in reasons[3]
     assert "does not exist" in reasons[4]
-    assert "cannot be decoded" in reasons[5]
+    assert "cannot decode the image" in reasons[5]
     assert "the annotations say 128x96, the file is 96x96" in reasons[6]
     assert "image_id 77 is not in images" in reasons[len(doc["annotations"])]
     assert len(data.train) + len(data.validation) + len(data.test) == 4
@@ -136,6 +136,119 @@ def test_rows_with_image_and_objects_columns(tmp_path: Path) -> None:
     [bad] = data.report.bad_rows.lines
     assert bad.line == 7
     assert "field 'boxes': not a JSON list" in bad.reason
+
+
+def test_a_failed_preparation_writes_the_report_naming_the_bad_rows(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 10, seed=7)
+    doc = _coco(tmp_path)
+    for image in doc["images"][:4]:
+        (tmp_path / image["file_name"]).write_bytes(b"not a png")
+    source = _write_coco(tmp_path, doc)
+    cfg = DataConfig.model_validate({"source": str(source), "fields": KIND, "badRows": {"maxRatio": 0.2}})
+    with pytest.raises(DataError, match=r"4 of 10 rows are malformed") as refused:
+        prepare_detection(cfg, tmp_path / "work", store=tmp_path / "store")
+    assert refused.value.reason == "TooManyBadRows"
+    report = json.loads((tmp_path / "work" / "data_report.json").read_text())
+    assert (report["badRows"]["count"], report["badRows"]["total"]) == (4, 10)
+    named = {line["line"]: line["reason"] for line in report["badRows"]["lines"]}
+    assert sorted(named) == [1, 2, 3, 4]
+    assert doc["images"][0]["file_name"] in named[1]
+    assert "cannot decode the image" in named[1]
+    assert report["provenance"]["sources"][0]["uri"] == str(source)
+    assert (tmp_path / "work" / "provenance.json").is_file()
+    assert [p.name for p in (tmp_path / "store").iterdir()] == []  # nothing half-written is left
+
+
+def test_a_second_preparation_reuses_the_cached_folder_and_a_changed_image_does_not(tmp_path: Path) -> None:
+    source = make_shapes_coco(tmp_path / "data", 12, seed=8)
+    cfg = DataConfig.model_validate({"source": str(source), "fields": KIND, "split": {"validation": 0.25}})
+    store = tmp_path / "store"
+    first = prepare_detection(cfg, tmp_path / "a", store=store)
+    again = prepare_detection(cfg, tmp_path / "b", store=store)
+    assert first.report.cache is not None
+    assert again.report.cache is not None
+    assert (first.report.cache.reused, again.report.cache.reused) == (False, True)
+    assert first.folder is not None
+    assert again.folder == first.folder
+    assert first.folder.parent == store
+    assert again.report.cache.key == first.report.cache.key
+    assert first.report.cache.key.startswith("detection-")
+    assert (again.train, again.validation, again.category_names) == (
+        first.train,
+        first.validation,
+        first.category_names,
+    )
+    assert json.loads((tmp_path / "b" / "data_report.json").read_text())["cache"]["reused"] is True
+    # An image edited in place (same annotation file, same name) is other data: prepared anew.
+    image = tmp_path / "data" / _coco(tmp_path / "data")["images"][0]["file_name"]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    changed = prepare_detection(cfg, tmp_path / "c", store=store)
+    assert changed.report.cache is not None
+    assert changed.report.cache.reused is False
+    assert changed.folder != first.folder
+    # Another data.images limit is another config: prepared anew too.
+    limited = DataConfig.model_validate({**cfg.model_dump(by_alias=True), "images": {"maxSize": 200}})
+    other = prepare_detection(limited, tmp_path / "d", store=store)
+    assert other.report.cache is not None
+    assert other.report.cache.reused is False
+
+
+def test_data_images_limits_apply_to_detection_images_as_to_classification(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 10, seed=9)
+    doc = _coco(tmp_path)
+    grey = tmp_path / doc["images"][0]["file_name"]
+    Image.open(grey).convert("L").save(grey)
+    source = _write_coco(tmp_path, doc)
+    base = {"source": str(source), "fields": KIND, "split": {"validation": 0.0}}
+
+    converted = prepare_detection(DataConfig.model_validate(base), tmp_path / "convert")
+    assert len(converted.train) == 10  # mode convert (the default): the greyscale image is kept
+
+    refuse = DataConfig.model_validate({**base, "images": {"mode": "refuse"}, "badRows": {"maxRatio": 0.2}})
+    refused = prepare_detection(refuse, tmp_path / "refuse")
+    [bad] = refused.report.bad_rows.lines
+    assert bad.line == 1
+    assert "colour mode L is not RGB (data.images.mode: refuse)" in bad.reason
+    assert str(grey) in bad.reason
+    assert len(refused.train) == 9
+
+    small = DataConfig.model_validate({**base, "images": {"maxSize": 64}})
+    with pytest.raises(
+        DataError, match=r"10 of 10 rows are malformed.*96x96 pixels is above data.images.maxSize 64"
+    ):
+        prepare_detection(small, tmp_path / "small")
+    large = DataConfig.model_validate({**base, "images": {"minSize": 128}, "badRows": {"maxRatio": 1.0}})
+    with pytest.raises(DataError, match="train split is empty"):
+        prepare_detection(large, tmp_path / "large")
+    reasons = [
+        line["reason"]
+        for line in json.loads((tmp_path / "large" / "data_report.json").read_text())["badRows"]["lines"]
+    ]
+    assert len(reasons) == 10
+    assert all("below data.images.minSize 128" in r for r in reasons)
+
+
+def test_an_image_in_the_validation_source_and_the_training_source_stays_held_out(tmp_path: Path) -> None:
+    make_shapes_coco(tmp_path, 12, seed=10)
+    doc = _coco(tmp_path)
+    ids = {image["id"] for image in doc["images"][:3]}
+    kept = [a for a in doc["annotations"] if a["image_id"] in ids]
+    held_out = {**doc, "images": doc["images"][:3], "annotations": kept}
+    (tmp_path / "validation.json").write_text(json.dumps(held_out))
+    source = _write_coco(tmp_path, doc)  # all 12 images, the 3 validation images among them
+    cfg = DataConfig.model_validate(
+        {
+            "source": str(source),
+            "fields": KIND,
+            "split": {"validationSource": str(tmp_path / "validation.json")},
+        }
+    )
+    data = prepare_detection(cfg, tmp_path / "work")
+    held = {e["image"] for e in data.validation}
+    assert held == {str(tmp_path / image["file_name"]) for image in doc["images"][:3]}
+    assert len(data.train) == 9
+    assert not held & {e["image"] for e in data.train + data.test}
+    assert data.report.removed_by_reason() == {"duplicate": 3}
 
 
 def test_training_images_are_augmented_with_their_boxes_deterministically(tmp_path: Path) -> None:

@@ -9,42 +9,46 @@ Two ways to give the data (``data.source``, ``additionalSources``, ``split.valid
   (``data.fields.image``: the image path; ``data.fields.objects``: a list of ``{"bbox": [x, y, w, h],
   "category": name}``).
 
-Relative image paths are relative to the annotation file's folder. Every image is opened here (decodable,
-converted to RGB, its size read), so a broken file is found before training, not in the middle of it.
+Relative image paths are relative to the annotation file's folder. Every image is decoded in full here and
+passes the same checks as an image-classification image (:func:`.images.examine_image`: decodable,
+``data.images.mode``, ``minSize``/``maxSize``), so a broken or out-of-limits file is a malformed row found
+before training, not in the middle of it.
 
 A row is the image with all its boxes: a bad box makes the whole image malformed (dropping the box alone would
 teach the model that its object is background), named with its source, 1-based position and reason
 (missing or undecodable file, a box outside the image, zero or negative area, an unknown category, a size
 that differs from the file's) through the same bad-row log and ``badRows.maxRatio`` as text rows. Images
-with identical bytes are duplicates (the first copy is kept), and a row's split is the hash split of its id
-column or, without one, of its image's content hash, so a copy can never sit in two splits.
+with identical bytes are duplicates (the first copy is kept; held-out sources are read first, so an image in
+both ``validationSource`` and ``source`` stays in validation, as for images and text), and a row's split is
+the hash split of its id column or, without one, of its image's content hash, so a copy can never sit in two
+splits.
 
 Examples (:data:`DetectionExample`) are small dicts: the image path, its size, its boxes as
 ``[x1, y1, x2, y2]`` and its class ids (indices into ``category_names``); the task decodes the image at
 collation. Torch-free.
 
-Shared between ranks like the image and text pipelines (:mod:`finetune_trainer.data.sharing`): rank 0
-prepares and publishes the examples and report into a folder of ``store`` (``examples.json``, ``meta.json``,
-``READY`` written last), the other ranks wait for it and read it instead of opening every image again.
+Prepared and shared like every modality (:func:`.sharing.prepare_shared`): rank 0 prepares into a folder of
+``store`` named by a key of the config, the sources and every image's bytes (``examples.json``,
+``meta.json``, ``READY`` written last), the other ranks wait for it and read it instead of opening every image
+again, and a restarted attempt with the same key reuses it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.data.compliance import check_licences, config_digest
-from finetune_trainer.data.config import DataConfig
+from finetune_trainer.data.config import DataConfig, ImagesConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import read_rows
+from finetune_trainer.data.images import examine_image
 from finetune_trainer.data.report import (
     DataReport,
     PiiRecord,
@@ -52,12 +56,11 @@ from finetune_trainer.data.report import (
     SourceRecord,
     SplitRecord,
     StageRecord,
-    write_report,
 )
-from finetune_trainer.data.sharing import Publisher, wait_for
-from finetune_trainer.data.sources import ResolvedSource, resolve_source, sha256_file
+from finetune_trainer.data.sharing import Plan, content_key, prepare_shared
+from finetune_trainer.data.sources import ResolvedSource, resolve_source
 from finetune_trainer.data.split import SPLITS, assign_split
-from finetune_trainer.data.store import META, READY, read_meta
+from finetune_trainer.data.store import META, read_meta
 from finetune_trainer.data.validation import BadRowLog
 
 __all__ = [
@@ -67,6 +70,11 @@ __all__ = [
     "prepare_detection",
     "read_coco",
 ]
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the stored layout or what the stages compute changes (part of the cache key).
+LAYOUT_VERSION = "detection-1"
 
 #: {"image": path, "width": int, "height": int, "boxes": [[x1, y1, x2, y2], ...], "labels": [int, ...],
 #: "split": name, "index": position in the split}
@@ -231,19 +239,25 @@ def _read_object_rows(src: ResolvedSource, cfg: DataConfig) -> Iterator[Detectio
 
 
 # ------------------------------------------------------------------------------------------------ checking
-def _image_size_and_digest(path: Path) -> tuple[tuple[int, int], str]:
-    from PIL import Image, UnidentifiedImageError
-
+def _image_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise _BadRowError(f"image file {path} does not exist")
-    digest, _ = sha256_file(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            size = image.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise _BadRowError(f"image file {path} cannot be decoded: {exc}") from exc
-    return size, digest
+        return path.read_bytes()
+    except OSError as exc:
+        raise _BadRowError(f"image file {path} cannot be read: {exc.strerror or exc}") from exc
+
+
+def _digests(rows: list[DetectionRow]) -> list[str | None]:
+    """Every row's image digest (None when its file cannot be read: the check names why). The bytes are
+    read and let go: memory stays one image at a time."""
+    digests: list[str | None] = []
+    for row in rows:
+        try:
+            digests.append(hashlib.sha256(_image_bytes(row.image)).hexdigest())
+        except _BadRowError:
+            digests.append(None)
+    return digests
 
 
 def _box(bbox: Any, what: str, width: int, height: int) -> list[float]:
@@ -263,14 +277,24 @@ def _box(bbox: Any, what: str, width: int, height: int) -> list[float]:
     return [x, y, x + w, y + h]
 
 
-def _check(row: DetectionRow, index: dict[str, int] | None) -> tuple[DetectionExample, str, list[str]]:
-    """The example of a row, its image digest and its category names; :class:`_BadRowError` when unusable."""
+def _check(
+    row: DetectionRow, digest: str | None, index: dict[str, int] | None, images: ImagesConfig
+) -> tuple[DetectionExample, list[str]]:
+    """The example of a row and its category names; :class:`_BadRowError` when unusable. The image passes
+    the same checks as an image-classification image (:func:`.images.examine_image`: decodable in full,
+    ``data.images`` mode and size)."""
     for obj in row.objects:
         if obj.problem is not None:
             raise _BadRowError(f"{obj.what}: {obj.problem}")
         if index is not None and obj.category not in index:
             raise _BadRowError(f"{obj.what}: unknown category {obj.category!r}")
-    (width, height), digest = _image_size_and_digest(row.image)
+    blob = _image_bytes(row.image)
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise _BadRowError(f"image file {row.image}: the file changed while the data was prepared")
+    try:
+        width, height, _ = examine_image(blob, images)
+    except ValueError as exc:
+        raise _BadRowError(f"image file {row.image}: {exc}") from exc
     if row.declared_size is not None and row.declared_size != (width, height):
         raise _BadRowError(
             f"image {row.image.name}: the annotations say {row.declared_size[0]}x{row.declared_size[1]}, "
@@ -278,21 +302,71 @@ def _check(row: DetectionRow, index: dict[str, int] | None) -> tuple[DetectionEx
         )
     boxes = [_box(obj.bbox, obj.what, width, height) for obj in row.objects]
     example: DetectionExample = {"image": str(row.image), "width": width, "height": height, "boxes": boxes}
-    return example, digest, [str(obj.category) for obj in row.objects]
+    return example, [str(obj.category) for obj in row.objects]
 
 
 # ---------------------------------------------------------------------------------------------- preparing
 def _sources(cfg: DataConfig, cache_dir: Path) -> list[ResolvedSource]:
-    wanted = [(uri, "main") for uri in cfg.all_sources]
-    wanted += [(uri, role) for uri, role in ((cfg.split.validation_source, "validation"),) if uri]
-    wanted += [(uri, role) for uri, role in ((cfg.split.test_source, "test"),) if uri]
+    # Held-out sources first, as for images and text: de-duplication keeps the first copy, so an image in
+    # both a held-out source and the training data stays held out (the held-out set is complete, no leak).
+    wanted = [(cfg.split.validation_source, "validation"), (cfg.split.test_source, "test")]
+    wanted += [(uri, "main") for uri in cfg.all_sources]
     resolved: list[ResolvedSource] = []
     for uri, role in wanted:
+        if not uri:
+            continue
         # A COCO file is one JSON document; the readers only know row formats, so it is resolved (found,
         # downloaded, hashed) as a file and parsed here.
         fmt = "jsonl" if uri.lower().endswith(COCO_SUFFIX) else cfg.format
         resolved += resolve_source(uri, fmt, role=role, cache_dir=cache_dir, hf_split=cfg.hf_split)
     return resolved
+
+
+@dataclass
+class _Read:
+    """Every source's rows as read, before the images are checked."""
+
+    rows: list[DetectionRow]
+    #: The COCO files' categories (all equal), None for row sources.
+    coco_names: list[str] | None
+    #: Malformed entries found while reading (counted in the bad-row total).
+    unreadable: int
+
+
+def _read(cfg: DataConfig, sources: list[ResolvedSource], bad: BadRowLog, report: DataReport) -> _Read:
+    read = _Read([], None, 0)
+    for src in sources:
+        before = len(read.rows) + bad.count
+        if src.path.suffix.lower() == COCO_SUFFIX:
+            found, names, malformed = read_coco(src)
+            if read.coco_names is not None and names != read.coco_names:
+                raise DataError(
+                    f"{src.uri}: its categories {names} differ from an earlier annotation file's "
+                    f"{read.coco_names}; every COCO source must list the same categories",
+                    reason="InconsistentCategories",
+                )
+            read.coco_names = names
+            read.rows += found
+            for line, reason in malformed:
+                bad.bad(src.uri, line, reason)
+            read.unreadable += len(malformed)
+        else:
+            for item in _read_object_rows(src, cfg):
+                if isinstance(item, DetectionRow):
+                    read.rows.append(item)
+                else:
+                    bad.bad(src.uri, item[0], item[1])
+                    read.unreadable += 1
+        report.provenance.sources.append(
+            SourceRecord(
+                uri=src.uri,
+                role=src.role,
+                sha256=src.hashes[0][1] if len(src.hashes) == 1 else _combined(src.hashes),
+                bytes=sum(h[2] for h in src.hashes),
+                rows=len(read.rows) + bad.count - before,
+            )
+        )
+    return read
 
 
 def prepare_detection(
@@ -305,85 +379,77 @@ def prepare_detection(
     wait: bool = False,
 ) -> DetectionData:
     """Read, check, de-duplicate and split the detection data; write ``data_report.json`` and
-    ``provenance.json`` into ``workdir``. Deterministic: the same data and config give the same examples in
-    the same order. Raises :class:`DataError` (too many malformed images, an empty train split, COCO files
-    whose categories disagree, an unreadable source).
+    ``provenance.json`` into ``workdir`` (also when a :class:`DataError` stops it). Deterministic: the same
+    data and config give the same examples in the same order. Raises :class:`DataError` (too many malformed
+    images, an empty train split, COCO files whose categories disagree, an unreadable source).
 
-    With ``store`` and ``attempt`` the result is published into ``store`` for the other ranks of the attempt;
-    ``wait=True`` (those ranks) reads the preparing rank's result instead, or raises its
-    :class:`DataError`."""
-    if wait:
-        if store is None or attempt is None:
-            raise ValueError("wait=True needs store= and attempt=")
-        folder, _ = wait_for(store, attempt)
-        return _open(folder)
-    if store is None or attempt is None:
-        return _prepare(cfg, workdir, model_license)
-    publisher = Publisher(store, attempt)
-    publisher.start()
-    try:
-        data = _prepare(cfg, workdir, model_license)
-        data.folder = _publish(data, store)
-    except BaseException as exc:
-        publisher.failed(exc)
-        raise
-    publisher.ready(data.folder, reused=False)
-    return data
-
-
-def _prepare(cfg: DataConfig, workdir: Path, model_license: str | None) -> DetectionData:
-    # Remote sources are downloaded into a temporary folder, never into workdir (the job's output.dir,
-    # which is copied to output.copyTo with the artifact).
-    with tempfile.TemporaryDirectory(prefix="fto-detection-sources-") as scratch:
-        return _prepare_from(cfg, workdir, model_license, Path(scratch))
-
-
-def _prepare_from(cfg: DataConfig, workdir: Path, model_license: str | None, cache: Path) -> DetectionData:
-    licences = check_licences(cfg.compliance, model_license=model_license)
-    workdir.mkdir(parents=True, exist_ok=True)
-    sources = _sources(cfg, cache)
-    rows: list[DetectionRow] = []
+    Prepared and shared like every modality (:func:`.sharing.prepare_shared`): cached in ``store`` under a
+    key of the config, the sources and every image's bytes, and reused by a later call with the same key (a
+    restarted attempt); with ``attempt`` the other ranks (``wait=True``) read the preparing rank's result,
+    or raise its :class:`DataError`."""
     bad = BadRowLog()
-    coco_names: list[str] | None = None
-    source_rows: dict[str, int] = {}
-    unreadable = 0
-    for src in sources:
-        before = len(rows) + bad.count
-        if src.path.suffix.lower() == COCO_SUFFIX:
-            found, names, malformed = read_coco(src)
-            if coco_names is not None and names != coco_names:
-                raise DataError(
-                    f"{src.uri}: its categories {names} differ from an earlier annotation file's "
-                    f"{coco_names}; every COCO source must list the same categories",
-                    reason="InconsistentCategories",
-                )
-            coco_names = names
-            rows += found
-            for line, reason in malformed:
-                bad.bad(src.uri, line, reason)
-            unreadable += len(malformed)
-        else:
-            for item in _read_object_rows(src, cfg):
-                if isinstance(item, DetectionRow):
-                    rows.append(item)
-                else:
-                    bad.bad(src.uri, item[0], item[1])
-                    unreadable += 1
-        source_rows[src.uri] = len(rows) + bad.count - before
-    index = {name: i for i, name in enumerate(coco_names)} if coco_names is not None else None
+    report = DataReport(
+        provenance=Provenance(config_digest=config_digest(cfg), tokenizer=""),
+        mapping_kind="object-detection",
+        template="none",
+        bad_rows=bad.record(cfg.bad_rows.max_ratio),
+        pii=PiiRecord(policy="not applicable (images)"),
+    )
 
-    checked: list[tuple[DetectionRow, DetectionExample, str, list[str]]] = []
-    for row in rows:
+    def plan(downloads: Path) -> Plan:
+        if cfg.dedup.near:  # here, so that the waiting ranks end with the same error
+            raise DataError(
+                "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
+                "(dedup.exact)",
+                reason="InvalidConfig",
+            )
+        report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
+        sources = _sources(cfg, downloads)
         try:
-            example, digest, names = _check(row, index)
+            read = _read(cfg, sources, bad, report)
+        finally:
+            report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
+        digests = _digests(read.rows)
+        key = content_key("detection", LAYOUT_VERSION, cfg, sources, model_license, digests)
+
+        def build(folder: Path) -> None:
+            try:
+                _build(cfg, read, digests, bad, report, folder)
+            finally:
+                report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
+
+        return Plan(key, build)
+
+    return prepare_shared(
+        "detection", workdir, report, plan, _open, logger=log, store=store, attempt=attempt, wait=wait
+    )
+
+
+def _build(
+    cfg: DataConfig,
+    read: _Read,
+    digests: list[str | None],
+    bad: BadRowLog,
+    report: DataReport,
+    folder: Path,
+) -> None:
+    """Check, de-duplicate and split into ``folder`` (a private temporary folder, published after)."""
+    index = {name: i for i, name in enumerate(read.coco_names)} if read.coco_names is not None else None
+    checked: list[tuple[DetectionRow, DetectionExample, str, list[str]]] = []
+    for row, digest in zip(read.rows, digests, strict=True):
+        try:
+            example, names = _check(row, digest, index, cfg.images)
         except _BadRowError as exc:
             bad.bad(row.source, row.line, str(exc))
             continue
+        assert digest is not None  # _check refuses a row whose file could not be read
         checked.append((row, example, digest, names))
-    bad.total = len(rows) + unreadable
+    bad.total = len(read.rows) + read.unreadable
     stages = [StageRecord(name="read", rows_in=bad.total, rows_out=len(checked), removed={})]
+    report.provenance.stages = stages
     if bad.count:
         stages[0].removed["malformed"] = bad.count
+    report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
     bad.check(cfg.bad_rows.max_ratio)
 
     seen: set[str] = set()
@@ -404,7 +470,7 @@ def _prepare_from(cfg: DataConfig, workdir: Path, model_license: str | None, cac
         )
     )
 
-    names = coco_names if coco_names is not None else sorted({n for *_, ns in unique for n in ns})
+    names = read.coco_names if read.coco_names is not None else sorted({n for *_, ns in unique for n in ns})
     label_of = {name: i for i, name in enumerate(names)}
     splits: dict[str, list[DetectionExample]] = {name: [] for name in SPLITS}
     for row, example, digest, row_names in unique:
@@ -422,79 +488,27 @@ def _prepare_from(cfg: DataConfig, workdir: Path, model_license: str | None, cac
             f"{cfg.split.validation:g}, test {cfg.split.test:g})",
             reason="EmptySplit",
         )
-    report = DataReport(
-        provenance=Provenance(
-            config_digest=config_digest(cfg),
-            sources=[
-                SourceRecord(
-                    uri=src.uri,
-                    role=src.role,
-                    sha256=src.hashes[0][1] if len(src.hashes) == 1 else _combined(src.hashes),
-                    bytes=sum(h[2] for h in src.hashes),
-                    rows=source_rows[src.uri],
-                )
-                for src in sources
-            ],
-            stages=stages,
-            tokenizer="",
-            licences=licences,
-        ),
-        mapping_kind="object-detection",
-        template="none",
-        bad_rows=bad.record(cfg.bad_rows.max_ratio),
-        pii=PiiRecord(policy="not applicable (images)"),
-        splits={
-            name: SplitRecord(rows=len(examples), tokens=0, loss_tokens=0)
-            for name, examples in splits.items()
-            if examples or name != "test"
-        },
-        label_names=names,
-    )
-    write_report(report, workdir)
-    return DetectionData(
-        train=splits["train"],
-        validation=splits["validation"],
-        test=splits["test"],
-        report=report,
-        category_names=names,
-        folder=workdir,
-    )
+    report.splits = {
+        name: SplitRecord(rows=len(examples), tokens=0, loss_tokens=0)
+        for name, examples in splits.items()
+        if examples or name != "test"
+    }
+    report.label_names = names
+    (folder / EXAMPLES).write_text(json.dumps(splits, sort_keys=True), encoding="utf-8")
+    meta = {
+        "key": folder.name,
+        "report": report.model_dump(mode="json", by_alias=True),
+        "categoryNames": names,
+    }
+    (folder / META).write_text(json.dumps(meta), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------- sharing
 EXAMPLES = "examples.json"
 
 
-def _publish(data: DetectionData, store: Path) -> Path:
-    """Write ``data`` into ``store/detection-<digest of its content>`` (atomically; an identical folder
-    already there is kept) and return the folder."""
-    from finetune_trainer.data.pipeline import publish_folder
-
-    examples = json.dumps({name: getattr(data, name) for name in SPLITS}, sort_keys=True)
-    meta = {
-        "report": data.report.model_dump(mode="json", by_alias=True),
-        "categoryNames": data.category_names,
-    }
-    key = hashlib.sha256((examples + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:32]
-    final = store / f"detection-{key}"
-    if (final / READY).is_file():
-        return final
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = store / f".{final.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / EXAMPLES).write_text(examples, encoding="utf-8")
-        (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def _open(folder: Path) -> DetectionData:
-    """The :class:`DetectionData` a preparing rank published into ``folder``."""
+    """The :class:`DetectionData` published into ``folder``."""
     meta = read_meta(folder)
     splits = json.loads((folder / EXAMPLES).read_text(encoding="utf-8"))
     return DetectionData(

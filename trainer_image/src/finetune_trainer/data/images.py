@@ -32,10 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +46,17 @@ from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import read_rows
 from finetune_trainer.data.mapping import MappingError
 from finetune_trainer.data.report import (
-    CacheRecord,
     DataReport,
     ImageSplitRecord,
     PiiRecord,
     Provenance,
     SourceRecord,
     StageRecord,
-    write_report,
 )
-from finetune_trainer.data.sharing import Publisher, wait_for
+from finetune_trainer.data.sharing import Plan, content_key, prepare_shared
 from finetune_trainer.data.sources import ResolvedSource, resolve_source
 from finetune_trainer.data.split import SPLITS, assign_split
-from finetune_trainer.data.store import META, READY, memory_mapped_table, read_meta
+from finetune_trainer.data.store import META, memory_mapped_table, read_meta
 from finetune_trainer.data.validation import BadRowLog
 
 __all__ = ["ImageExample", "PreparedImages", "examine_image", "load_image", "prepare_images"]
@@ -260,19 +254,6 @@ def _digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _key(
-    cfg: DataConfig, sources: list[ResolvedSource], digests: list[str | None], model_license: str | None
-) -> str:
-    document = {
-        "layout": LAYOUT_VERSION,
-        "config": config_digest(cfg),
-        "sources": [[s.role, s.uri, s.format, [list(h) for h in s.hashes]] for s in sources],
-        "images": hashlib.sha256("\n".join(d or "-" for d in digests).encode()).hexdigest(),
-        "modelLicense": model_license,
-    }
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def _label_names(labels: set[str]) -> list[str]:
     if all(n.lstrip("-").isdigit() for n in labels):
         return sorted(labels, key=int)
@@ -455,10 +436,9 @@ class ImageExampleView(Sequence[ImageExample]):
         return f"ImageExampleView({self._split}, {len(self)} images)"
 
 
-def _open(folder: Path, *, reused: bool) -> PreparedImages:
+def _open(folder: Path) -> PreparedImages:
     meta = read_meta(folder)
     report = DataReport.model_validate(meta["report"])
-    report.cache = CacheRecord(key=meta["key"], folder=str(folder), reused=reused)
     table = memory_mapped_table(str(folder / INDEX))
     views = {
         name: ImageExampleView(
@@ -492,22 +472,6 @@ def prepare_images(
     """Read, validate, de-duplicate and split image rows; write ``data_report.json`` and ``provenance.json``
     into ``workdir`` (also when a :class:`DataError` stops it). ``store``/``attempt``/``wait`` as in
     :func:`finetune_trainer.data.pipeline.prepare`: without ``store`` the prepared folder is temporary."""
-    if wait:
-        if store is None or attempt is None:
-            raise ValueError("wait=True needs store= and attempt=")
-        folder, reused = wait_for(store, attempt)
-        return _open(folder, reused=reused)
-    if cfg.dedup.near:
-        raise DataError(
-            "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
-            "(dedup.exact)",
-            reason="InvalidConfig",
-        )
-    workdir.mkdir(parents=True, exist_ok=True)
-    publisher = Publisher(store, attempt) if store is not None and attempt is not None else None
-    if publisher is not None:
-        publisher.start()
-    root = store if store is not None else Path(tempfile.mkdtemp(prefix="fto-images-"))
     bad = BadRowLog()
     report = DataReport(
         provenance=Provenance(config_digest=config_digest(cfg), tokenizer=""),
@@ -515,47 +479,21 @@ def prepare_images(
         template="none",
         pii=PiiRecord(policy="allow"),
     )
-    try:
-        prepared = _prepare_into(cfg, root, model_license, report, bad)
-    except BaseException as exc:
-        if publisher is not None:
-            publisher.failed(exc)
-        if isinstance(exc, DataError):
-            write_report(report, workdir)
-        if store is None:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    if publisher is not None and prepared.report.cache is not None:
-        publisher.ready(root / prepared.report.cache.key, reused=prepared.report.cache.reused)
-    if store is None:
-        weakref.finalize(prepared, shutil.rmtree, root, True)
-    write_report(prepared.report, workdir)
-    return prepared
 
-
-def _prepare_into(
-    cfg: DataConfig, root: Path, model_license: str | None, report: DataReport, bad: BadRowLog
-) -> PreparedImages:
-    from finetune_trainer.data.pipeline import publish_folder
-
-    report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
-    with tempfile.TemporaryDirectory(prefix="fto-image-sources-") as scratch:
-        sources = _sources(cfg, Path(scratch))
+    def plan(downloads: Path) -> Plan:
+        if cfg.dedup.near:  # here, so that the waiting ranks end with the same error
+            raise DataError(
+                "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
+                "(dedup.exact)",
+                reason="InvalidConfig",
+            )
+        report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
+        sources = _sources(cfg, downloads)
         rows, report.provenance.sources = _read(cfg, sources)
-    rows, digests = _digests(rows)
-    key = _key(cfg, sources, digests, model_license)
-    final = root / key
-    if (final / READY).is_file():
-        log.info("reusing the prepared images in %s (cache key %s)", final, key)
-        return _open(final, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _build(cfg, rows, digests, tmp, key, report, bad)
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open(final, reused=False)
+        rows, digests = _digests(rows)
+        key = content_key("images", LAYOUT_VERSION, cfg, sources, model_license, digests)
+        return Plan(key, lambda folder: _build(cfg, rows, digests, folder, key, report, bad))
+
+    return prepare_shared(
+        "images", workdir, report, plan, _open, logger=log, store=store, attempt=attempt, wait=wait
+    )

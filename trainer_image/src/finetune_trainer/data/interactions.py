@@ -27,9 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +40,17 @@ from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import read_rows
 from finetune_trainer.data.mapping import MappingError
 from finetune_trainer.data.report import (
-    CacheRecord,
     DataReport,
     InteractionsRecord,
     PiiRecord,
     Provenance,
     SourceRecord,
     StageRecord,
-    write_report,
 )
-from finetune_trainer.data.sharing import Publisher, wait_for
+from finetune_trainer.data.sharing import Plan, content_key, prepare_shared
 from finetune_trainer.data.sources import ResolvedSource, resolve_source
+from finetune_trainer.data.store import META, read_meta
 from finetune_trainer.data.validation import BadRowLog
-from finetune_trainer.durable import write_text_atomically
 
 __all__ = [
     "MIN_HELD_OUT_INTERACTIONS",
@@ -77,10 +72,8 @@ LAYOUT_VERSION = 1
 #: Redraws of a negative that hit one of the user's training items.
 NEGATIVE_REDRAWS = 64
 TOP_ITEMS_REPORTED = 10
-_READY = "READY"
 _ARRAYS = "interactions.npz"
 _IDS = "id_maps.json"
-_META = "meta.json"
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -315,17 +308,6 @@ def sample_negatives(
 
 
 # ------------------------------------------------------------------------------------------ preparation
-def _cache_key(cfg: DataConfig, sources: Sequence[ResolvedSource], model_license: str | None) -> str:
-    document = {
-        "kind": "interactions",
-        "layout": LAYOUT_VERSION,
-        "config": config_digest(cfg),
-        "sources": [[s.role, s.uri, s.format, [list(h) for h in s.hashes]] for s in sources],
-        "modelLicense": model_license,
-    }
-    return "interactions-" + hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def _read(
     cfg: DataConfig, sources: list[ResolvedSource], bad: BadRowLog
 ) -> tuple[list[Interaction], list[SourceRecord]]:
@@ -460,12 +442,11 @@ def _build(
     return {"arrays": arrays, "users": user_ids, "items": item_ids}
 
 
-def _open(folder: Path, *, reused: bool) -> PreparedInteractions:
+def _open(folder: Path) -> PreparedInteractions:
     with np.load(folder / _ARRAYS) as stored:
         a = {name: stored[name] for name in stored.files}
     ids = json.loads((folder / _IDS).read_text(encoding="utf-8"))
-    report = DataReport.model_validate(json.loads((folder / _META).read_text(encoding="utf-8"))["report"])
-    report.cache = CacheRecord(key=folder.name, folder=str(folder), reused=reused)
+    report = DataReport.model_validate(read_meta(folder)["report"])
     indptr, seen = a["seen_indptr"], a["seen_items"]
     return PreparedInteractions(
         train=TrainInteractions(a["train_users"], a["train_items"], a["train_weights"]),
@@ -481,20 +462,8 @@ def _open(folder: Path, *, reused: bool) -> PreparedInteractions:
     )
 
 
-def _prepare_into(
-    cfg: DataConfig, root: Path, downloads: Path, model_license: str | None, report: DataReport
-) -> PreparedInteractions:
-    report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
-    sources = [
-        s
-        for uri in cfg.all_sources
-        for s in resolve_source(uri, cfg.format, role="main", cache_dir=downloads, hf_split=cfg.hf_split)
-    ]
-    key = _cache_key(cfg, sources, model_license)
-    final = root / key
-    if (final / _READY).is_file():
-        log.info("reusing the prepared interactions in %s", final)
-        return _open(final, reused=True)
+def _write(cfg: DataConfig, sources: list[ResolvedSource], report: DataReport, folder: Path) -> None:
+    """Read, validate, index and split into ``folder``; the report records the stages as far as they got."""
     bad = BadRowLog()
     stages: list[StageRecord] = []
     try:
@@ -506,26 +475,12 @@ def _prepare_into(
     finally:
         report.provenance.stages = stages
         report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    try:
-        np.savez(tmp / _ARRAYS, **built["arrays"])
-        (tmp / _IDS).write_text(
-            json.dumps({"users": built["users"], "items": built["items"]}), encoding="utf-8"
-        )
-        meta = {"key": key, "report": report.model_dump(mode="json", by_alias=True)}
-        (tmp / _META).write_text(json.dumps(meta), encoding="utf-8")
-        write_text_atomically(tmp / _READY, "")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # published by another process first: the same content, keep theirs
-            if not (final / _READY).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open(final, reused=False)
+    np.savez(folder / _ARRAYS, **built["arrays"])
+    (folder / _IDS).write_text(
+        json.dumps({"users": built["users"], "items": built["items"]}), encoding="utf-8"
+    )
+    meta = {"key": folder.name, "report": report.model_dump(mode="json", by_alias=True)}
+    (folder / META).write_text(json.dumps(meta), encoding="utf-8")
 
 
 def prepare_interactions(
@@ -542,37 +497,23 @@ def prepare_interactions(
     :func:`finetune_trainer.data.pipeline.prepare`: rank 0 prepares and publishes, the others wait."""
     if cfg.fields.kind != "interactions":
         raise DataError(f"data.fields.kind is {cfg.fields.kind!r}, not 'interactions'", reason="InvalidData")
-    if wait:
-        if store is None or attempt is None:
-            raise ValueError("wait=True needs store= and attempt=")
-        folder, reused = wait_for(store, attempt)
-        return _open(folder, reused=reused)
-    workdir.mkdir(parents=True, exist_ok=True)
-    publisher = Publisher(store, attempt) if store is not None and attempt is not None else None
-    if publisher is not None:
-        publisher.start()
     report = DataReport(
         provenance=Provenance(config_digest=config_digest(cfg), tokenizer=""),
         mapping_kind=cfg.fields.kind,
         template=cfg.template,
         pii=PiiRecord(policy="not applied (ids only)"),
     )
-    root = store if store is not None else Path(tempfile.mkdtemp(prefix="fto-interactions-"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="fto-data-") as downloads:
-            prepared = _prepare_into(cfg, root, Path(downloads), model_license, report)
-    except BaseException as exc:
-        if isinstance(exc, DataError):
-            write_report(report, workdir)
-        if publisher is not None:
-            publisher.failed(exc)
-        if store is None:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    if publisher is not None and prepared.folder is not None:
-        publisher.ready(prepared.folder, reused=bool(prepared.report.cache and prepared.report.cache.reused))
-    if store is None:  # everything is in memory already (np.load read the arrays)
-        shutil.rmtree(root, ignore_errors=True)
-        prepared.folder = None
-    write_report(prepared.report, workdir)
-    return prepared
+
+    def plan(downloads: Path) -> Plan:
+        report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
+        sources = [
+            s
+            for uri in cfg.all_sources
+            for s in resolve_source(uri, cfg.format, role="main", cache_dir=downloads, hf_split=cfg.hf_split)
+        ]
+        key = content_key("interactions", LAYOUT_VERSION, cfg, sources, model_license)
+        return Plan(key, lambda folder: _write(cfg, sources, report, folder))
+
+    return prepare_shared(
+        "interactions", workdir, report, plan, _open, logger=log, store=store, attempt=attempt, wait=wait
+    )

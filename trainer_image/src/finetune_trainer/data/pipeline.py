@@ -47,8 +47,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +65,6 @@ from finetune_trainer.data.formats import jsonl_lines, read_rows
 from finetune_trainer.data.keys import cache_key
 from finetune_trainer.data.mapping import MappingError, Record, map_row
 from finetune_trainer.data.report import (
-    CacheRecord,
     DataReport,
     PiiRecord,
     Provenance,
@@ -75,23 +72,19 @@ from finetune_trainer.data.report import (
     SplitRecord,
     StageRecord,
     histogram,
-    write_report,
 )
-from finetune_trainer.data.sharing import Publisher, wait_for
+from finetune_trainer.data.sharing import Plan, prepare_shared
 from finetune_trainer.data.sources import ResolvedSource, resolve_source
 from finetune_trainer.data.split import SPLITS
 from finetune_trainer.data.stages import READ_SCHEMA, ROLES, encode_rows, examine_rows
 from finetune_trainer.data.store import (
     META,
-    READY,
-    forget_mapped_tables,
     memory_mapped_table,
     open_split,
     read_meta,
 )
 from finetune_trainer.data.templates import render
 from finetune_trainer.data.validation import BadRowLog
-from finetune_trainer.durable import fsync_path, write_text_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -722,15 +715,13 @@ def _build(
     (folder / META).write_text(json.dumps(meta), encoding="utf-8")
 
 
-def _open(folder: Path, *, reused: bool) -> PreparedData:
+def _open(folder: Path) -> PreparedData:
     meta = read_meta(folder)
-    report = DataReport.model_validate(meta["report"])
-    report.cache = CacheRecord(key=meta["key"], folder=str(folder), reused=reused)
     return PreparedData(
         train=open_split(folder, meta, "train"),
         validation=open_split(folder, meta, "validation"),
         test=open_split(folder, meta, "test"),
-        report=report,
+        report=DataReport.model_validate(meta["report"]),
         samples={
             name: [TextSample(s["prompt"], s["completion"]) for s in items]
             for name, items in meta["samples"].items()
@@ -738,19 +729,6 @@ def _open(folder: Path, *, reused: bool) -> PreparedData:
         label_names=meta["labelNames"],
         folder=folder,
     )
-
-
-def publish_folder(tmp: Path, final: Path) -> None:
-    """Make a fully written folder visible under its final name, atomically (a rename)."""
-    write_text_atomically(tmp / READY, "")
-    fsync_path(tmp)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process published the same key first: the same examples, keep theirs
-        if not (final / READY).is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_path(final.parent)
 
 
 def prepare(
@@ -783,37 +761,7 @@ def prepare(
     """
     if rows_per_process < 1:
         raise ValueError(f"rows_per_process must be at least 1, not {rows_per_process}")
-    if wait:
-        if store is None or attempt is None:
-            raise ValueError("wait=True needs store= and attempt=")
-        folder, reused = wait_for(store, attempt)
-        log.info("data prepared by another rank: memory-mapping %s", folder)
-        return _open(folder, reused=reused)
-    workdir.mkdir(parents=True, exist_ok=True)
-    publisher = Publisher(store, attempt) if store is not None and attempt is not None else None
-    if publisher is not None:
-        publisher.start()
-    try:
-        workers = _Workers(num_proc if num_proc is not None else default_num_proc(), rows_per_process)
-        prepared = _prepare(cfg, tokenizer, workdir, model_license, cache_dir, store, workers)
-    except BaseException as exc:
-        if publisher is not None:
-            publisher.failed(exc)
-        raise
-    if publisher is not None and prepared.folder is not None and prepared.report.cache is not None:
-        publisher.ready(prepared.folder, reused=prepared.report.cache.reused)
-    return prepared
-
-
-def _prepare(
-    cfg: DataConfig,
-    tokenizer: Any,
-    workdir: Path,
-    model_license: str | None,
-    cache_dir: Path | None,
-    store: Path | None,
-    workers: _Workers,
-) -> PreparedData:
+    workers = _Workers(num_proc if num_proc is not None else default_num_proc(), rows_per_process)
     stages = _Stages()
     bad = BadRowLog()
     report = DataReport(
@@ -824,71 +772,36 @@ def _prepare(
         mapping_kind=cfg.fields.kind,
         template=cfg.template,
         pii=PiiRecord(policy=cfg.pii.policy),
+        bad_rows=bad.record(cfg.bad_rows.max_ratio),
     )
-    root = store
-    if root is None:
-        root = Path(tempfile.mkdtemp(prefix="fto-prepared-"))
-    try:
-        with tempfile.TemporaryDirectory(prefix="fto-data-") as scratch:
-            prepared = _prepare_into(
-                cfg,
-                tokenizer,
-                root,
-                cache_dir if cache_dir is not None else Path(scratch),
-                model_license,
-                workers,
-                stages,
-                bad,
-                report,
+
+    def plan(downloads: Path) -> Plan:
+        report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
+        if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "template 'tokenizer' needs a tokenizer with a chat template", reason="TemplateError"
             )
-    except DataError:
-        report.provenance.stages = stages.records
-        report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
-        write_report(report, workdir)
-        if store is None:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    except BaseException:
-        if store is None:
-            shutil.rmtree(root, ignore_errors=True)
-        raise
-    if store is None:
-        weakref.finalize(prepared, shutil.rmtree, root, True)
-    write_report(prepared.report, workdir)
-    return prepared
+        sources = _resolve_all(cfg, downloads)
+        key = cache_key(cfg, tokenizer, sources, model_license)
 
+        def build(folder: Path) -> None:
+            try:
+                _build(cfg, tokenizer, sources, folder, key, workers, stages, bad, report)
+            finally:
+                report.provenance.stages = stages.records
+                report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
 
-def _prepare_into(
-    cfg: DataConfig,
-    tokenizer: Any,
-    root: Path,
-    downloads: Path,
-    model_license: str | None,
-    workers: _Workers,
-    stages: _Stages,
-    bad: BadRowLog,
-    report: DataReport,
-) -> PreparedData:
-    report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
-    if cfg.template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
-        raise DataError("template 'tokenizer' needs a tokenizer with a chat template", reason="TemplateError")
-    sources = _resolve_all(cfg, downloads)
-    key = cache_key(cfg, tokenizer, sources, model_license)
-    final = root / key
-    if (final / READY).is_file():
-        log.info("reusing the prepared data in %s (cache key %s)", final, key)
-        return _open(final, reused=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.{os.getpid()}.tmp"
-    for stale in root.glob(f".{key}.*.tmp"):  # left by a killed attempt (one preparing rank per key)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        _build(cfg, tokenizer, sources, tmp, key, workers, stages, bad, report)
-        publish_folder(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        forget_mapped_tables()  # unmap the intermediate tables (their files are gone)
-    log.info("prepared the data into %s (cache key %s)", final, key)
-    return _open(final, reused=False)
+        return Plan(key, build)
+
+    return prepare_shared(
+        "text",
+        workdir,
+        report,
+        plan,
+        _open,
+        logger=log,
+        store=store,
+        attempt=attempt,
+        wait=wait,
+        downloads=cache_dir,
+    )
