@@ -57,8 +57,8 @@ def test_round_trip_through_the_rendered_dict() -> None:
     ],
 )
 def test_the_written_config_of_every_task_reads_back(task: str, kind: str, data_format: str) -> None:
-    """trainer_config.json (to_file_dict) fed back to the trainer: defaults written out would read as set and be
-    refused where the task ignores them (augmentation copies for image tasks, split fields for interactions)."""
+    """trainer_config.json (to_file_dict) fed back to the trainer: defaults written out would read as set
+    and be refused where the task ignores them (augmentation copies of image tasks, interactions' splits)."""
     cfg = parse_config(
         with_(
             task=task,
