@@ -46,9 +46,10 @@ def modeldeployment(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def succeed(cluster: Cluster, namespace: str, job: str, model_uri: str) -> None:
-    """Mark the FineTuneJob Succeeded with an artifact, as its trainer and the operator would have."""
-    status = {
+def succeed(cluster: Cluster, namespace: str, job: str, model_uri: str | None) -> None:
+    """Mark the FineTuneJob Succeeded with an artifact, as its trainer and the operator would (None: as if
+    the trainer's last status report was lost)."""
+    status: dict[str, Any] = {
         "phase": "Succeeded",
         "conditions": [
             {
@@ -59,8 +60,9 @@ def succeed(cluster: Cluster, namespace: str, job: str, model_uri: str) -> None:
                 "lastTransitionTime": "2026-01-01T00:00:00Z",
             }
         ],
-        "artifact": {"uri": model_uri, "claimUri": model_uri, "format": "full", "sha256": "ab" * 32},
     }
+    if model_uri is not None:
+        status["artifact"] = {"uri": model_uri, "claimUri": model_uri, "format": "full", "sha256": "ab" * 32}
     cluster.kubectl(
         "patch", "finetunejob", job, "-n", namespace, "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": status}),
@@ -104,6 +106,16 @@ def test_from_a_succeeded_finetunejob_children_status_new_revision_and_deletion(
         120,
         "the FineTuneJob's checkpoint claim",
     )
+    # Succeeded without an artifact (its trainer's last status report lost): the deployment says so.
+    succeed(cluster, namespace, "src", None)
+
+    def no_artifact() -> dict[str, Any] | None:
+        body = get_md(cluster, namespace, "bot")
+        return body if condition(body, "ModelReady").get("reason") == "FineTuneJobHasNoArtifact" else None
+
+    body = wait_for(no_artifact, 60, "ModelReady=False FineTuneJobHasNoArtifact")
+    assert "status.artifact.uri is empty" in condition(body, "ModelReady")["message"]
+    assert not children(cluster, namespace, "bot")
     succeed(cluster, namespace, "src", "pvc://src-checkpoints/output/final/model")
 
     def deployed() -> dict[str, Any] | None:

@@ -160,11 +160,18 @@ async def _resolve_model(runtime: Runtime, md: ModelDeployment) -> ResolvedModel
         return ModelWait("FineTuneJobFailed", message, terminal=True)
     succeeded = find(conditions, CONDITION_SUCCEEDED)
     artifact = status.get("artifact") or {}
-    if not (succeeded and succeeded.get("status") == "True") or not artifact.get("uri"):
+    if not (succeeded and succeeded.get("status") == "True"):
         phase = status.get("phase") or "Pending"
         return ModelWait(
             "WaitingForFineTuneJob", f"FineTuneJob {name} is {phase}; waiting until it Succeeded"
         )
+    if not artifact.get("uri"):
+        # The trainer reports the artifact in its last status patch; the pods ended without it arriving.
+        message = (
+            f"FineTuneJob {name} Succeeded but reported no artifact (status.artifact.uri is empty: its "
+            "trainer's last status report did not arrive; the trainer log says why)"
+        )
+        return ModelWait("FineTuneJobHasNoArtifact", message)
     spec = job.get("spec") or {}
     source = str((spec.get("model") or {}).get("source") or "")
     base = (
