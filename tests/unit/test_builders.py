@@ -202,6 +202,29 @@ def test_evaluation_max_samples_are_rows_and_generation_samples_pass_through() -
     assert config.evaluation.generation_samples == 4
 
 
+def _image_job(**dataset: Any) -> FineTuneJob:
+    return finetunejob(
+        task="image-classification",
+        model={"source": "hf://microsoft/resnet-18"},
+        method="full",
+        dataset={"source": "pvc://datasets/flowers", "format": "image-folder", **dataset},
+        distributed={"gpusPerNode": 1},
+    )
+
+
+def test_dataset_images_reach_the_trainer_only_when_given() -> None:
+    job = _image_job(images={"mode": "refuse", "minSize": 32, "maxSize": 4096})
+    rendered = render_trainer_config(job, shutdown_timeout_seconds=60)
+    assert rendered["data"]["images"] == {"mode": "refuse", "minSize": 32, "maxSize": 4096}
+    images = validated_trainer_config(job, shutdown_timeout_seconds=60).data.images
+    assert (images.mode, images.min_size, images.max_size) == ("refuse", 32, 4096)
+    # Omitted: nothing is written and the trainer applies its own defaults (convert, 1 pixel, no limit).
+    plain = _image_job()
+    assert "images" not in render_trainer_config(plain, shutdown_timeout_seconds=60)["data"]
+    images = validated_trainer_config(plain, shutdown_timeout_seconds=60).data.images
+    assert (images.mode, images.min_size, images.max_size) == ("convert", 1, None)
+
+
 @pytest.mark.parametrize("existing", [None, "shared-models"])
 def test_output_uri_addresses_the_output_dir_on_the_checkpoint_claim(existing: str | None) -> None:
     storage = {"existingClaim": existing} if existing else {"size": "10Gi"}

@@ -60,6 +60,7 @@ _FEATURES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "generation-samples": ({}, {}),
     "label-smoothing": ({}, {"hyperparameters": {"labelSmoothing": 0.1}}),
     "image-augmentation": ({"augmentation": {"image": {}}}, {}),
+    "image-validation": ({"images": {"minSize": 8, "maxSize": 4096}}, {}),
     "text-augmentation": ({"augmentation": {"text": {"synonyms": {"good": ["fine"]}}}}, {}),
     "negative-sampling": ({"augmentation": {"negatives": {}}}, {}),
     "top-k": ({}, {"evaluation": {"topK": 10}}),
@@ -535,6 +536,18 @@ def test_documented_defaults_are_the_rendered_ones() -> None:
     assert _trainer(_causal()).data.split.validation == 0.05
 
 
+def test_image_check_defaults_agree_between_api_and_trainer() -> None:
+    """`dataset.images` is rendered only when given, so its defaults must be the trainer's own."""
+    from finetune_operator.api.finetunejob import Images
+    from finetune_trainer.data.config import ImagesConfig
+
+    api, trainer = Images(), ImagesConfig()
+    assert (api.mode, api.min_size, api.max_size) == (trainer.mode, trainer.min_size, trainer.max_size)
+    rendered = _render(_base("object-detection"))
+    assert rendered is not None
+    assert parse_config(rendered).data.images == ImagesConfig(min_size=8, max_size=4096)
+
+
 #: A setting of a stage a task does not have, the rendered trainer config's key for it, the value.
 IGNORED_SETTINGS = [
     ("augmentation-copies", ("augmentation", "copies"), 2),
@@ -544,6 +557,7 @@ IGNORED_SETTINGS = [
     ("max-length", ("cleaning", "maxChars"), 500),
     ("pii-scanning", ("pii", "policy"), "reject"),
     ("near-dedup", ("dedup", "near"), True),
+    ("image-validation", ("images", "maxSize"), 500),
 ]
 
 

@@ -199,6 +199,15 @@ def test_task_registry_is_the_catalogs_implemented_tasks() -> None:
             {"data": {"source": "x", "augmentation": {"image": {"horizontalFlip": True}}}},
             "dataset.augmentation.image applies to image-classification, object-detection only",
         ),
+        (
+            {"data": {"source": "x", "images": {"maxSize": 512}}},
+            "dataset.images applies to image-classification, object-detection only",
+        ),
+        # Set in the file counts, defaults included (the operator writes data.images only for image tasks).
+        (
+            {"data": {"source": "x", "images": {}}},
+            "dataset.images applies to image-classification, object-detection only",
+        ),
         ({"hyperparameters": {"lrScheduler": "constant", "warmupSteps": 10}}, "has no warm-up"),
         ({"hyperparameters": {"lrCycles": 2}}, "lrCycles needs lrScheduler 'cosine-with-restarts'"),
         ({"checkpointing": {"everySteps": 0, "saveOnEpochEnd": False}}, "no checkpoint is ever written"),

@@ -315,6 +315,29 @@ class Augmentation(ApiModel):
     )
 
 
+class Images(ApiModel):
+    """Checks of every image row (image-classification and object-detection): the file must decode, and its
+    colour mode and size must pass. A row that fails is a bad row (`badRows`), reported with its file and
+    the reason."""
+
+    mode: Literal["convert", "refuse"] = "convert"
+    """Images that are not RGB (greyscale, palette, RGBA, CMYK, 16-bit): `convert` them to RGB when read, or
+    `refuse` them as bad rows."""
+    min_size: Annotated[int, Field(ge=1)] = 1
+    """Smallest width and height in pixels; smaller images are bad rows."""
+    max_size: Annotated[int, Field(ge=1)] | None = None
+    """Largest width and height in pixels; larger images are bad rows (no limit when omitted)."""
+
+    cel_rules = (
+        CelRule(
+            rule="!has(self.maxSize) || self.maxSize >= self.minSize",
+            message="maxSize must not be below minSize",
+            holds=lambda m: m.max_size is None or m.max_size >= m.min_size,
+            field_path=".maxSize",
+        ),
+    )
+
+
 class BadRows(ApiModel):
     """What to do with rows that can't be parsed or lack mapped fields."""
 
@@ -344,6 +367,9 @@ class Dataset(ApiModel):
     """Augmentation of the training split (none when omitted)."""
     bad_rows: BadRows = Field(default_factory=BadRows)
     """Bad-row policy."""
+    images: Images | None = None
+    """Checks of every image row (image-classification and object-detection only); RGB conversion and no
+    size limit when omitted."""
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -840,6 +866,7 @@ class FineTuneJobSpec(ApiModel):
             "has(self.dataset.augmentation) && has(self.dataset.augmentation.image)",
             lambda s: s.dataset.augmentation is not None and s.dataset.augmentation.image is not None,
         ),
+        _feature_rule("image-validation", "has(self.dataset.images)", lambda s: s.dataset.images is not None),
         _feature_rule(
             "text-augmentation",
             "has(self.dataset.augmentation) && has(self.dataset.augmentation.text)",
