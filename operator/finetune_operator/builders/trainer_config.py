@@ -190,7 +190,7 @@ def _data_section(job: FineTuneJob) -> dict[str, Any]:
         "split": split,
     }
     section["fields"] = _fields(job.spec.task, dataset.field_mapping)
-    if dataset.images is not None:  # only when given: the trainer refuses data.images for tasks without images
+    if dataset.images is not None:  # only when given: the trainer refuses data.images on tasks without images
         section["images"] = dataset.images.model_dump(by_alias=True)
     augmentation = _augmentation(job)
     if augmentation is not None:

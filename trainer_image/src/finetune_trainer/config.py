@@ -491,8 +491,8 @@ class TrainerConfig(ConfigSection):
             "text-augmentation": self.data.augmentation.text is not None,
             "negative-sampling": self.data.augmentation.negatives is not None,
             "top-k": self.evaluation.top_k != Evaluation.model_fields["top_k"].default,
-            # Set in the file (the operator writes copies, a split seed and image checks only for the tasks that
-            # use them).
+            # Set in the file (the operator writes copies, a split seed and image checks only for the tasks
+            # that use them).
             "augmentation-copies": "copies" in self.data.augmentation.model_fields_set,
             "split-seed": "seed" in self.data.split.model_fields_set,
             "image-validation": "images" in self.data.model_fields_set,

@@ -575,7 +575,8 @@ class DataConfig(_DataModel):
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Personal data detection.")
     bad_rows: BadRowsConfig = Field(default_factory=BadRowsConfig, description="Malformed-row policy.")
     images: ImagesConfig = Field(
-        default_factory=ImagesConfig, description="Image validation (image tasks; FineTuneJob's dataset.images)."
+        default_factory=ImagesConfig,
+        description="Image validation (image tasks; a FineTuneJob's dataset.images).",
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation/test split.")
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig, description="Licence allowlist.")
