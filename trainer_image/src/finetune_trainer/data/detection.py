@@ -414,7 +414,7 @@ def prepare_detection(
 
         def build(folder: Path) -> None:
             try:
-                _build(cfg, read, digests, bad, report, folder)
+                _build(cfg, read, digests, bad, report, folder, key)
             finally:
                 report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
 
@@ -432,6 +432,7 @@ def _build(
     bad: BadRowLog,
     report: DataReport,
     folder: Path,
+    key: str,
 ) -> None:
     """Check, de-duplicate and split into ``folder`` (a private temporary folder, published after)."""
     index = {name: i for i, name in enumerate(read.coco_names)} if read.coco_names is not None else None
@@ -496,7 +497,7 @@ def _build(
     report.label_names = names
     (folder / EXAMPLES).write_text(json.dumps(splits, sort_keys=True), encoding="utf-8")
     meta = {
-        "key": folder.name,
+        "key": key,
         "report": report.model_dump(mode="json", by_alias=True),
         "categoryNames": names,
     }
