@@ -48,7 +48,7 @@ from finetune_trainer.data.compliance import check_licences, config_digest
 from finetune_trainer.data.config import DataConfig, ImagesConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import read_rows
-from finetune_trainer.data.images import examine_image
+from finetune_trainer.data.images import examine_image, refuse_near_dedup
 from finetune_trainer.data.report import (
     DataReport,
     PiiRecord,
@@ -397,12 +397,7 @@ def prepare_detection(
     )
 
     def plan(downloads: Path) -> Plan:
-        if cfg.dedup.near:  # here, so that the waiting ranks end with the same error
-            raise DataError(
-                "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
-                "(dedup.exact)",
-                reason="InvalidConfig",
-            )
+        refuse_near_dedup(cfg)  # here, so that the waiting ranks end with the same error
         report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
         sources = _sources(cfg, downloads)
         try:
