@@ -121,6 +121,7 @@ def test_a_second_preparation_reuses_the_published_folder(tmp_path: Path) -> Non
         "meta.json",
     ]
     assert [p.name for p in store.iterdir()] == [first.folder.name]  # no temporary folder left
+    assert json.loads((first.folder / "meta.json").read_text())["key"] == first.folder.name
     assert np.array_equal(again.train.items, first.train.items)
     assert json.loads((tmp_path / "w2" / "data_report.json").read_text())["cache"]["reused"] is True
     # An edited source is other data.

@@ -224,3 +224,31 @@ def test_a_data_error_ends_both_trainer_ranks_with_exit_4_and_the_report(tmp_pat
         assert f"rank {rank} failed (exit code 4): DataError: 4 of 44 rows are malformed" in result.stderr
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["badRows"]["count"] == 4
+
+
+@pytest.mark.parametrize("modality", ["images", "detection"])
+def test_near_dedup_of_image_data_is_refused_with_a_report_and_the_waiting_rank_gets_it(
+    tmp_path: Path, modality: str
+) -> None:
+    """Images are de-duplicated by their bytes: `dedup.near` is a data error the preparing rank reports
+    (data_report.json) and publishes, so a waiting rank ends with it instead of waiting."""
+    from finetune_trainer.data.detection import prepare_detection
+    from finetune_trainer.data.errors import DataError
+    from finetune_trainer.data.images import prepare_images
+
+    if modality == "images":
+        fields: dict[str, Any] = {"kind": "image-classification"}
+        prepare_fn: Any = prepare_images
+    else:
+        fields, prepare_fn = KIND, prepare_detection
+    cfg = DataConfig.model_validate(
+        {"source": str(tmp_path / "data"), "fields": fields, "dedup": {"near": True}}
+    )
+    store = tmp_path / "store"
+    with pytest.raises(DataError, match=r"data\.dedup\.near") as refused:
+        prepare_fn(cfg, tmp_path / "w0", store=store, attempt="a1")
+    assert refused.value.reason == "InvalidConfig"
+    assert (tmp_path / "w0" / "data_report.json").is_file()
+    with pytest.raises(DataError, match=r"data\.dedup\.near") as waited:
+        prepare_fn(cfg, tmp_path / "w1", store=store, attempt="a1", wait=True)
+    assert (waited.value.reason, str(waited.value)) == (refused.value.reason, str(refused.value))

@@ -173,6 +173,7 @@ def test_a_second_preparation_reuses_the_cached_folder_and_a_changed_image_does_
     assert first.folder.parent == store
     assert again.report.cache.key == first.report.cache.key
     assert first.report.cache.key.startswith("detection-")
+    assert json.loads((first.folder / "meta.json").read_text())["key"] == first.report.cache.key
     assert (again.train, again.validation, again.category_names) == (
         first.train,
         first.validation,

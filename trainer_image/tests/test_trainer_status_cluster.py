@@ -176,8 +176,13 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 class DroppingProxy:
     """A loopback TCP proxy to the API server that, once told to, takes the next request sent on any
-    connection and closes that connection without an answer: what a client sees when a connection it kept
-    open dies under it (an idle timeout, a load balancer, a node's network changing)."""
+    connection and, after ``STALL_SECONDS`` without an answer, closes that connection: what a client sees
+    when a connection it kept open stalls and dies under it (an idle timeout, a load balancer, a node's
+    network changing)."""
+
+    #: Longer than StatusPatcher.close() waits for its thread to finish (throttle + 1 s): the patch taken
+    #: before close() is still being tried when close() sends the last one.
+    STALL_SECONDS = 1.5
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -203,6 +208,7 @@ class DroppingProxy:
                 if may_drop and self.drop_next.is_set():
                     self.drop_next.clear()
                     self.dropped += 1
+                    time.sleep(self.STALL_SECONDS)
                     break
                 dst.sendall(data)
         except OSError:
@@ -232,14 +238,19 @@ def test_a_patch_whose_connection_dies_unanswered_is_sent_again(
         patcher = StatusPatcher(api, "mine", namespace, throttle_seconds=0)
         patcher.submit({"progress": {"step": 1}})
         wait_until(lambda: patcher.patches_sent == 1, 30, "the first patch")
-        # The connection the client keeps for its next request dies with that request unanswered.
+        # The connection the client keeps for its next request stalls and dies with that request unanswered.
         proxy.drop_next.set()
-        patcher.submit({"artifact": {"uri": "pvc://mine-checkpoints/output/model/model"}})
+        patcher.submit({"progress": {"step": 2}})
+        wait_until(lambda: proxy.dropped == 1, 30, "the patch of step 2 to be sent and stalled")
+        # The last status comes while step 2 is still being tried: it must land after it, not before.
+        patcher.submit(
+            {"progress": {"step": 3}, "artifact": {"uri": "pvc://mine-checkpoints/output/model/model"}}
+        )
         patcher.close()
     finally:
         proxy.close()
     assert proxy.dropped == 1
-    assert (patcher.patches_sent, patcher.errors) == (2, 0)
+    assert (patcher.patches_sent, patcher.errors) == (3, 0)
     status = json.loads(cluster.kubectl("get", "ftj", "mine", "-n", namespace, "-o", "json").stdout)["status"]
     assert status["artifact"]["uri"] == "pvc://mine-checkpoints/output/model/model"
-    assert status["progress"]["step"] == 1
+    assert status["progress"]["step"] == 3

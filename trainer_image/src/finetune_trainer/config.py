@@ -507,10 +507,10 @@ class TrainerConfig(ConfigSection):
                 raise ValueError(feature_message(feature))
 
     def to_file_dict(self) -> dict[str, Any]:
-        """The config as given (camelCase, JSON-compatible), with what the trainer resolved (the augmentation
-        seed): it reads back to an equal config. Defaults are left out — written out, a default reads as set
-        and is refused where the task ignores the setting (augmentation copies, split fields of interactions);
-        the trainer version in the provenance says what they were."""
+        """The config as given (camelCase, JSON-compatible): it reads back to an equal config (an
+        augmentation seed that was not given is resolved from ``seed`` again). Defaults are left out — written
+        out, a default reads as set and is refused where the task ignores the setting (augmentation copies,
+        split fields of interactions); the trainer version in the provenance says what they were."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 

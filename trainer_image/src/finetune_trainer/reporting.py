@@ -86,6 +86,9 @@ class StatusPatcher:
         self._pending: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        #: Held from taking the pending status to the end of its patch (its tries included): patches go out
+        #: one at a time, in the order they were taken, and close() waits for one in flight.
+        self._sending = threading.Lock()
         self._stopped = False
         self.patches_sent = 0
         self.errors = 0
@@ -138,23 +141,28 @@ class StatusPatcher:
                     return
                 time.sleep(attempt)
 
+    def _send_pending(self) -> bool:
+        """Send what is pending, if anything; whether there was."""
+        with self._sending:
+            status = self._take()
+            if status:
+                self._send(status)
+            return bool(status)
+
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()
-            status = self._take()
-            if status:
-                self._send(status)
+            if self._send_pending():
                 time.sleep(self.throttle)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Send what is pending now (bypassing the throttle) and stop the thread."""
+        """Send what is pending now (bypassing the throttle) and stop the thread. A patch in flight (being
+        tried again) is waited for first, so an older status never lands after the last one."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=min(timeout, max(self.throttle, 0.1) + 1))
-        status = self._take()
-        if status:
-            self._send(status)
+        self._send_pending()
 
 
 class PrometheusMetrics:

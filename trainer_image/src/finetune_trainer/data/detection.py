@@ -48,7 +48,7 @@ from finetune_trainer.data.compliance import check_licences, config_digest
 from finetune_trainer.data.config import DataConfig, ImagesConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.formats import read_rows
-from finetune_trainer.data.images import examine_image
+from finetune_trainer.data.images import examine_image, refuse_near_dedup
 from finetune_trainer.data.report import (
     DataReport,
     PiiRecord,
@@ -397,12 +397,7 @@ def prepare_detection(
     )
 
     def plan(downloads: Path) -> Plan:
-        if cfg.dedup.near:  # here, so that the waiting ranks end with the same error
-            raise DataError(
-                "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
-                "(dedup.exact)",
-                reason="InvalidConfig",
-            )
+        refuse_near_dedup(cfg)  # here, so that the waiting ranks end with the same error
         report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
         sources = _sources(cfg, downloads)
         try:
@@ -414,7 +409,7 @@ def prepare_detection(
 
         def build(folder: Path) -> None:
             try:
-                _build(cfg, read, digests, bad, report, folder)
+                _build(cfg, read, digests, bad, report, folder, key)
             finally:
                 report.bad_rows = bad.record(cfg.bad_rows.max_ratio)
 
@@ -432,6 +427,7 @@ def _build(
     bad: BadRowLog,
     report: DataReport,
     folder: Path,
+    key: str,
 ) -> None:
     """Check, de-duplicate and split into ``folder`` (a private temporary folder, published after)."""
     index = {name: i for i, name in enumerate(read.coco_names)} if read.coco_names is not None else None
@@ -496,7 +492,7 @@ def _build(
     report.label_names = names
     (folder / EXAMPLES).write_text(json.dumps(splits, sort_keys=True), encoding="utf-8")
     meta = {
-        "key": folder.name,
+        "key": key,
         "report": report.model_dump(mode="json", by_alias=True),
         "categoryNames": names,
     }

@@ -59,7 +59,14 @@ from finetune_trainer.data.split import SPLITS, assign_split
 from finetune_trainer.data.store import META, memory_mapped_table, read_meta
 from finetune_trainer.data.validation import BadRowLog
 
-__all__ = ["ImageExample", "PreparedImages", "examine_image", "load_image", "prepare_images"]
+__all__ = [
+    "ImageExample",
+    "PreparedImages",
+    "examine_image",
+    "load_image",
+    "prepare_images",
+    "refuse_near_dedup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +215,16 @@ def _image_bytes(row: _Row) -> bytes:
         return Path(row.path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {row.path}: {exc.strerror or exc}") from exc
+
+
+def refuse_near_dedup(cfg: DataConfig) -> None:
+    """Images (classification and detection) are de-duplicated by their bytes; ``dedup.near`` is refused."""
+    if cfg.dedup.near:
+        raise DataError(
+            "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
+            "(dedup.exact)",
+            reason="InvalidConfig",
+        )
 
 
 def examine_image(blob: bytes, cfg: ImagesConfig) -> tuple[int, int, str]:
@@ -481,12 +498,7 @@ def prepare_images(
     )
 
     def plan(downloads: Path) -> Plan:
-        if cfg.dedup.near:  # here, so that the waiting ranks end with the same error
-            raise DataError(
-                "data.dedup.near finds near-duplicate text; images are de-duplicated by their bytes "
-                "(dedup.exact)",
-                reason="InvalidConfig",
-            )
+        refuse_near_dedup(cfg)  # here, so that the waiting ranks end with the same error
         report.provenance.licences = check_licences(cfg.compliance, model_license=model_license)
         sources = _sources(cfg, downloads)
         rows, report.provenance.sources = _read(cfg, sources)

@@ -462,7 +462,9 @@ def _open(folder: Path) -> PreparedInteractions:
     )
 
 
-def _write(cfg: DataConfig, sources: list[ResolvedSource], report: DataReport, folder: Path) -> None:
+def _write(
+    cfg: DataConfig, sources: list[ResolvedSource], report: DataReport, folder: Path, key: str
+) -> None:
     """Read, validate, index and split into ``folder``; the report records the stages as far as they got."""
     bad = BadRowLog()
     stages: list[StageRecord] = []
@@ -479,7 +481,7 @@ def _write(cfg: DataConfig, sources: list[ResolvedSource], report: DataReport, f
     (folder / _IDS).write_text(
         json.dumps({"users": built["users"], "items": built["items"]}), encoding="utf-8"
     )
-    meta = {"key": folder.name, "report": report.model_dump(mode="json", by_alias=True)}
+    meta = {"key": key, "report": report.model_dump(mode="json", by_alias=True)}
     (folder / META).write_text(json.dumps(meta), encoding="utf-8")
 
 
@@ -512,7 +514,7 @@ def prepare_interactions(
             for s in resolve_source(uri, cfg.format, role="main", cache_dir=downloads, hf_split=cfg.hf_split)
         ]
         key = content_key("interactions", LAYOUT_VERSION, cfg, sources, model_license)
-        return Plan(key, lambda folder: _write(cfg, sources, report, folder))
+        return Plan(key, lambda folder: _write(cfg, sources, report, folder, key))
 
     return prepare_shared(
         "interactions", workdir, report, plan, _open, logger=log, store=store, attempt=attempt, wait=wait
