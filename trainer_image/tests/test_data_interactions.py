@@ -124,6 +124,11 @@ def test_a_second_preparation_reuses_the_published_folder(tmp_path: Path) -> Non
     assert json.loads((first.folder / "meta.json").read_text())["key"] == first.folder.name
     assert np.array_equal(again.train.items, first.train.items)
     assert json.loads((tmp_path / "w2" / "data_report.json").read_text())["cache"]["reused"] is True
+    # Another run's seed (negatives are drawn when examples are loaded) is the same prepared data.
+    reseeded = _config(source, augmentation={"seed": 7, "negatives": {"strategy": "uniform", "count": 2}})
+    other_run = prepare_interactions(reseeded, tmp_path / "w4", store=store)
+    assert other_run.report.cache is not None
+    assert other_run.report.cache.reused is True
     # An edited source is other data.
     _csv(source, [f"u{i % 5},i{i % 6},1,{i}" for i in range(60)])
     edited = prepare_interactions(_config(source), tmp_path / "w3", store=store)

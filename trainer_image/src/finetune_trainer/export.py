@@ -153,7 +153,10 @@ def _write(
         "baseModel": cfg.model.path,
         "revision": cfg.model.revision,
         "method": cfg.method.value,
-        "configSha256": hashlib.sha256(json.dumps(cfg.to_file_dict(), sort_keys=True).encode()).hexdigest(),
+        # Of the effective config, defaults included: the same run spelled two ways has one digest.
+        "configSha256": hashlib.sha256(
+            json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True).encode()
+        ).hexdigest(),
         "artifactSha256": sha256,
         "versions": {
             "python": platform.python_version(),

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from finetune_trainer.data.compliance import config_digest
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.report import CacheRecord, DataReport, write_report
@@ -194,10 +193,13 @@ def content_key(
     allowlist reads it) and ``files``, the digests of the files the rows point to (images: an edited image
     gives a new key; None for a row whose file cannot be read). The text pipeline's key, which adds the
     tokenizer, is :func:`finetune_trainer.data.keys.cache_key`."""
+    # Augmentation (its seed is the run's; image transforms and negatives are drawn when examples are loaded)
+    # does not shape what these preparations write: another seed must not prepare every image again.
+    prepared_by = cfg.model_dump(mode="json", by_alias=True, exclude={"augmentation"})
     document = {
         "kind": kind,
         "layout": layout,
-        "config": config_digest(cfg),
+        "config": hashlib.sha256(json.dumps(prepared_by, sort_keys=True).encode()).hexdigest(),
         "sources": [[s.role, s.uri, s.format, [list(h) for h in s.hashes]] for s in sources],
         "modelLicense": model_license,
         "files": hashlib.sha256("\n".join(d or "-" for d in files).encode()).hexdigest(),
