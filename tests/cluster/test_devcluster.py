@@ -522,9 +522,9 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
-    host_links, host_routes = _host_links(), _host_routes()
     root = (tmp_path / "cluster").resolve()
     network = ClusterNetwork.for_dev_dir(root, devcluster.SERVICE_CIDR)
+    host_links, host_routes = _host_links(), _host_routes(network.subnet)
     try:
         assert "dev cluster ready" in devcluster_cli("up")
         first = devcluster.State.load(devcluster.Layout(root))
@@ -581,7 +581,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         )
         kube.kubectl("wait", "--for=condition=Ready", "pod/sleeper", "--timeout=120s")
         assert network.owned_netns() == [network.node_netns, network.pod_netns(1)]
-        assert f"unreachable {network.subnet}" in _host_routes()
+        assert any(line.startswith(f"unreachable {network.subnet}") for line in _host_routes())
         assert running_containers(root)
         uid = kubectl_json(kube, "get", "pod", "sleeper")["metadata"]["uid"]
         assert Path(f"/dev/shm/fto-{uid}-shm").is_dir()
@@ -597,13 +597,18 @@ def test_up_is_idempotent_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert not Path(f"/tmp/fto-down-test-{os.getpid()}").exists()
     assert not Path(f"/dev/shm/fto-{uid}-shm").exists()
     assert _host_links() == host_links  # every interface it made lived in its own namespaces
-    assert _host_routes() == host_routes
+    assert _host_routes(network.subnet) == host_routes
 
 
-def _host_routes() -> str:
-    return subprocess.run(
+def _host_routes(own_subnet: object = None) -> list[str]:
+    """The host's routes; with ``own_subnet``, without other dev clusters' `unreachable` routes (another
+    session on this machine may start or stop its cluster meanwhile)."""
+    lines = subprocess.run(
         ["ip", "route", "show", "table", "all"], capture_output=True, text=True, check=True
-    ).stdout
+    ).stdout.splitlines()
+    if own_subnet is None:
+        return lines
+    return [line for line in lines if not line.startswith("unreachable ") or str(own_subnet) in line]
 
 
 def test_the_gateway_keeps_its_mac_while_pods_come_and_go(tmp_path: Path) -> None:
