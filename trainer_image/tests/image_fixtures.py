@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer_fixtures import make_config
+from trainer_fixtures import make_config, merge_overrides
 
 
 def write_digits(root: Path, *, limit: int | None = None) -> Path:
@@ -69,6 +69,4 @@ def image_config(tmp: Path, model: Path, data: Path, **overrides: Any) -> dict[s
         "metrics": ["loss", "accuracy", "f1"],
     }
     config["checkpointing"] = {**config["checkpointing"], "everySteps": 0, "saveOnEpochEnd": True}
-    for section, values in overrides.items():
-        config[section] = {**config.get(section, {}), **values}
-    return config
+    return merge_overrides(config, overrides)

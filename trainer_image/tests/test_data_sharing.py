@@ -61,6 +61,20 @@ def _finish_with_log(process: Any) -> tuple[int, dict[str, Any], str]:
     return process.returncode, json.loads(out.strip().splitlines()[-1]), err
 
 
+def _one_prepares_one_waits(
+    config: dict[str, Any], store: Path, tmp: Path, *, waits_first: bool = False
+) -> tuple[tuple[int, dict[str, Any]], tuple[int, dict[str, Any]]]:
+    """Two ranks of attempt a1 on one store: the waiting one (workdir w1) and the preparing one (w0); with
+    ``waits_first`` the waiting rank starts a second earlier and must still be waiting. Their results, the
+    preparing rank's first."""
+    waiting = _rank(config, store, "a1", "wait", tmp / "w1")
+    if waits_first:
+        time.sleep(1.0)
+        assert waiting.poll() is None
+    preparing = _rank(config, store, "a1", "prepare", tmp / "w0")
+    return _finish(preparing), _finish(waiting)
+
+
 def _entries(store: Path) -> list[str]:
     return sorted(p.name for p in store.iterdir() if p.name != "attempts")
 
@@ -68,11 +82,7 @@ def _entries(store: Path) -> list[str]:
 def test_two_ranks_prepare_once_the_second_waits_and_maps_the_first_result(tmp_path: Path) -> None:
     config = {"source": str(_data(tmp_path / "d.jsonl", 400))}
     store = tmp_path / "store"
-    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")  # started first: it must wait
-    time.sleep(1.0)
-    assert waiting.poll() is None
-    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
-    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    (code0, first), (code1, second) = _one_prepares_one_waits(config, store, tmp_path, waits_first=True)
     assert (code0, code1) == (0, 0)
     assert second["train"] == first["train"]
     assert len(first["train"]) > 300
@@ -158,9 +168,7 @@ def test_a_failure_on_the_preparing_rank_ends_the_waiting_rank_with_its_data_err
     source.write_text(source.read_text() + "{broken\n" * 5)
     config = {"source": str(source)}
     store = tmp_path / "store"
-    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")
-    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
-    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    (code0, first), (code1, second) = _one_prepares_one_waits(config, store, tmp_path)
     assert code0 == code1 == 4
     assert first == second
     assert first["reason"] == "TooManyBadRows"
@@ -174,11 +182,7 @@ def test_detection_data_is_prepared_by_one_rank_and_read_by_the_other(tmp_path: 
     annotations = make_shapes_coco(tmp_path / "shapes", 40)
     config = {"source": str(annotations), "fields": KIND, "split": {"validation": 0.2, "seed": 1}}
     store = tmp_path / "store"
-    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")  # started first: it must wait
-    time.sleep(1.0)
-    assert waiting.poll() is None
-    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
-    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    (code0, first), (code1, second) = _one_prepares_one_waits(config, store, tmp_path, waits_first=True)
     assert (code0, code1) == (0, 0)
     assert second["train"] == first["train"]
     assert second["validation"] == first["validation"]
@@ -200,9 +204,7 @@ def test_a_detection_data_error_on_the_preparing_rank_ends_the_waiting_rank_with
         png.write_bytes(b"not a png")
     config = {"source": str(annotations), "fields": KIND, "split": {"validation": 0.2, "seed": 1}}
     store = tmp_path / "store"
-    waiting = _rank(config, store, "a1", "wait", tmp_path / "w1")
-    preparing = _rank(config, store, "a1", "prepare", tmp_path / "w0")
-    (code0, first), (code1, second) = _finish(preparing), _finish(waiting)
+    (code0, first), (code1, second) = _one_prepares_one_waits(config, store, tmp_path)
     assert code0 == code1 == 4
     assert first == second
     assert first["reason"] == "TooManyBadRows"

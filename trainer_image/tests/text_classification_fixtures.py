@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer_fixtures import make_config
+from trainer_fixtures import make_config, merge_overrides
 
 #: Three topics; a sentence names a subject and an action of one topic, with shared filler words around.
 TOPICS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -103,9 +103,4 @@ def classification_config(tmp: Path, data_path: Path, **overrides: Any) -> dict[
         "metrics": ["loss", "accuracy", "f1", "precision", "recall", "auc"],
     }
     config["checkpointing"] = {**config["checkpointing"], "everySteps": 0, "saveOnEpochEnd": True}
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(config.get(section), dict):
-            config[section] = {**config[section], **values}
-        else:
-            config[section] = values
-    return config
+    return merge_overrides(config, overrides)

@@ -99,6 +99,11 @@ def make_config(tmp: Path, model_dir: Path, data_path: Path, **overrides: Any) -
         "reporting": {"metricsPort": 0, "statusThrottleSeconds": 0},
         "seed": 7,
     }
+    return merge_overrides(config, overrides)
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with each override: a section's keys merged into the section, any other value replacing."""
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(config.get(section), dict):
             config[section] = {**config[section], **values}
