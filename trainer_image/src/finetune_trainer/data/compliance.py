@@ -12,9 +12,11 @@ from finetune_trainer.data.report import LicenceRecord
 __all__ = ["check_licences", "config_digest"]
 
 
-def config_digest(cfg: DataConfig) -> str:
-    """SHA-256 of the data config as canonical JSON (camelCase, sorted keys): equal configs, equal digests."""
-    canonical = json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+def config_digest(cfg: DataConfig, exclude: set[str] | None = None) -> str:
+    """SHA-256 of the data config as canonical JSON (camelCase, sorted keys): equal configs, equal digests.
+    ``exclude``: sections (field names) left out."""
+    dumped = cfg.model_dump(mode="json", by_alias=True, exclude=exclude)
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

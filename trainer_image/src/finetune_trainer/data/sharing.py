@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from finetune_trainer.data.compliance import config_digest
 from finetune_trainer.data.config import DataConfig
 from finetune_trainer.data.errors import DataError
 from finetune_trainer.data.report import CacheRecord, DataReport, write_report
@@ -195,11 +196,10 @@ def content_key(
     tokenizer, is :func:`finetune_trainer.data.keys.cache_key`."""
     # Augmentation (its seed is the run's; image transforms and negatives are drawn when examples are loaded)
     # does not shape what these preparations write: another seed must not prepare every image again.
-    prepared_by = cfg.model_dump(mode="json", by_alias=True, exclude={"augmentation"})
     document = {
         "kind": kind,
         "layout": layout,
-        "config": hashlib.sha256(json.dumps(prepared_by, sort_keys=True).encode()).hexdigest(),
+        "config": config_digest(cfg, exclude={"augmentation"}),
         "sources": [[s.role, s.uri, s.format, [list(h) for h in s.hashes]] for s in sources],
         "modelLicense": model_license,
         "files": hashlib.sha256("\n".join(d or "-" for d in files).encode()).hexdigest(),
@@ -256,7 +256,9 @@ def prepare_shared(
     root = store if store is not None else Path(tempfile.mkdtemp(prefix=f"fto-{what}-prepared-"))
     try:
         with tempfile.TemporaryDirectory(prefix=f"fto-{what}-sources-") as scratch:
-            prepared = _prepare_once(root, plan(downloads or Path(scratch)), open_folder, logger)
+            prepared, folder, reused = _prepare_once(
+                root, plan(downloads or Path(scratch)), open_folder, logger
+            )
     except BaseException as exc:
         if isinstance(exc, DataError):
             write_report(report, workdir)
@@ -265,19 +267,22 @@ def prepare_shared(
         if store is None:
             shutil.rmtree(root, ignore_errors=True)
         raise
-    if publisher is not None and prepared.folder is not None and prepared.report.cache is not None:
-        publisher.ready(prepared.folder, reused=prepared.report.cache.reused)
+    if publisher is not None:
+        publisher.ready(folder, reused=reused)
     if store is None:
         weakref.finalize(prepared, shutil.rmtree, root, True)
     write_report(prepared.report, workdir)
     return prepared
 
 
-def _prepare_once(root: Path, plan: Plan, open_folder: Callable[[Path], P], logger: logging.Logger) -> P:
+def _prepare_once(
+    root: Path, plan: Plan, open_folder: Callable[[Path], P], logger: logging.Logger
+) -> tuple[P, Path, bool]:
+    """The prepared data of ``plan``'s key under ``root``, its folder and whether it was reused."""
     final = root / plan.key
     if (final / READY).is_file():
         logger.info("reusing the prepared data in %s (cache key %s)", final, plan.key)
-        return _opened(open_folder, final, reused=True)
+        return _opened(open_folder, final, reused=True), final, True
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{plan.key}.*.tmp"):  # left by a killed attempt (one preparing rank per key)
         shutil.rmtree(stale, ignore_errors=True)
@@ -292,7 +297,7 @@ def _prepare_once(root: Path, plan: Plan, open_folder: Callable[[Path], P], logg
     finally:
         forget_mapped_tables()  # unmap the tables the build mapped (their files moved or are gone)
     logger.info("prepared the data into %s (cache key %s)", final, plan.key)
-    return _opened(open_folder, final, reused=False)
+    return _opened(open_folder, final, reused=False), final, False
 
 
 def _opened(open_folder: Callable[[Path], P], folder: Path, *, reused: bool) -> P:
